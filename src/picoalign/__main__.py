@@ -1,0 +1,3 @@
+from picoalign.cli import main
+
+raise SystemExit(main())

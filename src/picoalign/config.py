@@ -1,0 +1,314 @@
+"""Typed configs: one dataclass per stage, loaded from YAML, the environment and `--set`.
+
+Precedence, lowest first: field defaults < YAML file < environment variables < `--set a.b=c`.
+A field's metadata carries its one-line help (shown by `picoalign <stage> --help`) and the
+environment variable users of the original scripts know. Stage configs share `TrainConfig`;
+an environment name containing `{STAGE}` is filled with the stage (`SFT_MAX_SECONDS`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and the source."""
+
+
+def opt(default: Any, help: str, env: str | None = None) -> Any:
+    """A config field with its help text and optional environment variable."""
+    meta = {"help": help, "env": env}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """`picoalign data`: make the SFT and preference splits."""
+
+    STAGE = "DATA"
+    out: str = opt("data", "folder the splits and dataset_meta.json are written to")
+    source: str = opt("stories", "stories (horror story specifications) | tinystories-instruct")
+    input: str | None = opt(None, "input file for source=tinystories-instruct")
+    provider: str = opt("template", "data provider: template (offline) or an LLM API", env="DATA_PROVIDER")
+    seed: int = opt(1234, "random seed: the same seed gives the same files", env="SEED")
+    n_sft_train: int = opt(256, "SFT training rows", env="N_SFT_TRAIN")
+    n_sft_val: int = opt(64, "SFT validation rows", env="N_SFT_VAL")
+    n_sft_test: int = opt(64, "SFT test rows", env="N_SFT_TEST")
+    n_dpo_train: int = opt(256, "preference training pairs", env="N_DPO_TRAIN")
+    n_dpo_val: int = opt(64, "preference validation pairs", env="N_DPO_VAL")
+    n_dpo_test: int = opt(64, "preference test pairs", env="N_DPO_TEST")
+
+    def __post_init__(self) -> None:
+        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.source not in ("stories", "tinystories-instruct"):
+            raise ConfigError(f"source must be 'stories' or 'tinystories-instruct', got {self.source!r}")
+        if self.source == "tinystories-instruct" and not self.input:
+            raise ConfigError("source=tinystories-instruct needs input=FILE (--input)")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (peft)."""
+
+    enabled: bool = opt(True, "train a LoRA adapter (false: full fine-tuning)")
+    r: int = opt(16, "LoRA rank")
+    alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = opt(0.0, "LoRA dropout")
+    target_modules: str = opt("all-linear", "modules to adapt: all-linear or a comma-separated list")
+
+
+@dataclass
+class TrainConfig:
+    """Settings every training stage shares: model, optimiser, budgets, eval, checkpoints."""
+
+    STAGE = "TRAIN"
+    data: str = opt("data", "folder made by `picoalign data`")
+    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file")
+    out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp32")
+    seed: int = opt(1234, "random seed", env="SEED")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings"})
+    load_in: str = opt("none", "quantised loading on CUDA: none | 4bit | 8bit")
+    lr: float = opt(2e-4, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(5, "linear warmup steps")
+    schedule: str = opt("cosine", "cosine | constant (after warmup)")
+    batch_size: int = opt(4, "examples per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    max_length: int = opt(512, "truncate examples to this many tokens (response is cut first)")
+    max_steps: int = opt(0, "stop after this many optimiser steps (0 = no limit)", env="{STAGE}_MAX_STEPS")
+    epochs: float = opt(1.0, "stop after this many passes over the data", env="{STAGE}_EPOCHS")
+    max_seconds: float = opt(0.0, "stop after this much wall-clock time (0 = no limit)", env="{STAGE}_MAX_SECONDS")
+    eval_every: int = opt(0, "validate every N steps (0 = only at the end)")
+    eval_batches: int = opt(0, "validation micro-batches per eval (0 = all)")
+    early_stop: int = opt(0, "stop after K evals without improvement (0 = off)")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    resume: bool = opt(False, "continue from the last checkpoint in <out>")
+    log_every: int = opt(1, "write a log line every N steps")
+    tensorboard: bool = opt(True, "write TensorBoard event files to <out>/logs/tb")
+    mlflow: bool = opt(False, "log to MLflow")
+    mlflow_uri: str = opt("./mlruns", "MLflow tracking URI", env="MLFLOW_TRACKING_URI")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("batch_size and grad_accum must be >= 1")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
+            raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.load_in not in ("none", "4bit", "8bit"):
+            raise ConfigError(f"load_in must be none, 4bit or 8bit, got {self.load_in!r}")
+        if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
+            raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """`picoalign sft`: supervised fine-tuning with the loss on the response only."""
+
+    STAGE = "SFT"
+    out: str = opt("checkpoints/sft", "folder for the SFT checkpoint; logs go to <out>/logs/")
+    train_file: str = opt("sft_train.jsonl", "training file (relative to --data)")
+    val_file: str = opt("sft_val.jsonl", "validation file (relative to --data)")
+    packing: bool = opt(True, "pack several examples into one row (no padding compute)")
+    monitor_file: str | None = opt(
+        "dpo_val.jsonl", "preference file whose chosen/rejected log-probs are logged (None = off)"
+    )
+    monitor_every: int = opt(0, "log the monitor every N steps (0 = at each eval)")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """`picoalign dpo`: preference optimisation against a frozen reference."""
+
+    STAGE = "DPO"
+    model: str = opt("checkpoints/sft", "the SFT checkpoint to start from (also the reference)")
+    out: str = opt("checkpoints/dpo", "folder for the DPO checkpoint; logs go to <out>/logs/")
+    lr: float = opt(5e-5, "peak learning rate")
+    train_file: str = opt("dpo_train.jsonl", "training pairs (relative to --data)")
+    val_file: str = opt("dpo_val.jsonl", "validation pairs (relative to --data)")
+    loss: str = opt("sigmoid", "sigmoid | cdpo | ipo | hinge | robust")
+    beta: float = opt(0.1, "strength of the pull toward the reference")
+    label_smoothing: float = opt(0.0, "ε for cdpo / robust")
+    sft_weight: float = opt(0.0, "weight of an extra SFT loss on the chosen answer")
+    reference: str = opt("precompute", "precompute | live | PATH of another checkpoint")
+    min_confidence: float = opt(0.0, "drop pairs whose `confidence` is below this")
+    prefix_sharing: bool = opt(True, "run the prompt once for chosen and rejected")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("sigmoid", "cdpo", "ipo", "hinge", "robust"):
+            raise ConfigError(f"loss must be sigmoid, cdpo, ipo, hinge or robust, got {self.loss!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError("label_smoothing must be in [0, 0.5)")
+        if self.beta <= 0:
+            raise ConfigError("beta must be > 0")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Turn a YAML/env/CLI value into the field's type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        typ = args[0]
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(typ, value, prefix=f"{key}.")
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {typ.__name__}") from None
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, _field_type(cls, k), prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict:
+    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}` (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def env_overrides(cls: type, environ: Mapping[str, str], stage: str | None = None) -> dict:
+    """The settings of `cls` given by environment variables (nested configs included)."""
+    stage = stage or getattr(cls, "STAGE", "")
+    tree: dict = {}
+    for f in dataclasses.fields(cls):
+        typ = _field_type(cls, f.name)
+        if dataclasses.is_dataclass(typ):
+            sub = env_overrides(typ, environ, stage)
+            if sub:
+                tree[f.name] = sub
+            continue
+        env = f.metadata.get("env")
+        if env and env.format(STAGE=stage) in environ:
+            tree[f.name] = environ[env.format(STAGE=stage)]
+    return tree
+
+
+def deep_merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def load_config(
+    cls: type,
+    path: str | Path | None = None,
+    overrides: Iterable[str] | Mapping = (),
+    environ: Mapping[str, str] | None = None,
+    section: str | None = None,
+    base: Mapping | None = None,
+) -> Any:
+    """Build a `cls` config: defaults < `base` < YAML (`section` of it, if present) < env < `--set`.
+
+    `section` lets one YAML file hold every stage (`sft: {...}`, `dpo: {...}`); a file without
+    that section is read as the stage's own settings.
+    """
+    tree: dict = dict(base or {})
+    if path:
+        data = read_yaml(path)
+        if section:
+            # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
+            names = {f.name for f in dataclasses.fields(cls)}
+            shared = {k: v for k, v in data.items() if k in names and k != section}
+            own = data.get(section) if isinstance(data.get(section), dict) else {}
+            data = deep_merge(shared, own)
+        tree = deep_merge(tree, data)
+    tree = deep_merge(tree, env_overrides(cls, os.environ if environ is None else environ))
+    extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    tree = deep_merge(tree, extra)
+    return _build(cls, tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config (atomically) as YAML beside a stage's outputs."""
+    from picoalign.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
