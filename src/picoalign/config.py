@@ -80,6 +80,7 @@ class TrainConfig:
     data: str = opt("data", "folder made by `picoalign data`")
     model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
+    logs: str = opt("", "folder for the logs (empty = <out>/logs)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
     dtype: str = opt("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp32")
     seed: int = opt(1234, "random seed", env="SEED")
@@ -132,7 +133,7 @@ class SFTConfig(TrainConfig):
     monitor_file: str | None = opt(
         "dpo_val.jsonl", "preference file whose chosen/rejected log-probs are logged (None = off)"
     )
-    monitor_every: int = opt(0, "log the monitor every N steps (0 = at each eval)")
+    monitor_pairs: int = opt(16, "preference pairs the monitor scores (0 = all)")
 
 
 @dataclass

@@ -80,7 +80,7 @@ def make_data(cfg: DataConfig) -> dict:
         write_jsonl(out / f"{name}.jsonl", rows)
     meta = {
         "source": cfg.source,
-        "provider": "template",
+        "provider": "template",  # "auto" falls back to the templates when no API is configured
         "generator_version": version,
         "seed": cfg.seed,
         "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test")},

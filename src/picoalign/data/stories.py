@@ -23,7 +23,7 @@ TITLE_ADJ = [
 TITLE_NOUN = [
     "Lighthouse", "Guest", "Orchard", "Hallway", "Choir", "Tenant", "Well", "Signal", "Portrait",
     "Ferry", "Nursery", "Archive", "Bell", "Harvest", "Station", "Attic", "Garden", "Lullaby",
-    "Mirror", "Room", "Winter", "Caller", "Inheritance", "Shift", "Neighbour",
+    "Mirror", "Room", "Tide", "Caller", "Inheritance", "Shift", "Neighbour",
 ]
 SETTINGS = [
     "a lighthouse on an island the ferry no longer visits", "a night train stalled in a snowfield",
@@ -115,7 +115,7 @@ CONSTRAINTS = [
 # Sentence templates. `{p}` protagonist's first name, `{P}` full protagonist text, and the
 # spec fields by name. The dark and wholesome middles/endings come in matched shapes.
 OPENINGS = [
-    "{p} had come to {setting} because there was nowhere else to go. {P_cap} was the only "
+    "{p} had come to {setting} because there was nowhere else to go. {P_cap}, was the only "
     "description anyone would give, and the people who lived there repeated one rule before "
     "anything else: {taboo}. {Supporting_cap} said it too, in a flat and careful voice, while "
     "{p} unpacked {object} and set it on the table.",

@@ -1,0 +1,381 @@
+"""Read user data (.jsonl, .json, .csv) into one SFT record and one preference record.
+
+    from picoalign.data.formats import read_sft, read_preferences
+    rows = read_sft("alpaca.jsonl")                        # [{"id", "prompt", "response"}, ...]
+    pairs = read_preferences("prefs.csv", min_confidence=0.7)
+
+SFT rows may be `prompt`|`input` + `response`|`output`|`completion`, Alpaca `instruction` (+
+`input`) + `output`, chat `messages`, or ShareGPT `conversations` (`from`/`value`). Chat rows keep
+their `messages`: every assistant turn is trained. Preference rows hold `chosen` and `rejected`
+as text or message lists, with `prompt`|`input` or, for full transcripts, a shared beginning
+that becomes the prompt. Every problem raises `DataError` as `file:line: field 'x': problem`
+(`file:item N` for a .json list), so a user can fix the row without reading this code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROMPT_KEYS = ("prompt", "input")
+RESPONSE_KEYS = ("response", "output", "completion")
+CHAT_KEYS = ("messages", "conversations")
+METADATA_TEXT = ("chosen_model", "rejected_model", "judgment_reasoning", "topic")
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "system": "system"}
+SFT_FORMATS = ("prompt|input + response|output|completion, instruction (+ input) + output, "
+               "messages, or conversations")
+PREFERENCE_FORMATS = "chosen + rejected, with prompt|input or a shared beginning"
+
+
+class DataError(ValueError):
+    """A data file or row we cannot use: the message names the file, the line and the field."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a row came from: the error prefix and the default id are built from it."""
+
+    path: Path
+    line: int  # 1-based physical line (.jsonl, .csv) or item number (.json list)
+    item: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path}:{'item ' if self.item else ''}{self.line}"
+
+    def error(self, field: str | None, problem: str) -> DataError:
+        return DataError(f"{self}: field {field!r}: {problem}" if field else f"{self}: {problem}")
+
+    def default_id(self) -> str:
+        return f"{self.path.stem}-{self.line:06d}"
+
+
+# ---------------------------------------------------------------- rows from files
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[Where, dict]]:
+    """Yield `(where, row)` for each object of a .jsonl, .json or .csv file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown file type {path.suffix or '(none)'!r}; "
+                        "expected .jsonl, .json or .csv")
+    yield from reader(path)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _as_object(row: Any, where: Where) -> dict:
+    if not isinstance(row, dict):
+        raise where.error(None, f"expected a JSON object, got {_kind(row)}")
+    return row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[Where, dict]]:
+    # Split on "\n" only: str.splitlines would also split on U+2028, legal inside JSON strings.
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = Where(path, n)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise where.error(None, f"broken JSON: {e.msg} (column {e.colno})") from None
+        yield where, _as_object(row, where)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[Where, dict]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise Where(path, e.lineno).error(
+            None, f"broken JSON: {e.msg} (column {e.colno}); a .json file holds one list of "
+            "objects (use .jsonl for one object per line)") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {_kind(data)}")
+    for i, row in enumerate(data, 1):
+        where = Where(path, i, item=True)
+        yield where, _as_object(row, where)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[Where, dict]]:
+    """Rows as {column: cell}; `where` is the physical line the row starts on (cells may span lines)."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    columns: list[str] | None = None
+    start = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise Where(path, start).error(None, f"broken CSV: {e}") from None
+        where, start = Where(path, start), reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue  # blank line, or an empty row a spreadsheet left behind
+        if columns is None:
+            columns = [c.strip() for c in cells]
+            continue
+        if len(cells) > len(columns):
+            raise where.error(None, f"{len(cells)} cells but the header has {len(columns)} columns")
+        yield where, dict(zip(columns, cells))
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value is named in errors ('a number', 'a list', ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    names = {int: "a number", float: "a number", str: "text", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _text(value: Any, field: str, where: Where) -> str:
+    """Non-empty text, or an error naming the field: empty answers train nothing."""
+    if not isinstance(value, str):
+        raise where.error(field, f"expected text, got {_kind(value)}")
+    if not value.strip():
+        raise where.error(field, "empty text")
+    return value
+
+
+def _first(row: dict, keys: tuple[str, ...]) -> str | None:
+    """The first of `keys` (aliases such as prompt/input) that `row` has a value for."""
+    return next((k for k in keys if row.get(k) is not None), None)
+
+
+def _optional(row: dict, key: str) -> Any:
+    """A metadata value, or None when absent, null or an empty CSV cell."""
+    value = row.get(key)
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _row_id(row: dict, where: Where) -> str:
+    value = _optional(row, "id")
+    if value is None:
+        return where.default_id()
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise where.error("id", f"expected text or a whole number, got {_kind(value)}")
+    return str(value)
+
+
+def _unknown(row: dict, where: Where, expected: str) -> DataError:
+    seen = ", ".join(sorted(map(str, row))) or "(none)"
+    return where.error(None, f"unknown format: fields seen: {seen}; expected {expected}")
+
+
+def _messages(value: Any, field: str, where: Where) -> list[dict]:
+    """A chat list as [{"role", "content"}]; ShareGPT's from/value and role names are mapped."""
+    if not isinstance(value, list):
+        raise where.error(field, f"expected a list of messages, got {_kind(value)}")
+    if not value:
+        raise where.error(field, "empty list of messages")
+    defaults = ("from", "value") if field == "conversations" else ("role", "content")
+    out = []
+    for i, msg in enumerate(value):
+        name = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise where.error(name, f"expected a message object, got {_kind(msg)}")
+        role_key = next((k for k in ("role", "from") if k in msg), defaults[0])
+        text_key = next((k for k in ("content", "value") if k in msg), defaults[1])
+        for key in (role_key, text_key):
+            if key not in msg:
+                raise where.error(f"{name}.{key}", "missing")
+        role = ROLES.get(str(msg[role_key]).lower())
+        if role is None:
+            raise where.error(f"{name}.{role_key}", f"unknown role {msg[role_key]!r} "
+                              f"(expected one of {', '.join(ROLES)})")
+        if role == "system" and msg.get(text_key) in ("", None):
+            continue  # exports often carry an empty system prompt: it says nothing
+        out.append({"role": role, "content": _text(msg.get(text_key), f"{name}.{text_key}", where)})
+    return out
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def read_sft(path: str | Path, allow_empty: bool = False) -> list[dict]:
+    """Every row of an SFT file as {"id", "prompt", "response"} (+ "messages" for chat rows).
+
+    A file without rows is an error unless `allow_empty` (an optional split, such as the empty
+    preference files of a source without pairs)."""
+    return _not_empty([_sft_record(row, where) for where, row in iter_rows(path)], path, allow_empty)
+
+
+def _not_empty(records: list[dict], path: str | Path, allow_empty: bool) -> list[dict]:
+    if not records and not allow_empty:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return records
+
+
+def _sft_record(row: dict, where: Where) -> dict:
+    chat_key = _first(row, CHAT_KEYS)
+    if chat_key:
+        record = _chat_record(_messages(row[chat_key], chat_key, where), chat_key, where)
+    elif "instruction" in row:
+        record = _alpaca_record(row, where)
+    else:
+        record = _plain_record(row, where)
+    return {"id": _row_id(row, where), **record}
+
+
+def _plain_record(row: dict, where: Where) -> dict:
+    p, r = _first(row, PROMPT_KEYS), _first(row, RESPONSE_KEYS)
+    if p is None and r is None:
+        raise _unknown(row, where, SFT_FORMATS)
+    if p is None:
+        raise where.error("prompt", "missing (or give it as 'input')")
+    if r is None:
+        raise where.error("response", "missing (or give it as 'output' or 'completion')")
+    return {"prompt": _text(row[p], p, where), "response": _text(row[r], r, where)}
+
+
+def _alpaca_record(row: dict, where: Where) -> dict:
+    """Alpaca: the instruction is the prompt; a non-empty `input` is its context, after a blank line."""
+    prompt = _text(row["instruction"], "instruction", where)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise where.error("input", f"expected text, got {_kind(extra)}")
+    if extra and extra.strip():
+        prompt += "\n\n" + extra
+    r = _first(row, RESPONSE_KEYS)
+    if r is None:
+        raise where.error("output", "missing")
+    return {"prompt": prompt, "response": _text(row[r], r, where)}
+
+
+def _chat_record(messages: list[dict], field: str, where: Where) -> dict:
+    """Chat rows train every assistant turn; prompt/response show the last exchange."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise where.error(field, "no assistant message to train on")
+    prompt = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), None)
+    if prompt is None:
+        raise where.error(field, "no user message before the last assistant message")
+    return {"prompt": prompt, "response": messages[last]["content"], "messages": messages}
+
+
+# ---------------------------------------------------------------- preferences
+
+
+def read_preferences(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False) -> list[dict]:
+    """Every pair as {"id", "prompt", "chosen", "rejected"} + metadata, low-confidence pairs dropped.
+
+    A file without rows is an error unless `allow_empty`; all rows dropped is not an error."""
+    records = [_preference_record(row, where) for where, row in iter_rows(path)]
+    records = _not_empty(records, path, allow_empty)
+    return [r for r in records if keeps(r, min_confidence)]
+
+
+def keeps(record: dict, min_confidence: float) -> bool:
+    """Whether a pair passes `min_confidence`; pairs without a confidence are kept."""
+    return record.get("confidence") is None or record["confidence"] >= min_confidence
+
+
+def _preference_record(row: dict, where: Where) -> dict:
+    if not {"prompt", "input", "chosen", "rejected"} & row.keys():
+        raise _unknown(row, where, PREFERENCE_FORMATS)
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise where.error(key, "missing")
+    p = _first(row, PROMPT_KEYS)
+    if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
+        prompt, chosen, rejected = _chat_pair(row, p, where)
+    elif p is not None:
+        prompt = _prompt(row[p], p, where)
+        chosen, rejected = _text(row["chosen"], "chosen", where), _text(row["rejected"], "rejected", where)
+    else:
+        prompt, chosen, rejected = _transcript_pair(row, where)
+    if chosen.strip() == rejected.strip():
+        raise where.error("rejected", "identical to 'chosen'")
+    record = {"id": _row_id(row, where), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return record | _metadata(row, where)
+
+
+def _prompt(value: Any, field: str, where: Where) -> str | list[dict]:
+    if isinstance(value, list):
+        return _messages(value, field, where)
+    if not isinstance(value, str):
+        raise where.error(field, f"expected text or a list of messages, got {_kind(value)}")
+    return _text(value, field, where)
+
+
+def _chat_pair(row: dict, p: str | None, where: Where) -> tuple[str | list[dict], str, str]:
+    """Message lists: the last assistant message is the answer, the shared earlier turns the prompt."""
+    chosen = _messages(row["chosen"], "chosen", where)
+    rejected = _messages(row["rejected"], "rejected", where)
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise where.error(name, "the last message must be the assistant's answer")
+    earlier = chosen[:-1]
+    if rejected[:-1] != earlier:
+        raise where.error("rejected", "its earlier turns differ from those of 'chosen' "
+                          "(only the last assistant message may differ)")
+    if any(m["role"] == "user" for m in earlier):
+        return earlier, chosen[-1]["content"], rejected[-1]["content"]  # a full transcript
+    if p is None:
+        raise where.error("prompt", "missing, and 'chosen' has no user turn before its answer")
+    prompt = _prompt(row[p], p, where)
+    if earlier:  # only system turns: they go before the prompt
+        prompt = earlier + (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _transcript_pair(row: dict, where: Where) -> tuple[str, str, str]:
+    """Two full texts, no prompt field: their common beginning, cut back to whitespace so no word
+    is split, is the prompt, and the remainders are the answers."""
+    chosen, rejected = _text(row["chosen"], "chosen", where), _text(row["rejected"], "rejected", where)
+    if chosen.strip() == rejected.strip():
+        raise where.error("rejected", "identical to 'chosen'")
+    common = os.path.commonprefix([chosen, rejected])
+    cut = len(common)
+    while cut > 0 and not common[cut - 1].isspace():
+        cut -= 1
+    if not common[:cut].strip():
+        raise where.error("prompt", "missing, and 'chosen' and 'rejected' share no beginning")
+    return common[:cut], _text(chosen[cut:], "chosen", where), _text(rejected[cut:], "rejected", where)
+
+
+def _metadata(row: dict, where: Where) -> dict:
+    """The optional judge metadata, kept when present so reports and filters can use it."""
+    out: dict[str, Any] = {}
+    confidence = _optional(row, "confidence")
+    if confidence is not None:
+        out["confidence"] = _confidence(confidence, where)
+    for key in METADATA_TEXT:
+        value = _optional(row, key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise where.error(key, f"expected text, got {_kind(value)}")
+            out[key] = value
+    return out
+
+
+def _confidence(value: Any, where: Where) -> float:
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isnan(number):
+            return number
+    raise where.error("confidence", f"expected a number, got {value!r}")

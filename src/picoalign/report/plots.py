@@ -1,0 +1,216 @@
+"""Training curves and metric bars for the report (matplotlib is imported only when drawing).
+
+    from picoalign.report.plots import plot_curves, plot_metrics
+    plot_curves("runs/demo", "runs/demo/report/curves.png")      # None when nothing was logged
+    plot_metrics(read_json("runs/demo/metrics.json"), "runs/demo/report/metrics.png")
+
+Figures are drawn on their own Agg canvas (`Figure` + `FigureCanvasAgg`, no pyplot): this works
+headless and, unlike `matplotlib.use("Agg")`, leaves the backend of a notebook or GUI alone.
+Each PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from picoalign.report.load import LOGGED_STAGES, MODELS, dig, num, read_log, series
+
+COLORS = {"train": "#1f77b4", "val": "#d62728", "chosen": "#2ca02c", "rejected": "#d62728", "margin": "#555555"}
+MODEL_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#ff7f0e"}
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Panel:
+    stage: str
+    title: str
+    ylabel: str
+    lines: tuple[tuple[str, str, str, str], ...]  # (kind, key, label, color)
+    ref: tuple[float, str] | None = None  # a dashed horizontal reference line
+    percent: bool = False
+
+
+PANELS = (
+    Panel("sft", "SFT loss (response tokens only)", "cross-entropy (nats/token)",
+          (("train", "loss", "train", COLORS["train"]), ("eval", "val/loss", "val", COLORS["val"]))),
+    Panel("sft", "SFT monitor: preference pairs under the SFT model", "mean log-prob of the response",
+          (("eval", "monitor/logps_chosen", "chosen", COLORS["chosen"]),
+           ("eval", "monitor/logps_rejected", "rejected", COLORS["rejected"]))),
+    Panel("dpo", "DPO loss", "loss",
+          (("train", "loss", "train", COLORS["train"]), ("eval", "val/loss", "val", COLORS["val"])),
+          ref=(math.log(2), "ln 2 (sigmoid loss at the start)")),
+    Panel("dpo", "DPO implicit rewards  β·log(π/π_ref)", "reward",
+          (("train", "rewards/chosen", "chosen", COLORS["chosen"]),
+           ("train", "rewards/rejected", "rejected", COLORS["rejected"]),
+           ("train", "rewards/margins", "margin", COLORS["margin"]),
+           ("eval", "val/margin", "val margin", "#000000")),
+          ref=(0.0, "")),
+    Panel("dpo", "DPO reward accuracy (train) and preference accuracy (val)", "accuracy",
+          (("train", "rewards/accuracies", "train reward acc.", COLORS["train"]),
+           ("eval", "val/pref_acc", "val preference acc.", COLORS["val"])),
+          ref=(0.5, "chance"), percent=True),
+    Panel("pretrain", "Pretraining loss (optional stage)", "cross-entropy (nats/token)",
+          (("train", "loss", "train", COLORS["train"]), ("eval", "val/loss", "val", COLORS["val"]))),
+)
+
+BARS = (  # metric key, title, better
+    ("sft_test_loss", "SFT test loss", "lower is better"),
+    ("dpo_test_pref_acc", "Preference accuracy (test)", "higher is better; DPO: vs reference"),
+    ("horror_lexicon", "Horror lexicon score", "higher = more horror words"),
+    ("horror_classifier", "Horror classifier score", "higher = more horror-like"),
+)
+
+
+def ema(values: list[float], weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); NaNs pass through.
+
+    The default weight grows with the length of the curve: 0 for 10 points, 0.9 for 100, at
+    most 0.95, so a short curve is not flattened and a long one is readable.
+    """
+    if weight is None:
+        weight = min(0.95, max(0.0, 1.0 - 10.0 / max(len(values), 1)))
+    out, s, t = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(float("nan"))
+            continue
+        t += 1
+        s = weight * s + (1 - weight) * v
+        out.append(s / (1 - weight**t))
+    return out
+
+
+def write_png(fig: Any, out_png: str | Path) -> Path:
+    """Render `fig` on an Agg canvas and write it as a palette PNG, atomically (temp file + rename)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image  # matplotlib's own dependency
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    # A 128-colour palette looks the same for line charts at a third of the size, which matters
+    # because index.html embeds each chart once per language.
+    image = Image.open(buf).convert("RGB").quantize(colors=128, method=Image.Quantize.FASTOCTREE)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_png)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_png
+
+
+def _empty(ax: Any, title: str, text: str) -> None:
+    ax.set_title(title, fontsize=10.5)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=14, color="#888888")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw_panel(ax: Any, panel: Panel, rows: list[dict]) -> bool:
+    """Draw one panel from a stage's log rows; False (and a note on the axes) when it has no data."""
+    from matplotlib.ticker import PercentFormatter
+
+    if not rows:
+        _empty(ax, panel.title, "not run")
+        return False
+    drawn = False
+    for kind, key, label, color in panel.lines:
+        steps, values = series(rows, kind, key)
+        if not values:
+            continue
+        drawn = True
+        if kind == "eval":
+            ax.plot(steps, values, color=color, marker="o", ms=5, lw=1, ls="--", label=label)
+        elif len(values) >= 5:
+            ax.plot(steps, values, color=color, lw=0.8, alpha=0.25)
+            ax.plot(steps, ema(values), color=color, lw=2, label=f"{label} (EMA)")
+        else:
+            ax.plot(steps, values, color=color, lw=1.5, marker=".", label=label)
+    if not drawn:
+        _empty(ax, panel.title, "not logged")
+        return False
+    if panel.ref is not None:
+        ax.axhline(panel.ref[0], color="#999999", lw=1, ls=":", label=panel.ref[1] or None)
+    if panel.percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(panel.title, fontsize=10.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
+    return True
+
+
+def plot_curves(run_dir: str | Path, out_png: str | Path) -> Path | None:
+    """Draw the training curves of `run_dir/logs/*.jsonl` into `out_png`; None (no file) when no
+    stage logged anything drawable."""
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    logs = {stage: read_log(run_dir, stage) for stage in LOGGED_STAGES}
+    if not any(logs.values()):
+        return None
+    fig = Figure(figsize=(12, 12))
+    # Fixed margins: a constrained layout costs a second full draw (~1 s) for the same picture.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.93, wspace=0.2, hspace=0.33)
+    axes = fig.subplots(3, 2).ravel()
+    drawn = [_draw_panel(ax, panel, logs[panel.stage]) for ax, panel in zip(axes, PANELS)]
+    if not any(drawn):
+        return None
+    fig.suptitle(f"Training curves: {run_dir.resolve().name}", fontsize=13, y=0.975)
+    fig.text(0.5, 0.015, "faint: raw per-step values · bold: EMA smoothing · markers: validation evals",
+             ha="center", fontsize=9, color="#666666")
+    return write_png(fig, out_png)
+
+
+def plot_metrics(metrics: dict, out_png: str | Path) -> Path | None:
+    """Bars of base / SFT / DPO for test loss, preference accuracy and the two horror scores.
+
+    None (and no file) when `metrics` has none of these numbers.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    from picoalign.report.sections import fmt_metric
+
+    values = {key: [num(dig(metrics, "models", m, key)) for m in MODELS] for key, _, _ in BARS}
+    if all(v is None for vs in values.values() for v in vs):
+        return None
+    fig = Figure(figsize=(12, 3.6))
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.1, top=0.76, wspace=0.28)
+    for ax, (key, title, better) in zip(fig.subplots(1, len(BARS)), BARS):
+        vals = values[key]
+        if all(v is None for v in vals):
+            _empty(ax, title, "not measured")
+            continue
+        heights = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
+        bars = ax.bar([m.upper() if m != "base" else "base" for m in MODELS], heights,
+                      color=[MODEL_COLORS[m] for m in MODELS])
+        ax.bar_label(bars, labels=[fmt_metric(key, v) for v in vals], fontsize=9, padding=2)
+        if key == "dpo_test_pref_acc":
+            ax.axhline(0.5, color="#999999", lw=1, ls=":")
+            ax.set_ylim(0, 1.1)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        else:
+            top = max(heights)
+            ax.set_ylim(min(0.0, min(heights) * 1.15), top * 1.18 if top > 0 else 1.0)
+        ax.set_title(f"{title}\n({better})", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Held-out metrics by model", fontsize=12)
+    return write_png(fig, out_png)

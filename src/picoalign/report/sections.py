@@ -1,0 +1,364 @@
+"""The report's sections as Markdown, one function each, in either language.
+
+Each section is `fn(run, t, images) -> str`: `t` is the language's phrase table (strings.py) and
+`images` the names of the charts that were drawn. build.py calls them one by one, so a section
+that fails becomes a warning line and the others still appear.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from picoalign.report.load import MODELS, Run, dig, head_tail, num, series, stage_seconds
+
+DASH = "—"
+SPLITS = ("train", "val", "test")
+STAGES = ("data", "pretrain", "sft", "dpo", "eval", "report")
+# metric key -> which way is better (a phrase key in strings.py)
+METRICS = {
+    "sft_test_loss": "down",
+    "sft_test_ppl": "down",
+    "dpo_test_pref_acc": "up",
+    "dpo_test_margin": "up",
+    "horror_lexicon": "style",
+    "horror_classifier": "style",
+    "kl_to_ref": "near",
+    "n_samples": "",
+}
+SETTINGS = ("model", "lr", "batch_size", "grad_accum", "epochs", "max_steps", "max_seconds", "loss", "beta", "reference")
+MAX_PROMPTS = 3
+CLIP_PROMPT = 400
+CLIP_TEXT = 600
+WRAP = 100
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt_metric(key: str, value: Any) -> str:
+    """A metric as the report shows it: '81.2%', '1.234', '+0.512', '—' for missing."""
+    v = num(value)
+    if v is None or math.isnan(v):
+        return DASH
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if key.endswith("pref_acc") or key.endswith("accuracies"):
+        return f"{100 * v:.1f}%"
+    if key.endswith("margin"):
+        return f"{v:+.3f}"
+    if key.endswith("ppl"):
+        return f"{v:.2f}" if v < 1000 else f"{v:,.0f}"
+    if key == "kl_to_ref":
+        return f"{v:.4f}"
+    if key == "n_samples":
+        return f"{v:.0f}"
+    return f"{v:.3f}"
+
+
+def fmt_seconds(value: Any) -> str:
+    s = num(value)
+    if s is None or not math.isfinite(s) or s < 0:
+        return DASH
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def code(value: Any) -> str:
+    """`value` as inline code (backticks inside are replaced, so the span cannot break)."""
+    return "`" + (DASH if value is None else str(value)).replace("`", "'").replace("\n", " ") + "`"
+
+
+def plain(value: Any) -> str:
+    """A value for a `...`-quoted slot of a phrase: backticks and newlines removed."""
+    return (DASH if value is None else str(value)).replace("`", "'").replace("\n", " ")
+
+
+def cell(text: Any) -> str:
+    return str(text).replace("\n", " ").replace("|", "\\|")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def clip(text: Any, limit: int, t: dict) -> str:
+    """`text` cut at a word boundary near `limit` characters, with a note of its full length."""
+    if not isinstance(text, str):
+        text = "" if text is None else json.dumps(text, ensure_ascii=False)
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    if space > limit * 0.8:
+        cut = cut[:space]
+    return cut.rstrip() + "\n" + t["clipped"].format(n=f"{len(text):,}")
+
+
+def fence(text: str) -> str:
+    """A fenced text block, wrapped to WRAP columns, whose fence no backtick run in `text` closes."""
+    lines = []
+    for line in text.splitlines() or [""]:
+        lines += textwrap.wrap(line, WRAP, break_long_words=True, replace_whitespace=False) or [""]
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    bar = "`" * max(3, longest + 1)
+    return "\n".join([bar + "text", *lines, bar])
+
+
+def _n(value: Any) -> str:
+    v = num(value)
+    return DASH if v is None else f"{v:,.0f}"
+
+
+# ---------------------------------------------------------------- sections
+
+def header(run: Run, t: dict, built: str, problems: list[str]) -> str:
+    lines = [f"# {t['title'].format(tag=plain(run.tag))}", "", t["nav"].format(built=built)]
+    if problems:
+        lines += ["", "> " + t["warnings"], ">"]
+        lines += [f"> - {' '.join(p.split())}" for p in problems]
+    return "\n".join(lines)
+
+
+def setup(run: Run, t: dict, images: set[str]) -> str:
+    info = dig(run.metrics, "run") or {}
+    model = info.get("model") or dig(run.config, "sft", "model") or dig(run.config, "model")
+    versions = info.get("versions")
+    versions = " · ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) and versions else DASH
+    counts = dig(run.meta, "counts") or {}
+    sizes = t["sizes"].format(
+        sft=" / ".join(_n(counts.get(f"sft_{s}")) for s in SPLITS),
+        dpo=" / ".join(_n(counts.get(f"dpo_{s}")) for s in SPLITS),
+    ) if run.meta else t["missing"]
+    items = [
+        (t["run"], code(run.tag)),
+        (t["model"], code(model) if model else DASH),
+        (t["device"], code(info["device"]) if info.get("device") else DASH),
+        (t["dtype"], code(info["dtype"]) if info.get("dtype") else DASH),
+        (t["versions"], versions),
+        (t["data"], sizes),
+        (t["created"], plain(info.get("created") or dig(run.meta, "created"))),
+    ]
+    out = ["\n".join(f"- **{k}**{t['colon']}{v}" for k, v in items), ""]
+    out.append(table([t["stage"], t["status"], t["wall"]],
+                     [[t[f"st_{s}"], _status(run, s, t), fmt_seconds(stage_seconds(run, s))] for s in STAGES]))
+    out += ["", _settings(run, t)]
+    return "\n".join(out)
+
+
+def _status(run: Run, stage: str, t: dict) -> str:
+    if stage == "data":
+        return t["done"] if run.meta else t["missing"]
+    if stage == "eval":
+        models = run.evaluated()
+        return t["done_eval"].format(models=t["list_sep"].join(t[f"n_{m}"] for m in models)) if models else t["missing"]
+    if stage == "report":
+        return t["this_report"]
+    rows = run.logs.get(stage)
+    if not rows:
+        return t["optional"] if stage == "pretrain" else t["missing"]
+    steps = len(series(rows, "train", "loss")[0])
+    evals = len(series(rows, "eval", "val/loss")[0])
+    return t["done_steps"].format(steps=steps, evals=evals)
+
+
+def _settings(run: Run, t: dict) -> str:
+    if run.config is None:
+        return t["no_config"]
+    lines = []
+    for stage in ("pretrain", "sft", "dpo"):
+        cfg = run.config.get(stage)
+        if not isinstance(cfg, dict):
+            continue
+        items = [f"{k}={cfg[k]}" for k in SETTINGS if cfg.get(k) not in (None, "", 0, 0.0)]
+        lora = cfg.get("lora")
+        if isinstance(lora, dict) and lora.get("enabled"):
+            items.append(f"lora.r={lora.get('r')}")
+        if items:
+            lines.append(f"- {t[f'st_{stage}']}{t['colon']}{code(' · '.join(items))}")
+    return "\n".join([t["settings"], "", *lines]) if lines else ""
+
+
+def data(run: Run, t: dict, images: set[str]) -> str:
+    meta = run.meta
+    if not meta:
+        return t["no_data"]
+    out = [t["data_line"].format(
+        source=plain(meta.get("source")), provider=plain(meta.get("provider")),
+        version=plain(meta.get("generator_version")), seed=plain(meta.get("seed")),
+        seconds=fmt_seconds(meta.get("seconds")), created=plain(meta.get("created")),
+    ), ""]
+    rows = [[t[split]] + [_count_cell(run, f"{kind}_{split}", t) for kind in ("sft", "dpo")] for split in SPLITS]
+    out.append(table([t["split"], t["sft_rows"], t["dpo_pairs"]], rows))
+    pair = _first_row(run.dir / "data" / "dpo_train.jsonl")
+    if pair and all(k in pair for k in ("prompt", "chosen", "rejected")):
+        out += ["", t["example"].format(id=plain(pair.get("id"))), ""]
+        for key, limit in (("prompt", CLIP_PROMPT), ("chosen", 300), ("rejected", 300)):
+            out += [f"**{t[key]}**", "", fence(clip(pair[key], limit, t)), ""]
+    return "\n".join(out).rstrip()
+
+
+def _count_cell(run: Run, name: str, t: dict) -> str:
+    count, size = dig(run.meta, "counts", name), dig(run.meta, "sizes", f"n_{name}")
+    text = _n(count)
+    if num(count) is not None and num(size) is not None and num(count) != num(size):
+        text = t["asked"].format(count=text, size=_n(size))
+    if (run.dir / "data" / f"{name}.jsonl").exists():
+        text = f"[{text}](../data/{name}.jsonl)"
+    return text
+
+
+def _first_row(path: Path) -> dict | None:
+    try:
+        with path.open(encoding="utf-8") as f:
+            row = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def metrics(run: Run, t: dict, images: set[str]) -> str:
+    if not run.evaluated():
+        return t["no_metrics"]
+    header_row = [t["metric"], t["better"], *(t[f"n_{m}"] for m in MODELS)]
+    rows = [[t[f"m_{key}"], t[better] if better else ""] + [fmt_metric(key, run.model(m).get(key)) for m in MODELS]
+            for key, better in METRICS.items()]
+    out = [table(header_row, rows), "", t["metrics_note"].format(
+        n_sft=_n(dig(run.meta, "counts", "sft_test")), n_dpo=_n(dig(run.meta, "counts", "dpo_test")))]
+    if "metrics.png" in images:
+        out += ["", f"![{t['metrics_alt']}](metrics.png)"]
+    return "\n".join(out)
+
+
+def curves(run: Run, t: dict, images: set[str]) -> str:
+    if not run.logs:
+        return t["no_curves"]
+    out = []
+    if "curves.png" in images:
+        out += [f"![{t['curves_alt']}](curves.png)", "", t["curves_legend"], ""]
+    for stage in ("pretrain", "sft", "dpo"):
+        rows = run.logs.get(stage)
+        if not rows:
+            if stage != "pretrain":
+                out.append("- " + t["stage_missing"].format(stage=t[f"st_{stage}"]))
+            continue
+        out.append("- " + _stage_summary(rows, stage, t))
+        if stage == "sft":
+            monitor = _monitor_summary(rows, t)
+            if monitor:
+                out.append("- " + monitor)
+    return "\n".join(out)
+
+
+def _stage_summary(rows: list[dict], stage: str, t: dict) -> str:
+    steps, loss = series(rows, "train", "loss")
+    ends = head_tail(loss)
+    name = t[f"st_{stage}"]
+    if ends:
+        text = t["sum_loss"].format(stage=name, steps=len(steps), a=f"{ends[0]:.3f}", b=f"{ends[1]:.3f}")
+    else:
+        text = t["sum_steps"].format(stage=name, steps=len(steps))
+    vsteps, vloss = series(rows, "eval", "val/loss")
+    finite = [(v, s) for s, v in zip(vsteps, vloss) if math.isfinite(v)]
+    if finite:
+        best, at = min(finite)
+        text += t["sum_val"].format(a=f"{vloss[0]:.3f}", b=f"{vloss[-1]:.3f}", best=f"{best:.3f}", step=f"{at:.0f}")
+    if stage == "dpo":
+        acc = head_tail(series(rows, "train", "rewards/accuracies")[1])
+        if acc:
+            text += t["sum_acc"].format(a=fmt_metric("pref_acc", acc[0]), b=fmt_metric("pref_acc", acc[1]))
+        pref, margin = series(rows, "eval", "val/pref_acc")[1], series(rows, "eval", "val/margin")[1]
+        if pref or margin:
+            text += t["sum_dpo_val"].format(acc=fmt_metric("pref_acc", pref[-1] if pref else None),
+                                            margin=fmt_metric("margin", margin[-1] if margin else None))
+    return text + t["end"]
+
+
+def _monitor_summary(rows: list[dict], t: dict) -> str:
+    chosen = series(rows, "eval", "monitor/logps_chosen")[1]
+    rejected = series(rows, "eval", "monitor/logps_rejected")[1]
+    if not chosen or not rejected:
+        return ""
+    return t["sum_monitor"].format(c0=f"{chosen[0]:.2f}", c1=f"{chosen[-1]:.2f}",
+                                   r0=f"{rejected[0]:.2f}", r1=f"{rejected[-1]:.2f}")
+
+
+def samples(run: Run, t: dict, images: set[str]) -> str:
+    rows = [r for r in run.samples if r.get("model") in MODELS]
+    if not rows:
+        return t["no_samples"]
+    decodings = [plain(r.get("decoding")) for r in rows]
+    decoding = "greedy" if "greedy" in decodings else max(set(decodings), key=decodings.count)
+    groups: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if plain(r.get("decoding")) == decoding:
+            groups.setdefault(plain(r.get("id", r.get("prompt"))), {}).setdefault(r["model"], r)
+    order = list(groups)
+    picked = sorted(order, key=lambda k: (-len(groups[k]), order.index(k)))[:MAX_PROMPTS]
+    models = [m for m in MODELS if any(m in g for g in groups.values())]
+    out = [t["samples_intro"].format(decoding=plain(decoding), shown=len(picked), prompts=len(groups),
+                                     clip=CLIP_TEXT, rows=len(run.samples))]
+    for i, key in enumerate(picked, 1):
+        group = groups[key]
+        prompt = next(iter(group.values())).get("prompt", "")
+        out += ["", f"### {t['prompt_n'].format(i=i)} · {code(key)}", "", fence(clip(prompt, CLIP_PROMPT, t))]
+        for m in models:
+            row = group.get(m)
+            if row is None:
+                out += ["", f"**{t[f'n_{m}']}** {t['no_generation'].format(decoding=plain(decoding))}"]
+                continue
+            scores = t["sample_scores"].format(lex=fmt_metric("horror_lexicon", row.get("horror_lexicon")),
+                                               clf=fmt_metric("horror_classifier", row.get("horror_classifier")))
+            out += ["", f"**{t[f'n_{m}']}** · {scores}", "", fence(clip(row.get("text", ""), CLIP_TEXT, t))]
+    return "\n".join(out)
+
+
+def meaning(run: Run, t: dict, images: set[str]) -> str:
+    pref = t["mean_pref"]
+    p, n = num(run.model("dpo").get("dpo_test_pref_acc")), num(dig(run.meta, "counts", "dpo_test"))
+    if p is not None and n and 0 <= p <= 1:
+        se = 100 * math.sqrt(p * (1 - p) / n)
+        if se > 0:
+            pref += " " + t["mean_se"].format(n=f"{n:.0f}", p=fmt_metric("pref_acc", p), se=f"{se:.1f}")
+    n_samples = next((run.model(m).get("n_samples") for m in reversed(MODELS) if run.model(m).get("n_samples")), None)
+    bullets = [
+        t["mean_loss"],
+        pref,
+        _scorer(run, t, "horror_lexicon", "mean_lex"),
+        _scorer(run, t, "horror_classifier", "mean_clf"),
+        t["mean_kl"],
+        t["mean_n"].format(n=fmt_metric("n_samples", n_samples)),
+    ]
+    return "\n".join(f"- {b}" for b in bullets) + "\n\n" + t["mean_all"]
+
+
+def _scorer(run: Run, t: dict, key: str, default: str) -> str:
+    """Our explanation of a style score, or the run's own description of it where it has one."""
+    desc = dig(run.metrics, "scores", key)
+    desc = " ".join(desc.split()) if isinstance(desc, str) and desc.strip() else None
+    if desc and t["desc_replace"]:
+        return t["desc_replace"].format(name=t[f"m_{key}"], desc=desc)
+    if desc and t["desc_append"]:
+        return t[default] + " " + t["desc_append"].format(desc=desc)
+    return t[default]
+
+
+# (phrase key of the heading, section function), in report order
+SECTIONS: list[tuple[str, Callable[[Run, dict, set[str]], str]]] = [
+    ("h_setup", setup),
+    ("h_data", data),
+    ("h_metrics", metrics),
+    ("h_curves", curves),
+    ("h_samples", samples),
+    ("h_meaning", meaning),
+]

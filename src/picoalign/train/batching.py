@@ -1,0 +1,255 @@
+"""Tokenisation with chat templates, loss masks, and packed batches that waste no compute.
+
+The prompt is rendered with the chat template and the generation prompt; the answer is the rest
+of the rendered conversation, so it ends with the end-of-turn token, which is trained. Prompt
+and answer are tokenised separately and concatenated: the model then trains on exactly the
+tokens it sees at generation time, even where a tokenizer would merge across the boundary.
+Without a chat template the layout is `prompt + response + eos`.
+
+A batch is one packed row: several sequences side by side, each with its own position ids,
+and a block-diagonal causal mask so no sequence sees another. Logits are computed only at the
+positions whose next token is a target, which skips the 49k-wide output layer on prompts.
+In a preference row the prompt is stored once and both answers attend to it (prefix sharing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Encoded:
+    """One example as token ids: `prompt` is context, each of `answers` is scored separately."""
+
+    prompt: list[int]
+    answers: list[list[int]]
+    truncated: bool = False
+
+
+@dataclass
+class Segmented:
+    """A multi-turn example: token segments in order, each a target or context."""
+
+    segments: list[tuple[list[int], bool]]
+    truncated: bool = False
+
+
+def as_messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of the prompt as the model sees it before answering."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return _ids(tokenizer, text)
+    if not isinstance(prompt, str):
+        raise ValueError("a model without a chat template needs plain-text prompts")
+    return tokenizer(prompt)["input_ids"]  # with BOS where the tokenizer adds one
+
+
+def render_answer(tokenizer, prompt, answer: str) -> list[int]:
+    """Token ids of `answer` as the assistant turn after `prompt`, ending in end-of-turn/EOS."""
+    if tokenizer.chat_template:
+        messages = as_messages(prompt)
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": answer}], tokenize=False
+        )
+        if not full.startswith(head):
+            raise ValueError("the chat template renders the prompt differently with an answer after it")
+        ids = _ids(tokenizer, full[len(head):])
+    else:
+        ids = _ids(tokenizer, answer)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode(tokenizer, prompt, answers: list[str], max_length: int) -> Encoded | None:
+    """Encode a prompt with one or more answers; the answers are cut to fit `max_length`.
+
+    Returns None when the prompt alone leaves no room for an answer.
+    """
+    p = render_prompt(tokenizer, prompt)
+    room = max_length - len(p)
+    if room < 2:
+        return None
+    outs = [render_answer(tokenizer, prompt, a) for a in answers]
+    truncated = any(len(a) > room for a in outs)
+    return Encoded(p, [a[:room] for a in outs], truncated)
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> Segmented | None:
+    """Encode a chat where every assistant turn is a target (rendered turn by turn)."""
+    if not tokenizer.chat_template:
+        raise ValueError("multi-turn `messages` data needs a model with a chat template")
+    segments: list[tuple[list[int], bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not head.startswith(done) or not upto.startswith(head):
+            raise ValueError("the chat template does not render this conversation turn by turn")
+        segments += [(_ids(tokenizer, head[len(done):]), False), (_ids(tokenizer, upto[len(head):]), True)]
+        done = upto
+    return _cut_segments(segments, max_length)
+
+
+def _cut_segments(segments: list[tuple[list[int], bool]], max_length: int) -> Segmented | None:
+    out, used = [], 0
+    for ids, target in segments:
+        take = ids[: max(0, max_length - used)]
+        if take:
+            out.append((take, target))
+            used += len(take)
+    if not any(t for ids, t in out):
+        return None
+    return Segmented(out, truncated=used < sum(len(ids) for ids, _ in segments) or used >= max_length)
+
+
+# ---------------------------------------------------------------- packed rows
+
+
+@dataclass
+class PackedBatch:
+    """One packed row of sequences and where its targets are.
+
+    input_ids, position_ids: (1, L). attention_mask: (1, 1, L, L) bool, True = may attend.
+    keep: (1, L) bool, the positions whose logits are computed (they predict a target).
+    rows: (N,) for each target token, its row among the kept logits; labels: (N,) the token;
+    seq_index: (N,) which scored sequence it belongs to (0 .. n_seqs-1).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    keep: Tensor
+    rows: Tensor
+    labels: Tensor
+    seq_index: Tensor
+    n_seqs: int
+    n_tokens: int
+    n_truncated: int = 0
+
+    def to(self, device) -> PackedBatch:
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()}
+        return PackedBatch(**moved)
+
+
+class RowBuilder:
+    """Lays out token segments in one row: positions, what sees what, and the targets."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.group: list[int] = []  # tokens of one example share a group; groups never see each other
+        self.branch: list[int] = []  # 0 = shared prefix; answers of one prompt get 1, 2, ...
+        self.targets: list[tuple[int, int, int]] = []  # (position predicting it, token, seq)
+        self.n_seqs = 0
+
+    def add(self, prompt: list[int], answers: list[list[int]], group: int) -> None:
+        """A prompt once, then each answer branching from its end (its own scored sequence)."""
+        start = len(self.ids)
+        self._put(prompt, list(range(len(prompt))), group, 0)
+        last_prompt = start + len(prompt) - 1
+        for b, answer in enumerate(answers, start=1):
+            first = len(self.ids)
+            self._put(answer, list(range(len(prompt), len(prompt) + len(answer))), group, b)
+            previous = [last_prompt] + list(range(first, first + len(answer) - 1))
+            self.targets += [(p, t, self.n_seqs) for p, t in zip(previous, answer)]
+            self.n_seqs += 1
+
+    def add_segments(self, segments: list[tuple[list[int], bool]], group: int) -> None:
+        """A multi-turn example: all its target segments together form one scored sequence."""
+        start = len(self.ids)
+        for ids, target in segments:
+            first = len(self.ids)
+            self._put(ids, list(range(first - start, first - start + len(ids))), group, 0)
+            if target:  # token k is predicted at the position before it (none for the very first)
+                self.targets += [(first + k - 1, t, self.n_seqs) for k, t in enumerate(ids) if first + k > start]
+        self.n_seqs += 1
+
+    def _put(self, ids: list[int], pos: list[int], group: int, branch: int) -> None:
+        self.ids += ids
+        self.pos += pos
+        self.group += [group] * len(ids)
+        self.branch += [branch] * len(ids)
+
+    def build(self, n_truncated: int = 0) -> PackedBatch:
+        L = len(self.ids)
+        group = torch.tensor(self.group)
+        branch = torch.tensor(self.branch)
+        idx = torch.arange(L)
+        causal = idx[None, :] <= idx[:, None]
+        same_group = group[None, :] == group[:, None]
+        # A token sees the shared prefix and its own branch, never a sibling answer.
+        same_branch = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+        mask = (causal & same_group & same_branch)[None, None]
+        positions = sorted({p for p, _, _ in self.targets})
+        row_of = {p: i for i, p in enumerate(positions)}
+        keep = torch.zeros(1, L, dtype=torch.bool)
+        keep[0, positions] = True
+        return PackedBatch(
+            input_ids=torch.tensor([self.ids]),
+            position_ids=torch.tensor([self.pos]),
+            attention_mask=mask,
+            keep=keep,
+            rows=torch.tensor([row_of[p] for p, _, _ in self.targets]),
+            labels=torch.tensor([t for _, t, _ in self.targets]),
+            seq_index=torch.tensor([s for _, _, s in self.targets]),
+            n_seqs=self.n_seqs,
+            n_tokens=L,
+            n_truncated=n_truncated,
+        )
+
+
+def pack_examples(examples: list[Encoded | Segmented]) -> PackedBatch:
+    """SFT/LM rows: each example one scored sequence (one answer, or all its assistant turns)."""
+    row = RowBuilder()
+    for g, ex in enumerate(examples):
+        if isinstance(ex, Segmented):
+            row.add_segments(ex.segments, g)
+        else:
+            row.add(ex.prompt, ex.answers, g)
+    return row.build(sum(ex.truncated for ex in examples))
+
+
+def pack_pairs(pairs: list[Encoded], share_prefix: bool = True) -> PackedBatch:
+    """Preference rows: sequences 2i and 2i+1 are the chosen and rejected answers of pair i.
+
+    With `share_prefix` the prompt is stored once per pair and both answers attend to it;
+    otherwise each answer gets its own copy of the prompt. The log-probs are the same.
+    """
+    row = RowBuilder()
+    for g, pair in enumerate(pairs):
+        if share_prefix:
+            row.add(pair.prompt, pair.answers, g)
+        else:
+            for k, answer in enumerate(pair.answers):
+                row.add(pair.prompt, [answer], 2 * g + k)
+    return row.build(sum(p.truncated for p in pairs))
+
+
+def forward_logps(model, batch: PackedBatch) -> Tensor:
+    """Per-target-token log-probs (N,) in fp32: one forward over the packed row."""
+    from picoalign.train.losses import token_logps
+
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        logits_to_keep=batch.keep,
+        use_cache=False,
+    )
+    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (kept positions, V)
+    return token_logps(logits[batch.rows], batch.labels)

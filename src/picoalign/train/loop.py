@@ -1,0 +1,274 @@
+"""The one training loop, shared by pretraining, SFT and DPO: eval -> checkpoint -> step -> log.
+
+A stage hands `fit` a `Task`: the model, its training micro-batches (tokenised once), a loss
+for one micro-batch, an evaluation, and a way to save the model. The loop owns the rest:
+AdamW, warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast, the
+budgets (`max_steps`, `epochs`, `max_seconds`, whichever comes first), early stopping,
+checkpoints that resume on the same curve, and the logs.
+
+Checkpoint layout in `out/`:
+    last/                   the latest checkpoint: model files + trainer_state.pt (optimizer,
+                            scheduler, RNG states, step, data position, elapsed time)
+    <model files>           the final model (HF folder), written when training ends
+    picoalign.json          written last: {"complete": true, ...} marks a finished stage
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from picoalign.io import write_json
+from picoalign.models.load import MARKER, read_marker
+from picoalign.train.trackers import Trackers
+
+STATE_FILE = "trainer_state.pt"
+
+
+class Task(Protocol):
+    model: torch.nn.Module
+
+    def batches(self) -> list[Any]: ...  # training micro-batches, each with .n_tokens
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def evaluate(self) -> dict[str, float]: ...  # "val/loss" (lower is better) drives early stopping
+    def save(self, folder: Path) -> None: ...
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimiser steps done
+    micro: int = 0  # micro-batches consumed (the data position)
+    elapsed: float = 0.0  # training seconds across resumes
+    best: float = math.inf
+    bad_evals: int = 0
+    last_eval: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999)}
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)  # one kernel for all params where supported
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def make_schedule(opt, cfg, total_steps: int | None):
+    """Linear warmup, then cosine decay to 0 over `total_steps` (constant when unknown)."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant" or not total_steps:
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def planned_steps(cfg, n_batches: int) -> int | None:
+    """Optimiser steps the step/epoch budgets allow (None when only time limits the run)."""
+    limits = []
+    if cfg.max_steps > 0:
+        limits.append(cfg.max_steps)
+    if cfg.epochs > 0:
+        limits.append(math.ceil(math.ceil(cfg.epochs * n_batches) / cfg.grad_accum))
+    return min(limits) if limits else None
+
+
+def batch_order(n: int, epoch: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, log_dir: Path | None = None) -> dict:
+    """Train `task.model` under `cfg`'s budgets; returns a summary (steps, seconds, last eval)."""
+    out = Path(cfg.out)
+    log_dir = Path(log_dir) if log_dir else out / "logs"
+    batches = task.batches()
+    if not batches:
+        raise ValueError(f"{name}: no training batches (is the training file empty?)")
+    total = planned_steps(cfg, len(batches))
+    max_micro = math.ceil(cfg.epochs * len(batches)) if cfg.epochs > 0 else math.inf
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    sched = make_schedule(opt, cfg, total)
+    state = LoopState()
+    seed_everything(cfg.seed)
+    if cfg.resume and (out / "last" / STATE_FILE).exists():
+        state = load_checkpoint(out / "last", task.model, opt, sched)
+        print(f"{name}: resumed at step {state.step} (micro-batch {state.micro})")
+    trackers = Trackers(log_dir, name, cfg, {"stage": name, **_public(cfg)})
+    bar = _progress(cfg, total, state.step, name)
+    started, stop_reason = time.time() - state.elapsed, None
+    try:
+        while True:
+            # -- eval
+            due = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
+            if due and state.last_eval.get("step") != state.step:
+                if _evaluate(task, state, cfg, trackers, device, dtype):
+                    stop_reason = "early stop"
+            # -- checkpoint
+            if cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
+                save_checkpoint(out / "last", task, opt, sched, state)
+            # -- budgets
+            state.elapsed = time.time() - started
+            stop_reason = stop_reason or _budget_reached(cfg, state, total, max_micro)
+            if stop_reason:
+                break
+            # -- step
+            t0 = time.time()
+            metrics, tokens = _step(task, batches, state, cfg, opt, sched, params, device, dtype)
+            dt = time.time() - t0
+            state.step += 1
+            state.elapsed = time.time() - started
+            # -- log
+            if state.step % cfg.log_every == 0:
+                row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4), **metrics,
+                       "tokens": tokens, "tokens_per_s": round(tokens / dt, 1), "elapsed": round(state.elapsed, 2)}
+                trackers.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}")
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(out / "last", task, opt, sched, state)
+        trackers.close()
+        raise
+    bar.close()
+    if state.last_eval.get("step") != state.step:
+        _evaluate(task, state, cfg, trackers, device, dtype)
+    save_checkpoint(out / "last", task, opt, sched, state)
+    task.save(out)
+    summary = {"stage": name, "complete": True, "steps": state.step, "stop_reason": stop_reason,
+               "seconds": round(state.elapsed, 2), "last_eval": state.last_eval}
+    write_json(out / MARKER, {**read_marker(out), **summary})
+    trackers.close()
+    print(f"{name}: done in {state.step} steps, {state.elapsed:.0f}s ({stop_reason}); saved to {out}")
+    return summary
+
+
+def _step(task, batches, state, cfg, opt, sched, params, device, dtype) -> tuple[dict, int]:
+    """One optimiser step over `grad_accum` micro-batches."""
+    task.model.train()
+    sums: dict[str, float] = {}
+    tokens = 0
+    for _ in range(cfg.grad_accum):
+        epoch, k = divmod(state.micro, len(batches))
+        batch = batches[batch_order(len(batches), epoch, cfg.seed)[k]].to(device)
+        with autocast_for(device, dtype):
+            loss, metrics = task.loss(batch)
+        (loss / cfg.grad_accum).backward()
+        for key, v in {"loss": loss.item(), **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
+        tokens += batch.n_tokens
+        state.micro += 1
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    lr = sched.get_last_lr()[0]
+    return {**{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "grad_norm": round(grad_norm, 4)}, tokens
+
+
+def _evaluate(task, state: LoopState, cfg, trackers, device, dtype) -> bool:
+    """Run the task's evaluation and log it; True when early stopping says stop."""
+    task.model.eval()
+    with torch.no_grad(), autocast_for(device, dtype):
+        metrics = task.evaluate()
+    state.last_eval = {"step": state.step, **metrics}
+    trackers.log({"kind": "eval", "step": state.step, **metrics})
+    val = metrics.get("val/loss")
+    if val is None:
+        return False
+    if val < state.best - 1e-6:
+        state.best, state.bad_evals = val, 0
+    else:
+        state.bad_evals += 1
+    return cfg.early_stop > 0 and state.bad_evals >= cfg.early_stop
+
+
+def _budget_reached(cfg, state: LoopState, total: int | None, max_micro: float) -> str | None:
+    if total is not None and state.step >= total:
+        return "max_steps" if cfg.max_steps and state.step >= cfg.max_steps else "epochs"
+    if state.micro + cfg.grad_accum > max_micro:
+        return "epochs"
+    if cfg.max_seconds > 0 and state.elapsed >= cfg.max_seconds:
+        return "max_seconds"
+    return None
+
+
+def _progress(cfg, total, initial, name):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _public(cfg) -> dict:
+    from picoalign.config import to_dict
+
+    return to_dict(cfg)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> None:
+    """Write the model and the full trainer state to `folder`, replacing it atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    task.save(tmp)
+    trainable = {n: p.detach().cpu() for n, p in task.model.named_parameters() if p.requires_grad}
+    torch.save(
+        {
+            "trainable": trainable,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "loop": state.__dict__,
+        },
+        tmp / STATE_FILE,
+    )
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, opt, sched) -> LoopState:
+    blob = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in blob["trainable"].items():
+            params[name].copy_(value)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    random.setstate(blob["rng"]["python"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    if blob["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    return LoopState(**blob["loop"])

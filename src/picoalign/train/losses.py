@@ -1,0 +1,101 @@
+"""Losses as small pure functions: masked next-token loss, sequence log-probs, the DPO family.
+
+Notation: Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), the policy's gain
+on the chosen answer y_w over the rejected y_l, relative to the frozen reference; β scales it.
+Log-softmax always runs in fp32, whatever dtype the model computed its logits in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(label) for each row of `logits` (N, V) -> (N,), computed in fp32."""
+    return -F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def sequence_logps(per_token: Tensor, seq_index: Tensor, n_seqs: int) -> Tensor:
+    """Sum the per-token log-probs of each sequence: (N,) tokens -> (n_seqs,) sequences."""
+    return torch.zeros(n_seqs, dtype=per_token.dtype, device=per_token.device).index_add(0, seq_index, per_token)
+
+
+def masked_lm_loss(per_token: Tensor) -> Tensor:
+    """Mean negative log-likelihood over the target (response) tokens only."""
+    return -per_token.mean()
+
+
+# ---------------------------------------------------------------- the DPO family
+# Each takes Δ (one value per pair), β and ε, and returns one loss per pair.
+
+
+def sigmoid_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
+    """DPO (Rafailov et al. 2023): −log σ(βΔ); with ε > 0 it is cDPO (label smoothing).
+
+    By hand: Δ = 0 gives log 2 = 0.693147; βΔ = 1 gives −log σ(1) = 0.313262;
+    βΔ = 1, ε = 0.1 gives 0.9·0.313262 + 0.1·1.313262 = 0.413262.
+    """
+    z = beta * delta
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def cdpo_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
+    """Conservative DPO: −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ), the same formula as `sigmoid`.
+
+    By hand: βΔ = 2, ε = 0.2 gives 0.8·0.126928 + 0.2·2.126928 = 0.526928.
+    """
+    return sigmoid_loss(delta, beta, eps)
+
+
+def ipo_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
+    """IPO (Azar et al. 2023): (Δ − 1/(2β))², Δ built from length-normalised log-probs (as TRL).
+
+    By hand: β = 0.1, Δ = 3 gives (3 − 5)² = 4; Δ = 5 gives 0.
+    """
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
+    """SLiC-style hinge: max(0, 1 − βΔ).
+
+    By hand: βΔ = 0.25 gives 0.75; βΔ = 2 gives 0.
+    """
+    return torch.relu(1 - beta * delta)
+
+
+def robust_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024): [−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)] / (1 − 2ε).
+
+    By hand: βΔ = 1, ε = 0.1 gives (0.9·0.313262 − 0.1·1.313262) / 0.8 = 0.188261.
+    """
+    z = beta * delta
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "sigmoid": sigmoid_loss,
+    "cdpo": cdpo_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "robust": robust_loss,
+}
+
+
+def dpo_stats(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> dict[str, Tensor]:
+    """The implicit rewards β·(log π − log π_ref) and the metrics TRL users know."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+        "logps/chosen": policy_chosen.mean(),
+        "logps/rejected": policy_rejected.mean(),
+    }

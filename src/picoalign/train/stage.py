@@ -1,0 +1,63 @@
+"""What every training stage does before its loop: device, dtype, model, adapter, config on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from picoalign.config import save_config
+from picoalign.io import write_json
+from picoalign.models.load import (
+    MARKER,
+    add_lora,
+    load_model,
+    model_identity,
+    pick_device,
+    pick_dtype,
+)
+
+
+@dataclass
+class Prepared:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    log_dir: Path
+
+
+def prepare(cfg, stage: str) -> Prepared:
+    """Load the model for training (a fresh LoRA adapter unless full fine-tuning) and record
+    the resolved config and the model's origin in `cfg.out`."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, device, cfg.load_in)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    write_json(out / MARKER, {"stage": stage, "base_model": model_identity(cfg.model), "complete": False,
+                              "lora": cfg.lora.enabled})
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}), "
+          f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
+    log_dir = Path(cfg.logs) if cfg.logs else out / "logs"
+    return Prepared(model, tokenizer, device, dtype, log_dir)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """An HF folder: the adapter (peft) or the full model, safetensors, tokenizer + template."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and not (Path(folder) / "generation_config.json").exists():
+        gen.save_pretrained(folder)
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,217 @@
+"""The report: a fake run folder in, REPORT.md / REPORT.zh.md / index.html / charts out.
+
+The numbers in metrics.json are chosen so their formatted forms are unambiguous:
+DPO preference accuracy 0.84375 -> "84.4%", SFT test loss 1.23456 -> "1.235",
+DPO margin 0.5125 -> "+0.512" (Python rounds the binary value 0.51249... down).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from picoalign.io import write_json, write_jsonl
+from picoalign.report import html
+from picoalign.report.build import build_report, main
+from picoalign.report.sections import fmt_metric
+
+SAMPLE_DPO = "The cellar door breathed. Mara counted the scratches: eleven, then twelve."
+SAMPLE_SFT = "Mara went down to the cellar and found an old door."
+SAMPLE_BASE = "Once upon a time there was a girl named Mara. <script>alert(1)</script>"
+
+
+def write_meta(run: Path) -> None:
+    counts = {"sft_train": 256, "sft_val": 64, "sft_test": 64, "dpo_train": 256, "dpo_val": 64, "dpo_test": 64}
+    write_json(run / "data" / "dataset_meta.json", {
+        "source": "stories", "provider": "template", "generator_version": "stories-v1", "seed": 1234,
+        "sizes": {f"n_{k}": v for k, v in counts.items()}, "counts": counts,
+        "seconds": 0.42, "created": "2025-01-02T03:04:05",
+    })
+    write_jsonl(run / "data" / "dpo_train.jsonl", [
+        {"id": "dpo-train-000000", "prompt": "Write a horror story about a cellar.",
+         "chosen": "The cellar door breathed.", "rejected": "The cellar was nice."}])
+
+
+def write_logs(run: Path) -> None:
+    rng = random.Random(0)
+    sft = []
+    for step in range(1, 61):
+        loss = 1.2 + 1.3 * math.exp(-step / 15) + rng.gauss(0, 0.08)
+        sft.append({"kind": "train", "step": step, "epoch": step / 64, "loss": loss, "lr": 2e-4,
+                    "grad_norm": 1.0, "tokens": 512 * step, "tokens_per_s": 900.0, "elapsed": 0.5 * step})
+        if step % 20 == 0:
+            sft.append({"kind": "eval", "step": step, "val/loss": 1.3 + 1.2 * math.exp(-step / 15),
+                        "monitor/logps_chosen": -140 + step, "monitor/logps_rejected": -130 + step / 3})
+    dpo = []
+    for step in range(1, 41):
+        margin = 0.02 * step + rng.gauss(0, 0.1)
+        dpo.append({"kind": "train", "step": step, "loss": math.log(1 + math.exp(-margin)), "lr": 5e-5,
+                    "grad_norm": 0.5, "rewards/chosen": margin / 2, "rewards/rejected": -margin / 2,
+                    "rewards/margins": margin, "rewards/accuracies": min(1.0, 0.5 + step / 80 + rng.gauss(0, 0.1)),
+                    "logps/chosen": -100.0, "logps/rejected": -110.0, "pairs_per_s": 20.0, "elapsed": step * 0.7})
+        if step % 20 == 0:
+            dpo.append({"kind": "eval", "step": step, "val/loss": 0.6 - step / 200,
+                        "val/pref_acc": 0.6 + step / 200, "val/margin": step / 40})
+    write_jsonl(run / "logs" / "sft.jsonl", sft)
+    lines = "".join(json.dumps(r) + "\n" for r in dpo) + '{"kind": "train", "step": 41, "lo'  # torn last line
+    (run / "logs" / "dpo.jsonl").write_text(lines, encoding="utf-8")
+
+
+def write_metrics(run: Path) -> None:
+    def model(loss, acc, margin, lex, clf, kl=None):
+        return {"sft_test_loss": loss, "sft_test_ppl": math.exp(loss), "dpo_test_pref_acc": acc,
+                "dpo_test_margin": margin, "horror_lexicon": lex, "horror_classifier": clf,
+                "kl_to_ref": kl, "n_samples": 32}
+
+    write_json(run / "metrics.json", {
+        "run": {"tag": "demo", "model": "builtin:pico-tiny", "device": "cpu", "dtype": "fp32",
+                "versions": {"torch": "2.13.0", "transformers": "5.0.0"},
+                "stage_seconds": {"data": 0.4, "sft": 30.5, "dpo": 28.0, "eval": 200.0},
+                "created": "2025-01-02T03:10:00"},
+        "models": {"base": model(3.9, 0.4375, -0.25, 0.012, 0.11),
+                   "sft": model(1.23456, 0.53125, 0.031, 0.02, 0.35),
+                   "dpo": model(1.301, 0.84375, 0.5125, 0.048, 0.71, kl=0.0371)},
+        "scores": {"horror_lexicon": "Share of words found in a 300-word horror lexicon; blind to plot.",
+                   "horror_classifier": "P(horror) from a bag-of-words logistic regression."},
+    })
+    rows = []
+    for i, prompt in enumerate(["Write a horror story about a cellar.", "Write about a lighthouse."]):
+        for m, text in (("base", SAMPLE_BASE), ("sft", SAMPLE_SFT), ("dpo", SAMPLE_DPO)):
+            for decoding in ("greedy", "top_p"):
+                rows.append({"id": f"dpo-test-{i:06d}", "prompt": prompt, "model": m, "decoding": decoding,
+                             "text": text if decoding == "greedy" else "sampled " + text,
+                             "horror_lexicon": 0.05, "horror_classifier": 0.5})
+    write_jsonl(run / "samples.jsonl", rows)
+
+
+def full_run(tmp_path: Path) -> Path:
+    run = tmp_path / "demo"
+    (run / "config.yaml").parent.mkdir(parents=True)
+    (run / "config.yaml").write_text("sft:\n  lr: 0.0002\n  epochs: 1.0\ndpo:\n  beta: 0.1\n  loss: sigmoid\n")
+    write_meta(run)
+    write_logs(run)
+    write_metrics(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """One full run's report, shared by the tests that only read it (drawing takes ~1 s)."""
+    return build_report(full_run(tmp_path_factory.mktemp("full")))
+
+
+def test_full_report(built):
+    out = built
+    for name in ("curves.png", "metrics.png", "INDEX.md", "REPORT.md", "REPORT.zh.md", "index.html"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    en, zh = (out / "REPORT.md").read_text(), (out / "REPORT.zh.md").read_text()
+    page = (out / "index.html").read_text()
+    for text in (en, zh, page):
+        for number in ("84.4%", "1.235", "+0.512", "0.0371", "53.1%", "43.8%"):
+            assert number in text, number
+        assert SAMPLE_DPO in text and SAMPLE_SFT in text
+        assert "builtin:pico-tiny" in text
+    assert "Preference accuracy" in en and "偏好准确率" in zh and "监督微调" in zh
+    assert "掩码损失" in zh and "恐怖词汇得分" in zh
+    assert "](curves.png)" in en and "](metrics.png)" in zh
+    assert "Warning" not in en  # a torn log line is not a problem worth a warning
+
+
+def test_index_html_is_self_contained_and_escaped(built):
+    page = (built / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""(src|href)=["'](?!data:|#|\.\./|[\w.-]+\.(md|html|png|jsonl|json|yaml)\b)""", page)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert 'id="en"' in page and 'id="zh"' in page and 'href="#zh"' in page
+
+
+def test_index_md_lists_files(built):
+    index = (built / "INDEX.md").read_text()
+    assert "[metrics.json](../metrics.json)" in index and "[REPORT.zh.md](REPORT.zh.md)" in index
+    assert "| `checkpoints/sft` |" in index and "missing" in index
+
+
+def test_data_only_run_says_stages_missing(tmp_path):
+    run = tmp_path / "early"
+    write_meta(run)
+    out = build_report(run)
+    en, zh = (out / "REPORT.md").read_text(), (out / "REPORT.zh.md").read_text()
+    assert en.count("missing / not run") >= 4 and "缺失 / 未运行" in zh
+    assert "| data | done |" in en and "256" in en
+    assert not (out / "curves.png").exists() and not (out / "metrics.png").exists()
+    assert "data:image/png" not in (out / "index.html").read_text()
+
+
+def test_corrupt_metrics_gives_warning_not_exception(tmp_path):
+    run = full_run(tmp_path)
+    (run / "metrics.json").write_text('{"run": {"tag": "demo", ')
+    with pytest.warns(UserWarning, match="metrics.json"):
+        out = build_report(run)
+    en, zh = (out / "REPORT.md").read_text(), (out / "REPORT.zh.md").read_text()
+    assert "metrics.json` could not be read" in en and "警告" in zh
+    assert "No `metrics.json`" in en and "train loss" in en  # the curves still came out
+    assert (out / "curves.png").exists() and not (out / "metrics.png").exists()
+
+
+def test_failing_section_becomes_a_warning(tmp_path, monkeypatch):
+    from picoalign.report import sections
+
+    def broken(run, t, images):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(sections, "SECTIONS", [("h_samples", broken), *sections.SECTIONS[:1]])
+    monkeypatch.setattr("picoalign.report.build.SECTIONS", sections.SECTIONS)
+    run = tmp_path / "run"
+    write_meta(run)
+    write_metrics(run)
+    with pytest.warns(UserWarning, match="boom"):
+        out = build_report(run)
+    en = (out / "REPORT.md").read_text()
+    assert "This section could not be built (KeyError: 'boom')" in en
+    assert "builtin:pico-tiny" in en  # the setup section still came out
+
+
+def test_odd_values_do_not_raise(tmp_path):
+    run = tmp_path / "odd"
+    write_meta(run)
+    write_json(run / "metrics.json", {"run": [], "models": {"sft": None, "dpo": {"dpo_test_pref_acc": "n/a",
+                                                                             "sft_test_ppl": float("inf")}}})
+    write_jsonl(run / "samples.jsonl", [{"id": 1, "model": "dpo", "text": None}, {"model": ["x"]}])
+    write_jsonl(run / "logs" / "sft.jsonl", [{"kind": "train", "step": "x", "loss": True}, {"kind": "eval"}])
+    (run / "config.yaml").write_text("- just\n- a list\n")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        out = build_report(run)
+    assert "∞" in (out / "REPORT.md").read_text()
+
+
+def test_main_prints_the_report_path(tmp_path, capsys):
+    run = tmp_path / "early"
+    write_meta(run)
+    assert main(["--run", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report")
+    assert main(["--run", str(tmp_path / "nope")]) == 1
+
+
+def test_markdown_to_html_escapes_and_drops_external_links():
+    md = "# T <b>\n\n| a | b |\n|---|---|\n| 1.5 | x\\|y |\n\n[ok](../x.json) [bad](https://e.com) [js](javascript:alert(1))\n\n```text\n<i>\n```"
+    out = html.to_html(md, lambda src: None, "en")
+    assert "<h1 id=\"en-1\">T &lt;b&gt;</h1>" in out
+    assert '<td class="num">1.5</td>' in out and "<td>x|y</td>" in out
+    assert '<a href="../x.json">ok</a>' in out and "https" not in out and "javascript" not in out
+    assert "<pre><code>&lt;i&gt;</code></pre>" in out
+
+
+def test_fmt_metric():
+    assert fmt_metric("dpo_test_pref_acc", 0.84375) == "84.4%"
+    assert fmt_metric("dpo_test_margin", -0.25) == "-0.250"
+    assert fmt_metric("sft_test_ppl", 12345.6) == "12,346"
+    assert fmt_metric("horror_lexicon", None) == "—" == fmt_metric("sft_test_loss", float("nan"))
