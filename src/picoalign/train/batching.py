@@ -6,10 +6,12 @@ and answer are tokenised separately and concatenated: the model then trains on e
 tokens it sees at generation time, even where a tokenizer would merge across the boundary.
 Without a chat template the layout is `prompt + response + eos`.
 
-A batch is one packed row: several sequences side by side, each with its own position ids,
-and a block-diagonal causal mask so no sequence sees another. Logits are computed only at the
-positions whose next token is a target, which skips the 49k-wide output layer on prompts.
-In a preference row the prompt is stored once and both answers attend to it (prefix sharing).
+A batch holds one row per example (per pair in DPO), right-padded; SFT sorts examples by
+length so padding stays small. (Packing all examples into one long row wastes no padding but
+makes attention quadratic in the total length, which costs more than it saves on a CPU.)
+Logits are computed only at the positions whose next token is a target, which skips the
+49k-wide output layer on prompts. In a preference row the prompt is stored once and both
+answers attend to it (prefix sharing), through a custom attention mask.
 """
 
 from __future__ import annotations
@@ -124,8 +126,8 @@ def _cut_segments(segments: list[tuple[list[int], bool]], max_length: int) -> Se
 class PackedBatch:
     """One packed row of sequences and where its targets are.
 
-    input_ids, position_ids: (1, L). attention_mask: (1, 1, L, L) bool, True = may attend.
-    keep: (1, L) bool, the positions whose logits are computed (they predict a target).
+    input_ids, position_ids: (B, L). attention_mask: (B, 1, L, L) bool, True = may attend.
+    keep: (B, L) bool, the positions whose logits are computed (they predict a target).
     rows: (N,) for each target token, its row among the kept logits; labels: (N,) the token;
     seq_index: (N,) which scored sequence it belongs to (0 .. n_seqs-1).
     """
@@ -140,6 +142,7 @@ class PackedBatch:
     n_seqs: int
     n_tokens: int
     n_truncated: int = 0
+    ref_logps: Tensor | None = None  # DPO: the frozen reference's log-prob of each sequence
 
     def to(self, device) -> PackedBatch:
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()}
@@ -185,59 +188,83 @@ class RowBuilder:
         self.group += [group] * len(ids)
         self.branch += [branch] * len(ids)
 
-    def build(self, n_truncated: int = 0) -> PackedBatch:
-        L = len(self.ids)
-        group = torch.tensor(self.group)
-        branch = torch.tensor(self.branch)
-        idx = torch.arange(L)
+    def mask(self) -> Tensor:
+        """(L, L) bool: causal, within one group, and never into a sibling answer."""
+        group, branch = torch.tensor(self.group), torch.tensor(self.branch)
+        idx = torch.arange(len(self.ids))
         causal = idx[None, :] <= idx[:, None]
         same_group = group[None, :] == group[:, None]
-        # A token sees the shared prefix and its own branch, never a sibling answer.
         same_branch = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
-        mask = (causal & same_group & same_branch)[None, None]
-        positions = sorted({p for p, _, _ in self.targets})
-        row_of = {p: i for i, p in enumerate(positions)}
-        keep = torch.zeros(1, L, dtype=torch.bool)
-        keep[0, positions] = True
-        return PackedBatch(
-            input_ids=torch.tensor([self.ids]),
-            position_ids=torch.tensor([self.pos]),
-            attention_mask=mask,
-            keep=keep,
-            rows=torch.tensor([row_of[p] for p, _, _ in self.targets]),
-            labels=torch.tensor([t for _, t, _ in self.targets]),
-            seq_index=torch.tensor([s for _, _, s in self.targets]),
-            n_seqs=self.n_seqs,
-            n_tokens=L,
-            n_truncated=n_truncated,
-        )
+        return causal & same_group & same_branch
 
 
-def pack_examples(examples: list[Encoded | Segmented]) -> PackedBatch:
-    """SFT/LM rows: each example one scored sequence (one answer, or all its assistant turns)."""
-    row = RowBuilder()
-    for g, ex in enumerate(examples):
+def stack_rows(rows: list[RowBuilder], pad_id: int, n_truncated: int = 0) -> PackedBatch:
+    """Right-pad the rows to one length and stack them; targets are numbered across rows."""
+    L = max(len(r.ids) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    # Padding attends only to itself: a query with no key at all would give NaN in softmax.
+    mask = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)
+    keep = torch.zeros((B, L), dtype=torch.bool)
+    targets, seq_offset = [], 0
+    for b, r in enumerate(rows):
+        n = len(r.ids)
+        input_ids[b, :n] = torch.tensor(r.ids)
+        position_ids[b, :n] = torch.tensor(r.pos)
+        mask[b, :n, :n] = r.mask()
+        keep[b, [p for p, _, _ in r.targets]] = True
+        targets += [(b * L + p, t, seq_offset + s) for p, t, s in r.targets]
+        seq_offset += r.n_seqs
+    flat_positions = keep.flatten().nonzero().squeeze(1).tolist()  # the order logits come out in
+    row_of = {p: i for i, p in enumerate(flat_positions)}
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=mask[:, None],
+        keep=keep,
+        rows=torch.tensor([row_of[p] for p, _, _ in targets]),
+        labels=torch.tensor([t for _, t, _ in targets]),
+        seq_index=torch.tensor([s for _, _, s in targets]),
+        n_seqs=seq_offset,
+        n_tokens=sum(len(r.ids) for r in rows),
+        n_truncated=n_truncated,
+    )
+
+
+def pack_examples(examples: list[Encoded | Segmented], pad_id: int = 0) -> PackedBatch:
+    """SFT/LM batch: one row per example, each one scored sequence (its answer, or all its
+    assistant turns). Sort examples by length before batching to keep padding small."""
+    rows = []
+    for ex in examples:
+        row = RowBuilder()
         if isinstance(ex, Segmented):
-            row.add_segments(ex.segments, g)
+            row.add_segments(ex.segments, 0)
         else:
-            row.add(ex.prompt, ex.answers, g)
-    return row.build(sum(ex.truncated for ex in examples))
+            row.add(ex.prompt, ex.answers, 0)
+        rows.append(row)
+    return stack_rows(rows, pad_id, sum(ex.truncated for ex in examples))
 
 
-def pack_pairs(pairs: list[Encoded], share_prefix: bool = True) -> PackedBatch:
-    """Preference rows: sequences 2i and 2i+1 are the chosen and rejected answers of pair i.
+def pack_pairs(pairs: list[Encoded], share_prefix: bool = True, pad_id: int = 0) -> PackedBatch:
+    """Preference batch: sequences 2i and 2i+1 are the chosen and rejected answers of pair i.
 
-    With `share_prefix` the prompt is stored once per pair and both answers attend to it;
-    otherwise each answer gets its own copy of the prompt. The log-probs are the same.
+    With `share_prefix` a pair is one row, [prompt, chosen, rejected], where both answers
+    attend to the one copy of the prompt and never to each other; otherwise each answer is a
+    row of its own with a copy of the prompt. The log-probs are the same either way.
     """
-    row = RowBuilder()
-    for g, pair in enumerate(pairs):
+    rows = []
+    for pair in pairs:
         if share_prefix:
-            row.add(pair.prompt, pair.answers, g)
+            row = RowBuilder()
+            row.add(pair.prompt, pair.answers, 0)
+            rows.append(row)
         else:
-            for k, answer in enumerate(pair.answers):
-                row.add(pair.prompt, [answer], 2 * g + k)
-    return row.build(sum(p.truncated for p in pairs))
+            for answer in pair.answers:
+                row = RowBuilder()
+                row.add(pair.prompt, [answer], 0)
+                rows.append(row)
+    return stack_rows(rows, pad_id, sum(p.truncated for p in pairs))
 
 
 def forward_logps(model, batch: PackedBatch) -> Tensor:

@@ -10,7 +10,6 @@ row per micro-batch with block-diagonal attention, so no compute goes to padding
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -45,20 +44,28 @@ def encode_sft_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list,
     return examples, dropped
 
 
-def sft_batches(tokenizer, rows: list[dict], cfg, shuffle_seed: int | None) -> list[PackedBatch]:
+def _length(ex) -> int:
+    return sum(len(ids) for ids, _ in ex.segments) if hasattr(ex, "segments") else len(ex.prompt) + sum(map(len, ex.answers))
+
+
+def sft_batches(tokenizer, rows: list[dict], cfg) -> list[PackedBatch]:
+    """Micro-batches of `batch_size` examples of similar length (the loop shuffles their order)."""
     examples, dropped = encode_sft_rows(tokenizer, rows, cfg.max_length)
     if dropped:
         print(f"sft: {dropped} examples dropped: their prompt alone fills max_length={cfg.max_length}")
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(examples)
-    return [pack_examples(group) for group in chunks(examples, cfg.batch_size)]
+    examples.sort(key=_length)
+    return [pack_examples(group, tokenizer.pad_token_id) for group in chunks(examples, cfg.batch_size)]
 
 
-def pair_batches(tokenizer, rows: list[dict], cfg, share_prefix: bool = True) -> list[PackedBatch]:
-    """Preference pairs packed `batch_size` per row (chosen = even sequences, rejected = odd)."""
+def pair_batches(tokenizer, rows: list[dict], cfg, share_prefix: bool = True, sort: bool = True) -> list[PackedBatch]:
+    """Preference pairs, `batch_size` per micro-batch (chosen = even sequences, rejected = odd).
+
+    Without `sort` the pairs keep their file order (for scoring that is matched to rows)."""
     pairs = [encode(tokenizer, r["prompt"], [r["chosen"], r["rejected"]], cfg.max_length) for r in rows]
     pairs = [p for p in pairs if p is not None]
-    return [pack_pairs(group, share_prefix) for group in chunks(pairs, cfg.batch_size)]
+    if sort:
+        pairs.sort(key=_length)
+    return [pack_pairs(group, share_prefix, tokenizer.pad_token_id) for group in chunks(pairs, cfg.batch_size)]
 
 
 def mean_response_nll(model, batches: list[PackedBatch], device) -> float:
@@ -85,9 +92,9 @@ class SFTTask:
     def __init__(self, model, tokenizer, cfg: SFTConfig, device) -> None:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         data = Path(cfg.data)
-        self.train = sft_batches(tokenizer, read_sft(data / cfg.train_file), cfg, cfg.seed)
+        self.train = sft_batches(tokenizer, read_sft(data / cfg.train_file), cfg)
         val_path = data / cfg.val_file
-        val = sft_batches(tokenizer, read_sft(val_path, allow_empty=True), cfg, None) if val_path.exists() else []
+        val = sft_batches(tokenizer, read_sft(val_path, allow_empty=True), cfg) if val_path.exists() else []
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
         self.monitor = []
         if cfg.monitor_file and (data / cfg.monitor_file).exists():

@@ -1,0 +1,159 @@
+"""`picoalign dpo`: preference optimisation (DPO, cDPO, IPO, hinge, robust) against a frozen reference.
+
+    picoalign dpo --data runs/demo/data --model runs/demo/checkpoints/sft --out runs/demo/checkpoints/dpo
+    picoalign dpo ... --beta 0.1 --label_smoothing 0.1     # cDPO
+    picoalign dpo ... --ipo                                # IPO
+
+The starting model is the SFT checkpoint (an SFT adapter is merged into its base first); the
+policy trains a fresh LoRA adapter on it (or all weights), and the SFT model is the frozen
+reference. By default the reference's log-probs are computed once before training and stored
+with the run (`ref_logps.pt`), so no second model sits in memory; `reference: live` computes them
+each step from the frozen weights (adapter disabled), `reference: PATH` from another checkpoint.
+Each pair is one row, [prompt, chosen, rejected], with the prompt run once (prefix sharing).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from picoalign.config import DPOConfig
+from picoalign.data.formats import read_preferences
+from picoalign.models.load import load_model
+from picoalign.train.batching import PackedBatch, forward_logps
+from picoalign.train.loop import autocast_for, fit
+from picoalign.train.losses import DPO_LOSSES, dpo_stats, sequence_logps
+from picoalign.train.sft import pair_batches
+from picoalign.train.stage import prepare, save_model
+
+
+def batch_sequence_logps(model, batch: PackedBatch, normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs per sequence, token-level log-probs) for one preference batch."""
+    tokens = forward_logps(model, batch)
+    seq = sequence_logps(tokens, batch.seq_index, batch.n_seqs)
+    if normalise:  # IPO works on the mean log-prob per token of each answer
+        seq = seq / torch.bincount(batch.seq_index, minlength=batch.n_seqs).clamp(min=1)
+    return seq, tokens
+
+
+@torch.no_grad()
+def reference_logps(model, batches: list[PackedBatch], device, dtype, normalise: bool) -> list[torch.Tensor]:
+    """The reference's per-sequence log-probs for every batch (the model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with autocast_for(device, dtype):
+        for batch in batches:
+            seq, _ = batch_sequence_logps(model, batch.to(device), normalise)
+            out.append(seq.float().cpu())
+    model.train(was_training)
+    return out
+
+
+def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig) -> str:
+    h = hashlib.sha256(f"{cfg.model}|{cfg.loss}|{cfg.max_length}|{cfg.batch_size}".encode())
+    for b in batches:
+        h.update(b.input_ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+class DPOTask:
+    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype) -> None:
+        self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
+        self.loss_fn = DPO_LOSSES[cfg.loss]
+        self.normalise = cfg.loss == "ipo"
+        data = Path(cfg.data)
+        rows = read_preferences(data / cfg.train_file, min_confidence=cfg.min_confidence)
+        self.train = pair_batches(tokenizer, rows, cfg, cfg.prefix_sharing)
+        val_path = data / cfg.val_file
+        val_rows = read_preferences(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+        val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
+        self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
+        self.live_ref = None
+        self._attach_reference()
+        print(f"dpo: {len(rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
+              f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference}")
+
+    def _attach_reference(self) -> None:
+        cfg, batches = self.cfg, self.train + self.val
+        if cfg.reference == "live":
+            if not cfg.lora.enabled:  # full fine-tuning: keep a frozen copy of the start
+                self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            return
+        cache = Path(cfg.out) / "ref_logps.pt"
+        key = _fingerprint(batches, cfg)
+        if cache.exists() and (saved := torch.load(cache, weights_only=False)).get("key") == key:
+            logps = saved["logps"]
+        else:
+            logps = self._compute_reference(batches)
+            tmp = cache.with_suffix(".tmp")
+            torch.save({"key": key, "logps": logps}, tmp)
+            tmp.replace(cache)
+        for batch, ref in zip(batches, logps):
+            batch.ref_logps = ref
+
+    def _compute_reference(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
+        print(f"dpo: precomputing reference log-probs for {len(batches)} batches")
+        if self.cfg.reference not in ("precompute", "live"):
+            ref_model, _ = load_model(self.cfg.reference, self.device)
+            logps = reference_logps(ref_model, batches, self.device, self.dtype, self.normalise)
+            del ref_model
+            return logps
+        adapter_off = self.model.disable_adapter() if self.cfg.lora.enabled else nullcontext()
+        with adapter_off:  # a fresh adapter changes nothing yet; off makes the intent plain
+            return reference_logps(self.model, batches, self.device, self.dtype, self.normalise)
+
+    def batches(self) -> list[PackedBatch]:
+        return self.train
+
+    def _reference(self, batch: PackedBatch) -> torch.Tensor:
+        if batch.ref_logps is not None:
+            return batch.ref_logps
+        with torch.no_grad():
+            if self.live_ref is not None:
+                return batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
+            with self.model.disable_adapter():
+                return batch_sequence_logps(self.model, batch, self.normalise)[0]
+
+    def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(mean loss, TRL-style stats, Δ per pair) for one preference batch."""
+        policy, tokens = batch_sequence_logps(self.model, batch, self.normalise)
+        ref = self._reference(batch).to(policy.device)
+        pc, pr, rc, rr = policy[0::2], policy[1::2], ref[0::2], ref[1::2]
+        delta = (pc - rc) - (pr - rr)
+        loss = self.loss_fn(delta, self.cfg.beta, self.cfg.label_smoothing).mean()
+        if self.cfg.sft_weight > 0:  # mean NLL of the chosen answers' tokens
+            chosen_tokens = (batch.seq_index % 2) == 0
+            loss = loss - self.cfg.sft_weight * tokens[chosen_tokens].mean()
+        return loss, dpo_stats(pc, pr, rc, rr, self.cfg.beta), delta
+
+    def loss(self, batch: PackedBatch):
+        loss, stats, _ = self.pair_loss(batch)
+        return loss, {k: v.item() for k, v in stats.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, preference accuracy (reward of chosen > rejected) and mean margin."""
+        if not self.val:
+            return {}
+        loss_sum, margins = 0.0, []
+        for batch in self.val:
+            loss, _, delta = self.pair_loss(batch.to(self.device))
+            loss_sum += loss.item() * len(delta)
+            margins.append(self.cfg.beta * delta.float().cpu())
+        m = torch.cat(margins)
+        return {"val/loss": round(loss_sum / len(m), 6), "val/pref_acc": round((m > 0).float().mean().item(), 4),
+                "val/margin": round(m.mean().item(), 4)}
+
+    def save(self, folder: Path) -> None:
+        save_model(self.model, self.tokenizer, folder)
+
+
+def dpo(cfg: DPOConfig) -> dict:
+    """Train `cfg.model` (the SFT checkpoint) on preference pairs; returns the training summary."""
+    p = prepare(cfg, "dpo")
+    task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype)
+    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir)
