@@ -22,11 +22,13 @@ STAGES: dict[str, tuple] = {
     "data": (C.DataConfig, "picoalign.data.make:make_data", "make SFT and preference data", "data"),
     "sft": (C.SFTConfig, "picoalign.train.sft:sft", "supervised fine-tuning (loss on the response)", "sft"),
     "dpo": (C.DPOConfig, "picoalign.train.dpo:dpo", "DPO and its variants against a frozen reference", "dpo"),
+    "eval": (C.EvalConfig, "picoalign.eval.evaluate:evaluate", "evaluate base/SFT/DPO on the test splits", "eval"),
 }
 # Stages that take plain arguments rather than a config class, registered by their modules.
 EXTRA: dict[str, tuple[str, str]] = {
     "check-data": ("picoalign.data.check:main", "check a data file and print counts and problems"),
     "report": ("picoalign.report.build:main", "build the results report of a run folder"),
+    "run": ("picoalign.pipeline:main", "the whole pipeline: data, SFT, DPO, eval, report"),
 }
 
 

@@ -164,6 +164,44 @@ class DPOConfig(TrainConfig):
             raise ConfigError("beta must be > 0")
 
 
+@dataclass
+class EvalConfig:
+    """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
+
+    STAGE = "EVAL"
+    run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
+    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data)")
+    models: str = opt("", "name=PATH,... to evaluate instead of a run's checkpoints")
+    reference: str = opt("", "reference model for DPO rewards (default: the run's SFT model)")
+    out: str = opt("", "where metrics.json and samples.jsonl go (default: the run folder)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
+    dtype: str = opt("auto", "compute dtype: auto | bf16 | fp32")
+    seed: int = opt(1234, "random seed for sampling", env="SEED")
+    max_length: int = opt(512, "truncate scored examples to this many tokens")
+    batch_size: int = opt(8, "examples per forward pass")
+    max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
+    max_pairs: int = opt(0, "preference test pairs scored (0 = all)")
+    n_samples: int = opt(4, "test prompts generated from, per model")
+    max_new_tokens: int = opt(200, "tokens generated per sample")
+    decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
+    temperature: float = opt(0.8, "sampling temperature for top_p")
+    top_p: float = opt(0.9, "nucleus sampling mass for top_p")
+
+
+@dataclass
+class RunConfig:
+    """`picoalign run`: the whole pipeline; each stage's settings live in its own section."""
+
+    STAGE = "RUN"
+    tag: str = opt("", "run name: everything goes to <runs_dir>/<tag>/ (default: a timestamp)", env="RUN_TAG")
+    runs_dir: str = opt("runs", "folder that holds the runs")
+    model: str = opt(BUILTIN_MODEL, "the base model SFT starts from", env="BASE_CKPT_OVERRIDE")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
+    dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
+    seed: int = opt(1234, "random seed (every stage)", env="SEED")
+    stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order")
+
+
 # ---------------------------------------------------------------- loading
 
 

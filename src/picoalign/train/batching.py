@@ -116,7 +116,7 @@ def _cut_segments(segments: list[tuple[list[int], bool]], max_length: int) -> Se
             used += len(take)
     if not any(t for ids, t in out):
         return None
-    return Segmented(out, truncated=used < sum(len(ids) for ids, _ in segments) or used >= max_length)
+    return Segmented(out, truncated=used < sum(len(ids) for ids, _ in segments))
 
 
 # ---------------------------------------------------------------- packed rows
@@ -143,6 +143,10 @@ class PackedBatch:
     n_tokens: int
     n_truncated: int = 0
     ref_logps: Tensor | None = None  # DPO: the frozen reference's log-prob of each sequence
+
+    def token_counts(self) -> Tensor:
+        """Target tokens of each scored sequence (n_seqs,)."""
+        return torch.bincount(self.seq_index, minlength=self.n_seqs).clamp(min=1)
 
     def to(self, device) -> PackedBatch:
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()}

@@ -23,7 +23,7 @@ import torch
 
 from picoalign.config import DPOConfig
 from picoalign.data.formats import read_preferences
-from picoalign.models.load import load_model
+from picoalign.models.load import load_model, read_marker
 from picoalign.train.batching import PackedBatch, forward_logps
 from picoalign.train.loop import autocast_for, fit
 from picoalign.train.losses import DPO_LOSSES, dpo_stats, sequence_logps
@@ -36,7 +36,7 @@ def batch_sequence_logps(model, batch: PackedBatch, normalise: bool = False) -> 
     tokens = forward_logps(model, batch)
     seq = sequence_logps(tokens, batch.seq_index, batch.n_seqs)
     if normalise:  # IPO works on the mean log-prob per token of each answer
-        seq = seq / torch.bincount(batch.seq_index, minlength=batch.n_seqs).clamp(min=1)
+        seq = seq / batch.token_counts().to(seq.device)
     return seq, tokens
 
 
@@ -54,8 +54,21 @@ def reference_logps(model, batches: list[PackedBatch], device, dtype, normalise:
     return out
 
 
+def _weights_stamp(spec: str) -> str:
+    """Size and mtime of a local checkpoint's weight files (and its base's): changes when it is redone."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return spec
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    marker = read_marker(folder)
+    return stamp + ("|" + _weights_stamp(marker["base_model"]) if marker.get("base_model") else "")
+
+
 def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig) -> str:
-    h = hashlib.sha256(f"{cfg.model}|{cfg.loss}|{cfg.max_length}|{cfg.batch_size}".encode())
+    """What the stored reference log-probs depend on: reference weights, loss, the exact batches."""
+    reference = cfg.model if cfg.reference in ("precompute", "live") else cfg.reference
+    h = hashlib.sha256(f"{reference}|{_weights_stamp(reference)}|{cfg.loss}|{cfg.max_length}|{cfg.batch_size}".encode())
     for b in batches:
         h.update(b.input_ids.numpy().tobytes())
     return h.hexdigest()
@@ -121,7 +134,8 @@ class DPOTask:
 
     def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(mean loss, TRL-style stats, Δ per pair) for one preference batch."""
-        policy, tokens = batch_sequence_logps(self.model, batch, self.normalise)
+        summed, tokens = batch_sequence_logps(self.model, batch)
+        policy = summed / batch.token_counts().to(summed.device) if self.normalise else summed
         ref = self._reference(batch).to(policy.device)
         pc, pr, rc, rr = policy[0::2], policy[1::2], ref[0::2], ref[1::2]
         delta = (pc - rc) - (pr - rr)
@@ -129,6 +143,9 @@ class DPOTask:
         if self.cfg.sft_weight > 0:  # mean NLL of the chosen answers' tokens
             chosen_tokens = (batch.seq_index % 2) == 0
             loss = loss - self.cfg.sft_weight * tokens[chosen_tokens].mean()
+        if self.normalise:  # logged rewards and log-probs use summed log-probs, as TRL does
+            ref_summed = ref * batch.token_counts().to(ref.device)
+            pc, pr, rc, rr = summed[0::2], summed[1::2], ref_summed[0::2], ref_summed[1::2]
         return loss, dpo_stats(pc, pr, rc, rr, self.cfg.beta), delta
 
     def loss(self, batch: PackedBatch):

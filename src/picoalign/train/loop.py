@@ -117,6 +117,8 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     if cfg.resume and (out / "last" / STATE_FILE).exists():
         state = load_checkpoint(out / "last", task.model, opt, sched)
         print(f"{name}: resumed at step {state.step} (micro-batch {state.micro})")
+    elif (log_dir / f"{name}.jsonl").exists():
+        (log_dir / f"{name}.jsonl").unlink()  # a fresh run starts a fresh log
     trackers = Trackers(log_dir, name, cfg, {"stage": name, **_public(cfg)})
     bar = _progress(cfg, total, state.step, name)
     started, stop_reason = time.time() - state.elapsed, None
@@ -171,8 +173,8 @@ def _step(task, batches, state, cfg, opt, sched, params, device, dtype) -> tuple
     task.model.train()
     sums: dict[str, float] = {}
     tokens = 0
-    for _ in range(cfg.grad_accum):
-        epoch, k = divmod(state.micro, len(batches))
+    for i in range(cfg.grad_accum):
+        epoch, k = divmod(state.micro + i, len(batches))
         batch = batches[batch_order(len(batches), epoch, cfg.seed)[k]].to(device)
         with autocast_for(device, dtype):
             loss, metrics = task.loss(batch)
@@ -180,12 +182,12 @@ def _step(task, batches, state, cfg, opt, sched, params, device, dtype) -> tuple
         for key, v in {"loss": loss.item(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
         tokens += batch.n_tokens
-        state.micro += 1
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    state.micro += cfg.grad_accum  # only now: an interrupted step is redone whole on resume
     lr = sched.get_last_lr()[0]
     return {**{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "grad_norm": round(grad_norm, 4)}, tokens
 

@@ -1,0 +1,184 @@
+"""`picoalign eval`: compare base, SFT and DPO models on the held-out test splits.
+
+    picoalign eval --run runs/demo
+    picoalign eval --models base=builtin:smollm2-135m-instruct,mine=path/to/ckpt --data runs/demo/data
+
+Per model: `sft_test_loss` (masked, response tokens only) and its perplexity; on the test
+pairs, `dpo_test_pref_acc` and `dpo_test_margin` — for base/SFT whether log π(chosen) >
+log π(rejected) (margin in nats), for DPO whether its implicit reward β·(log π − log π_ref)
+is higher for chosen (margin β-scaled), the reference being the run's SFT model; greedy and
+top-p generations for a few test prompts with two horror-style scores; and for DPO, the mean
+per-token KL(π_DPO ‖ π_ref) on its own greedy samples: how far DPO moved from the reference.
+Writes `metrics.json` (merged with what the run already recorded) and `samples.jsonl`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from picoalign.config import EvalConfig
+from picoalign.data.formats import read_preferences, read_sft
+from picoalign.eval.generate import generate
+from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
+from picoalign.io import read_json, write_json, write_jsonl
+from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
+from picoalign.train.batching import render_prompt
+from picoalign.train.loop import autocast_for
+from picoalign.train.sft import mean_response_nll, pair_batches, pair_logps, sft_batches
+
+
+def run_models(run: Path) -> dict[str, str]:
+    """The models of a run folder, in order: base (what SFT started from), sft, dpo."""
+    models = {}
+    sft_marker = read_marker(run / "checkpoints" / "sft")
+    if sft_marker.get("base_model"):
+        models["base"] = sft_marker["base_model"]
+    for stage in ("sft", "dpo"):
+        if read_marker(run / "checkpoints" / stage).get("complete"):
+            models[stage] = str(run / "checkpoints" / stage)
+    return models
+
+
+def _dpo_beta(path: str) -> float:
+    cfg = Path(path) / "config.yaml"
+    if cfg.exists():
+        import yaml
+
+        return float((yaml.safe_load(cfg.read_text()) or {}).get("beta", 0.1))
+    return 0.1
+
+
+@torch.no_grad()
+def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str], device) -> float:
+    """Mean over answer tokens of KL(π_policy ‖ π_ref) on the full next-token distributions."""
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers):
+        p = render_prompt(tokenizer, prompt)
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not a:
+            continue
+        ids = torch.tensor([p + a], device=device)
+        keep = slice(len(p) - 1, len(p) + len(a) - 1)
+        lp = torch.log_softmax(policy(ids).logits[0, keep].float(), -1)
+        lq = torch.log_softmax(reference(ids).logits[0, keep].float(), -1)
+        total += (lp.exp() * (lp - lq)).sum().item()
+        count += len(a)
+    return total / max(count, 1)
+
+
+class Evaluator:
+    def __init__(self, cfg: EvalConfig, data: Path) -> None:
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        sft_rows = read_sft(data / "sft_test.jsonl", allow_empty=True) if (data / "sft_test.jsonl").exists() else []
+        self.sft_rows = sft_rows[: cfg.max_sft_examples] if cfg.max_sft_examples else sft_rows
+        pairs_path = data / "dpo_test.jsonl"
+        pairs = read_preferences(pairs_path, allow_empty=True) if pairs_path.exists() else []
+        self.pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
+        source = self.sft_rows or self.pairs
+        self.prompts = [r["prompt"] for r in source[: cfg.n_samples]]
+        self.prompt_ids = [r["id"] for r in source[: cfg.n_samples]]
+        self.style = None
+        train_pairs = data / "dpo_train.jsonl"
+        if train_pairs.exists() and self.pairs:
+            self.style = StyleClassifier(cfg.seed).fit(read_preferences(train_pairs, allow_empty=True))
+            self.style.pair_accuracy(self.pairs)
+
+    @torch.no_grad()
+    def score_model(self, name: str, model, tokenizer, reference_logps=None, beta: float = 0.1):
+        """Metrics and samples of one model; returns (metrics, samples, (chosen, rejected) logps)."""
+        m: dict = {}
+        with autocast_for(self.device, self.dtype):
+            if self.sft_rows:
+                loss = mean_response_nll(model, sft_batches(tokenizer, self.sft_rows, self.cfg), self.device)
+                m["sft_test_loss"], m["sft_test_ppl"] = round(loss, 4), round(math.exp(min(loss, 50)), 3)
+            logps = None
+            if self.pairs:
+                logps = pair_logps(model, pair_batches(tokenizer, self.pairs, self.cfg, sort=False), self.device)
+                diff = logps[0] - logps[1]
+                if reference_logps is not None:  # DPO: the implicit reward relative to the reference
+                    diff = beta * (diff - (reference_logps[0] - reference_logps[1]))
+                m["dpo_test_pref_acc"] = round((diff > 0).float().mean().item(), 4)
+                m["dpo_test_margin"] = round(diff.mean().item(), 4)
+        samples = self._samples(name, model, tokenizer)
+        greedy = [s for s in samples if s["decoding"] == "greedy"] or samples
+        if greedy:
+            m["horror_lexicon"] = round(sum(s["horror_lexicon"] for s in greedy) / len(greedy), 3)
+            if self.style is not None:
+                m["horror_classifier"] = round(sum(s["horror_classifier"] for s in greedy) / len(greedy), 4)
+        m["n_samples"] = len(greedy)
+        return m, samples, logps
+
+    def _samples(self, name: str, model, tokenizer) -> list[dict]:
+        rows = []
+        for decoding in [d.strip() for d in self.cfg.decodings.split(",") if d.strip()]:
+            texts = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, greedy=decoding == "greedy",
+                             temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed,
+                             batch_size=self.cfg.batch_size)
+            scores = self.style.score(texts) if self.style else [None] * len(texts)
+            for pid, prompt, text, score in zip(self.prompt_ids, self.prompts, texts, scores):
+                rows.append({"id": pid, "prompt": prompt, "model": name, "decoding": decoding, "text": text,
+                             "horror_lexicon": round(lexicon_score(text), 3),
+                             "horror_classifier": None if score is None else round(score, 4)})
+        return rows
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate every model of the run (or `cfg.models`); returns the metrics written."""
+    t0 = time.time()
+    run = Path(cfg.run) if cfg.run else None
+    data = Path(cfg.data) if cfg.data != "data" or not run else run / "data"
+    out = Path(cfg.out) if cfg.out else (run or Path("."))
+    models = dict(m.split("=", 1) for m in cfg.models.split(",")) if cfg.models else run_models(run or Path("."))
+    if not models:
+        raise ValueError("nothing to evaluate: no checkpoints in the run and no --models given")
+    ev = Evaluator(cfg, data)
+    results, samples = {}, []
+    ref_model, ref_logps = None, None
+    reference = cfg.reference or models.get("sft")
+    for name, path in models.items():
+        print(f"eval: {name} ({path})")
+        model, tokenizer = load_model(path, ev.device)
+        is_dpo = name == "dpo" and reference is not None
+        beta = _dpo_beta(path) if is_dpo else 0.1
+        m, rows, logps = ev.score_model(name, model, tokenizer, ref_logps if is_dpo else None, beta)
+        if is_dpo and ref_model is not None:
+            greedy = [r["text"] for r in rows if r["decoding"] == "greedy"]
+            with autocast_for(ev.device, ev.dtype):
+                m["kl_to_ref"] = round(mean_token_kl(model, ref_model, tokenizer, ev.prompts, greedy, ev.device), 5)
+        if name == "sft" or path == reference:
+            ref_model, ref_logps = model, logps
+        else:
+            del model
+        results[name], samples = m, samples + rows
+    metrics = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
+    metrics["models"] = results
+    metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
+    metrics.setdefault("run", {}).update(_run_facts(ev, models))
+    metrics["run"].setdefault("stage_seconds", {})["eval"] = round(time.time() - t0, 1)
+    write_json(out / "metrics.json", metrics)
+    write_jsonl(out / "samples.jsonl", samples)
+    print(f"eval: wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
+    return metrics
+
+
+def _run_facts(ev: Evaluator, models: dict) -> dict:
+    import transformers
+
+    import picoalign
+
+    versions = {"picoalign": picoalign.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+
+        versions["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return {"device": str(ev.device), "dtype": str(ev.dtype).replace("torch.", ""), "versions": versions,
+            "model": models.get("base", next(iter(models.values()))),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,0 +1,217 @@
+"""`picoalign run`: data -> SFT -> DPO -> eval -> report, in one run folder.
+
+    picoalign run                                   # configs/default.yaml settings, built-in model
+    picoalign run --config configs/gpu.yaml --set sft.max_seconds=600 --tag big
+    RUN_TAG=demo SFT_MAX_SECONDS=60 picoalign run   # the original script's variables work too
+
+Everything lands in `runs/<tag>/`: config.yaml (resolved), output.log (stdout + stderr), data/,
+checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. Rerunning with the
+same tag skips finished stages and resumes an interrupted one from its last checkpoint. A stage
+whose input is empty is skipped with a warning; the report never fails the run; a failing core
+stage stops it with the reason and the path of the log.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
+
+from picoalign import config as C
+from picoalign.io import atomic_write_text, read_json, write_json
+from picoalign.models.load import read_marker
+
+SECTIONS = {"data": C.DataConfig, "sft": C.SFTConfig, "dpo": C.DPOConfig, "eval": C.EvalConfig}
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class _Tee:
+    """Write to the terminal and to output.log at once."""
+
+    def __init__(self, stream, log) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), environ=None) -> dict:
+    """The run config and each stage's config, with the run's paths forced into them."""
+    tree = overrides if isinstance(overrides, Mapping) else C.parse_overrides(overrides)
+    own = {k: v for k, v in tree.items() if k not in SECTIONS}
+    run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
+    run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
+    root = Path(run.runs_dir) / run.tag
+    shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
+    forced = {
+        "data": {"out": str(root / "data"), "seed": run.seed},
+        "sft": {"data": str(root / "data"), "out": str(root / "checkpoints" / "sft"), "logs": str(root / "logs"),
+                "model": run.model},
+        "dpo": {"data": str(root / "data"), "out": str(root / "checkpoints" / "dpo"), "logs": str(root / "logs"),
+                "model": str(root / "checkpoints" / "sft")},
+        "eval": {"run": str(root), "data": str(root / "data"), "out": str(root)},
+    }
+    configs = {"run": run, "root": root}
+    for name, cls in SECTIONS.items():
+        names = {f for f in cls.__dataclass_fields__}
+        base = {k: v for k, v in shared.items() if k in names}
+        extra = C.deep_merge(tree.get(name, {}) or {}, forced[name])
+        configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base)
+    return configs
+
+
+def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (), environ=None) -> Path:
+    """Run the stages of the pipeline; returns the run folder."""
+    configs = resolve_configs(path, overrides, environ)
+    root: Path = configs["root"]
+    root.mkdir(parents=True, exist_ok=True)
+    resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in SECTIONS}}
+    atomic_write_text(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    with open(root / "output.log", "a", encoding="utf-8") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            print(f"run: {root} (stages {configs['run'].stages})")
+            for stage in [s.strip() for s in configs["run"].stages.split(",") if s.strip()]:
+                _timed(root, stage, lambda stage=stage: STAGE_RUNNERS[stage](configs))
+            print(f"run: finished; report at {root / 'report' / 'index.html'}")
+        finally:
+            sys.stdout, sys.stderr = out, err
+    return root
+
+
+def _timed(root: Path, stage: str, fn) -> None:
+    t0 = time.time()
+    try:
+        did = fn()
+    except StageFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - a core stage failure stops the run, with where to look
+        traceback.print_exc()
+        raise StageFailed(f"stage {stage} failed: {e} (log: {root / 'output.log'})") from e
+    if did is False:
+        return
+    metrics_path = root / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.exists() else {}
+    metrics.setdefault("run", {}).setdefault("stage_seconds", {})[stage] = round(time.time() - t0, 1)
+    write_json(metrics_path, metrics)
+
+
+def _rows(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _run_data(configs) -> bool:
+    cfg = configs["data"]
+    if (Path(cfg.out) / "dataset_meta.json").exists():
+        print("data: already made, skipped")
+        return False
+    from picoalign.data.make import make_data
+
+    make_data(cfg)
+    return True
+
+
+def _run_training(configs, stage: str) -> bool:
+    cfg = configs[stage]
+    out = Path(cfg.out)
+    if read_marker(out).get("complete"):
+        print(f"{stage}: already complete, skipped")
+        return False
+    if _rows(Path(cfg.data) / cfg.train_file) == 0:
+        warnings.warn(f"{stage}: {Path(cfg.data) / cfg.train_file} is empty; stage skipped", stacklevel=2)
+        return False
+    if stage == "dpo" and not read_marker(cfg.model).get("complete"):
+        warnings.warn("dpo: no finished SFT checkpoint to start from; stage skipped", stacklevel=2)
+        return False
+    cfg.resume = (out / "last" / "trainer_state.pt").exists()
+    if stage == "sft":
+        from picoalign.train.sft import sft as train
+    else:
+        from picoalign.train.dpo import dpo as train
+    train(cfg)
+    return True
+
+
+def _run_eval(configs) -> bool:
+    metrics = configs["root"] / "metrics.json"
+    if metrics.exists() and read_json(metrics).get("models"):
+        print("eval: already done, skipped")
+        return False
+    from picoalign.eval.evaluate import evaluate, run_models
+
+    if not run_models(configs["root"]):
+        warnings.warn("eval: no trained models in this run; stage skipped", stacklevel=2)
+        return False
+    evaluate(configs["eval"])
+    return True
+
+
+def _run_report(configs) -> bool:
+    try:
+        from picoalign.report.build import build_report
+
+        print(f"report: {build_report(configs['root'])}")
+    except Exception as e:  # noqa: BLE001 - the report is optional: warn, keep the run
+        warnings.warn(f"report failed: {e}", stacklevel=2)
+    return True
+
+
+STAGE_RUNNERS = {
+    "data": _run_data,
+    "sft": lambda c: _run_training(c, "sft"),
+    "dpo": lambda c: _run_training(c, "dpo"),
+    "eval": _run_eval,
+    "report": _run_report,
+}
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="picoalign run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", metavar="FILE", help="YAML preset (configs/default.yaml, gpu.yaml, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set sft.max_seconds=60 (repeatable)")
+    p.add_argument("--tag", help="run name (runs/<tag>/); reuse a tag to resume")
+    args = p.parse_args(argv)
+    overrides = C.parse_overrides(args.overrides)
+    if args.tag:
+        overrides["tag"] = args.tag
+    try:
+        run_pipeline(args.config or default_preset(), overrides)
+    except (C.ConfigError, StageFailed) as e:
+        print(f"picoalign run: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def default_preset() -> str | None:
+    """configs/default.yaml as shipped in the package."""
+    from importlib import resources
+
+    path = resources.files("picoalign") / "configs" / "default.yaml"
+    return str(path) if path.is_file() else None

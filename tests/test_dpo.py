@@ -1,0 +1,243 @@
+"""`picoalign.train.dpo.dpo` end to end on the tiny Llama, from a tiny SFT checkpoint.
+
+The preference pairs are the data folder's story prompts with, as chosen and rejected, the two
+story endings from where they diverge (the stories share their opening paragraph, so cut at
+`max_length` the full answers would often be identical token for token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from picoalign.config import DPOConfig, LoraConfig, SFTConfig
+from picoalign.io import read_jsonl_lenient, write_jsonl
+from picoalign.models.load import load_model
+from picoalign.train.dpo import DPOTask, batch_sequence_logps, dpo
+from picoalign.train.sft import pair_batches, sft
+
+MAX_LENGTH = 240
+LN2 = round(math.log(2), 6)  # 0.693147
+STEP_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed",
+             "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected"}
+
+
+def endings(row: dict) -> dict:
+    """The pair with chosen/rejected cut to where they diverge (back to a word boundary)."""
+    common = os.path.commonprefix([row["chosen"], row["rejected"]])
+    cut = len(common)
+    while cut > 0 and not common[cut - 1].isspace():
+        cut -= 1
+    return {"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"][cut:], "rejected": row["rejected"][cut:]}
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def pref_dir(tmp_path_factory, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("prefs")
+    for split in ("train", "val"):
+        write_jsonl(out / f"dpo_{split}.jsonl", [endings(r) for r in rows_of(data_dir / f"dpo_{split}.jsonl")])
+    return out
+
+
+def sft_cfg(out: Path, model: Path, data: Path, lora: bool, **kw) -> SFTConfig:
+    return SFTConfig(data=str(data), model=str(model), out=str(out), device="cpu", dtype="fp32", seed=0,
+                     tensorboard=False, progress=False, max_length=208, batch_size=8, warmup_steps=0,
+                     epochs=0, monitor_file=None, lora=LoraConfig(enabled=lora, r=4, alpha=8), **kw)
+
+
+@pytest.fixture(scope="session")
+def sft_full(tmp_path_factory, chat_model, data_dir) -> Path:
+    """A full-model SFT checkpoint (2 steps)."""
+    out = tmp_path_factory.mktemp("sft_full") / "sft"
+    sft(sft_cfg(out, chat_model, data_dir, lora=False, lr=1e-2, max_steps=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_lora(tmp_path_factory, chat_model, data_dir) -> Path:
+    """A LoRA SFT adapter folder (3 steps at a high rate, so the adapter changes the model)."""
+    out = tmp_path_factory.mktemp("sft_lora") / "sft"
+    sft(sft_cfg(out, chat_model, data_dir, lora=True, lr=5e-2, max_steps=3))
+    return out
+
+
+def dpo_cfg(out: Path, model: Path, data: Path, lora: bool = True, **overrides) -> DPOConfig:
+    settings = dict(
+        data=str(data), model=str(model), out=str(out), device="cpu", dtype="fp32", seed=0,
+        tensorboard=False, progress=False, max_length=MAX_LENGTH, batch_size=4, lr=1e-3,
+        warmup_steps=0, max_steps=2, epochs=0, eval_every=0, lora=LoraConfig(enabled=lora, r=4, alpha=8),
+    )
+    settings.update(overrides)
+    return DPOConfig(**settings)
+
+
+def log_rows(out: Path, kind: str = "train") -> list[dict]:
+    return [r for r in read_jsonl_lenient(out / "logs" / "dpo.jsonl") if r["kind"] == kind]
+
+
+def saved_ref(out: Path) -> torch.Tensor:
+    return torch.cat(torch.load(out / "ref_logps.pt", weights_only=False)["logps"])
+
+
+def all_batches(tokenizer, cfg: DPOConfig) -> list:
+    """The train batches then the val batches, as DPOTask builds them (the order of ref_logps.pt)."""
+    data = Path(cfg.data)
+    return [b for f in (cfg.train_file, cfg.val_file)
+            for b in pair_batches(tokenizer, rows_of(data / f), cfg, cfg.prefix_sharing)]
+
+
+def model_logps(model, batches) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([batch_sequence_logps(model, b)[0] for b in batches])
+
+
+# ---------------------------------------------------------------- the first step, the reference cache
+
+
+def test_first_step_has_zero_rewards_and_loss_ln2(tmp_path, sft_full, pref_dir, monkeypatch):
+    """With a fresh LoRA adapter (B = 0) the policy is the reference: Δ = 0, so every reward is 0,
+    the loss is −log σ(0) = ln 2 = 0.693147 and no pair counts as accurate (strict >)."""
+    out = tmp_path / "dpo"
+    summary = dpo(dpo_cfg(out, sft_full, pref_dir, eval_every=1))
+    train = log_rows(out)
+    assert [r["step"] for r in train] == [1, 2] and summary["stop_reason"] == "max_steps"
+    assert all(set(r) == STEP_KEYS for r in train)
+    first = train[0]
+    assert first["loss"] == LN2
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert first[key] == 0.0, key
+    assert first["logps/chosen"] < -50 and first["logps/rejected"] < -50  # summed, not averaged
+
+    evals = log_rows(out, "eval")
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert all({"val/loss", "val/pref_acc", "val/margin"} <= set(r) for r in evals)
+    assert evals[0]["val/loss"] == LN2 and evals[0]["val/margin"] == 0.0 and evals[0]["val/pref_acc"] == 0.0
+    assert evals[-1]["val/margin"] != 0.0
+
+    # the precomputed reference is the SFT model's summed log-probs of every train and val answer
+    cache = out / "ref_logps.pt"
+    model, tokenizer = load_model(str(sft_full))
+    cfg = dpo_cfg(out, sft_full, pref_dir)
+    torch.testing.assert_close(saved_ref(out), model_logps(model, all_batches(tokenizer, cfg)), atol=1e-4, rtol=0)
+
+    # a second run in the same folder reuses the file: not recomputed, not rewritten
+    mtime = cache.stat().st_mtime_ns
+
+    def no_recompute(self, batches):
+        raise AssertionError("the reference log-probs were computed again")
+
+    monkeypatch.setattr(DPOTask, "_compute_reference", no_recompute)
+    dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=1))
+    assert cache.stat().st_mtime_ns == mtime
+    again = log_rows(out)[-1]
+    assert again["step"] == 1
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert again[key] == first[key], key
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_live_reference_matches_precomputed(tmp_path, sft_full, pref_dir, lora):
+    """`reference: live` (LoRA: adapter disabled; full: a frozen copy) gives the metrics of the
+    precomputed reference, at step 1 and after the policy has moved (step 3)."""
+    kw = dict(lora=lora, max_steps=3, batch_size=8, lr=1e-2 if lora else 1e-3)
+    dpo(dpo_cfg(tmp_path / "pre", sft_full, pref_dir, **kw))
+    dpo(dpo_cfg(tmp_path / "live", sft_full, pref_dir, reference="live", **kw))
+    assert not (tmp_path / "live" / "ref_logps.pt").exists()
+    pre, live = log_rows(tmp_path / "pre"), log_rows(tmp_path / "live")
+    assert pre[0]["loss"] == live[0]["loss"] == LN2
+    assert pre[-1]["rewards/margins"] != 0.0
+    for a, b in zip(pre, live):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert b[key] == pytest.approx(a[key], abs=2e-5), (a["step"], key)
+
+
+# ---------------------------------------------------------------- the other losses
+
+
+@pytest.mark.parametrize(
+    ("loss", "eps", "first_loss"),
+    [
+        ("ipo", 0.0, 25.0),  # (0 − 1/(2·0.1))² = 25
+        ("hinge", 0.0, 1.0),  # max(0, 1 − 0) = 1
+        ("robust", 0.1, LN2),  # (0.9·ln2 − 0.1·ln2) / 0.8 = ln2
+        ("cdpo", 0.1, LN2),  # 0.9·ln2 + 0.1·ln2 = ln2
+    ],
+)
+def test_other_losses_run(tmp_path, sft_full, pref_dir, loss, eps, first_loss):
+    """Each loss trains two steps; at step 1 Δ = 0, so the loss is its value at 0 (worked out above)."""
+    out = tmp_path / "dpo"
+    dpo(dpo_cfg(out, sft_full, pref_dir, loss=loss, label_smoothing=eps, beta=0.1))
+    first, second = log_rows(out)
+    assert first["loss"] == pytest.approx(first_loss, abs=1e-5)
+    assert math.isfinite(second["loss"]) and second["loss"] != first["loss"]
+    ref = saved_ref(out)
+    if loss == "ipo":  # IPO's reference is the mean log-prob per token, not the sum
+        assert (-12 < ref).all() and (ref < 0).all()
+    else:
+        assert (ref < -50).all()
+
+
+# ---------------------------------------------------------------- it learns
+
+
+def test_preference_accuracy_rises_on_two_pairs(tmp_path, sft_full, pref_dir):
+    """Two training pairs, also used as the validation set, a high learning rate: after 10 steps
+    both pairs are ranked right (val/pref_acc 0 → 1) and the loss is well under ln 2."""
+    data = tmp_path / "two"
+    pairs = rows_of(pref_dir / "dpo_train.jsonl")[:2]
+    write_jsonl(data / "dpo_train.jsonl", pairs)
+    write_jsonl(data / "dpo_val.jsonl", pairs)
+    out = tmp_path / "dpo"
+    dpo(dpo_cfg(out, sft_full, data, lora=False, lr=1e-2, batch_size=2, max_steps=10, eval_every=10,
+                schedule="constant"))
+    start, end = log_rows(out, "eval")
+    assert (start["step"], end["step"]) == (0, 10)
+    assert start["val/pref_acc"] == 0.0 and start["val/margin"] == 0.0 and start["val/loss"] == LN2
+    assert end["val/pref_acc"] == 1.0
+    assert end["val/margin"] > 0.5
+    assert end["val/loss"] < 0.5
+    assert log_rows(out)[-1]["rewards/accuracies"] == 1.0
+
+
+# ---------------------------------------------------------------- the reference of a LoRA SFT adapter
+
+
+def test_lora_sft_adapter_reference_is_the_merged_sft_model(tmp_path, sft_lora, chat_model, pref_dir):
+    """Starting from an SFT adapter folder, the reference is base + SFT adapter (merged), not the
+    raw base: the precomputed log-probs equal those of peft's merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert (sft_lora / "adapter_config.json").exists()
+    out = tmp_path / "dpo"
+    cfg = dpo_cfg(out, sft_lora, pref_dir, max_steps=1)
+    dpo(cfg)
+    assert log_rows(out)[0]["loss"] == LN2
+    base = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
+    _, tokenizer = load_model(str(chat_model))
+    batches = all_batches(tokenizer, cfg)
+    raw = model_logps(base, batches)
+    merged = PeftModel.from_pretrained(base, str(sft_lora)).merge_and_unload()
+    expected = model_logps(merged, batches)
+    assert (expected - raw).abs().max() > 0.1  # the adapter matters, so the check below can tell
+    torch.testing.assert_close(saved_ref(out), expected, atol=1e-4, rtol=0)
+
+
+def test_reference_cache_follows_the_reference(tmp_path, sft_full, chat_model, pref_dir):
+    out = tmp_path / "dpo"
+    dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=1))
+    cfg = dpo_cfg(out, sft_full, pref_dir, max_steps=1, reference=str(chat_model))
+    dpo(cfg)
+    base, tokenizer = load_model(str(chat_model))
+    torch.testing.assert_close(saved_ref(out), model_logps(base, all_batches(tokenizer, cfg)), atol=1e-4, rtol=0)

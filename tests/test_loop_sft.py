@@ -1,0 +1,288 @@
+"""`picoalign.train.sft.sft` end to end on the tiny Llama: learning, saved folders, logs, budgets, resume.
+
+Every run is on CPU in fp32 with TensorBoard and the progress bar off; the 8 SFT training rows
+are cut at `max_length=208` tokens (prompts are 140-170 tokens with the tiny BPE).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import picoalign.train.sft as sft_module
+from picoalign.config import LoraConfig, SFTConfig
+from picoalign.io import read_json, read_jsonl_lenient
+from picoalign.models.load import load_tokenizer
+from picoalign.train.sft import SFTTask, sft
+
+MAX_LENGTH = 208
+TRAIN_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"}
+
+
+def sft_cfg(out: Path, model: Path, data: Path, lora: bool = False, **overrides) -> SFTConfig:
+    settings = dict(
+        data=str(data), model=str(model), out=str(out), device="cpu", dtype="fp32", seed=0,
+        tensorboard=False, progress=False, max_length=MAX_LENGTH, batch_size=4, lr=1e-2,
+        warmup_steps=0, max_steps=3, epochs=0, eval_every=0, monitor_pairs=2,
+        lora=LoraConfig(enabled=lora, r=4, alpha=8),
+    )
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def run_sft(cfg: SFTConfig, monkeypatch=None) -> tuple[dict, SFTTask | None]:
+    """Run `sft(cfg)`; with `monkeypatch`, also return the task (its model is the trained one)."""
+    seen = {}
+    if monkeypatch is not None:
+        real_fit = sft_module.fit
+
+        def capture(task, *args, **kwargs):
+            seen["task"] = task
+            return real_fit(task, *args, **kwargs)
+
+        monkeypatch.setattr(sft_module, "fit", capture)
+    summary = sft(cfg)
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    return summary, seen.get("task")
+
+
+def log_rows(out: Path, kind: str = "train") -> list[dict]:
+    return [r for r in read_jsonl_lenient(out / "logs" / "sft.jsonl") if r["kind"] == kind]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in log_rows(out)}
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def sample_ids(tokenizer) -> torch.Tensor:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
+                                         tokenize=False, add_generation_prompt=True) + "It rained."
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------- learning, saved folder, logs
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_sft_learns_saves_and_logs(tmp_path, chat_model, data_dir, tiny_llama, monkeypatch, lora):
+    """One batch of all 8 rows repeated for 6 steps: the loss falls; the folder reloads with plain
+    transformers (full) or base + peft adapter (LoRA) into the very model that was trained."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sft"
+    cfg = sft_cfg(out, chat_model, data_dir, lora=lora, batch_size=8, max_steps=6, eval_every=3,
+                  lr=3e-2 if lora else 1e-2)
+    summary, task = run_sft(cfg, monkeypatch)
+    assert len(task.train) == 1
+
+    train = log_rows(out)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(set(r) == TRAIN_KEYS for r in train)
+    assert all(r["tokens"] == task.train[0].n_tokens > 0 and r["tokens_per_s"] > 0 for r in train)
+    assert [r["epoch"] for r in train] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert all(r["grad_norm"] > 0 for r in train)
+    lrs = [r["lr"] for r in train]  # the rate for the next step: cosine, no warmup, 0 at the planned end
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    loss = [r["loss"] for r in train]
+    assert loss[-1] < loss[0] - 0.5, loss
+    assert loss[-1] < min(loss[:3])
+
+    evals = log_rows(out, "eval")
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all("val/loss" in r and "monitor/logps_chosen" in r and "monitor/logps_rejected" in r for r in evals)
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"]
+
+    marker = read_json(out / "picoalign.json")
+    assert marker["complete"] is True and marker["steps"] == 6 and marker["stop_reason"] == "max_steps"
+    assert marker["lora"] is lora and marker["stage"] == "sft"
+    assert summary["steps"] == 6 and summary["last_eval"]["step"] == 6
+    assert (out / "config.yaml").exists() and (out / "last" / "trainer_state.pt").exists()
+
+    ids = sample_ids(task.tokenizer)
+    if lora:
+        from peft import PeftModel
+
+        assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+        base = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
+        reloaded = PeftModel.from_pretrained(base, str(out))
+    else:
+        assert (out / "model.safetensors").exists()
+        reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    trained = logits(task.model, ids)
+    torch.testing.assert_close(logits(reloaded, ids), trained, atol=1e-5, rtol=0)
+    assert (trained - logits(tiny_llama, ids)).abs().max() > 1e-2  # it did train
+
+
+def test_step_one_loss_and_step_zero_eval_by_hand(tmp_path, chat_model, data_dir, tiny_llama):
+    """The logged step-1 loss is the masked mean NLL of the first batch under the initial model,
+    computed here independently: render each row with the chat template, tokenise the whole
+    conversation, cut it at max_length, and average −log p over the tokens after the prompt
+    (token-weighted over the batch). The step-0 `val/loss` is the same quantity on the val rows."""
+    out = tmp_path / "sft"
+    run_sft(sft_cfg(out, chat_model, data_dir, batch_size=8, max_steps=1, eval_every=1))
+    tok = load_tokenizer(str(chat_model))
+
+    def hand_nll(rows: list[dict]) -> float:
+        total, count = 0.0, 0
+        for r in rows:
+            messages = [{"role": "user", "content": r["prompt"]}]
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+            full = tok.apply_chat_template(messages + [{"role": "assistant", "content": r["response"]}],
+                                           tokenize=True, return_dict=True)["input_ids"]
+            assert full[: len(prompt)] == prompt
+            full = full[:MAX_LENGTH]
+            with torch.no_grad():
+                logps = torch.log_softmax(tiny_llama(input_ids=torch.tensor([full])).logits[0], -1)
+            nll = -logps[:-1].gather(1, torch.tensor(full[1:])[:, None]).squeeze(1)[len(prompt) - 1:]
+            total, count = total + nll.sum().item(), count + nll.numel()
+        return total / count
+
+    (step1,) = log_rows(out)
+    assert step1["step"] == 1
+    assert step1["loss"] == pytest.approx(hand_nll(rows_of(data_dir / "sft_train.jsonl")), abs=1e-5)
+    eval0 = log_rows(out, "eval")[0]
+    assert eval0["step"] == 0
+    assert eval0["val/loss"] == pytest.approx(hand_nll(rows_of(data_dir / "sft_val.jsonl")), abs=1e-5)
+    assert 5.0 < step1["loss"] < 9.0  # about ln(1024) = 6.93 for a random model
+
+
+# ---------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize(
+    ("budget", "steps", "reason"),
+    [
+        ({"max_steps": 3, "epochs": 0}, 3, "max_steps"),
+        ({"max_steps": 0, "epochs": 1}, 2, "epochs"),  # 8 rows / batch_size 4 = 2 batches
+        ({"max_steps": 5, "epochs": 1}, 2, "epochs"),  # whichever comes first
+        ({"max_steps": 0, "epochs": 1.5}, 3, "epochs"),
+    ],
+)
+def test_step_and_epoch_budgets(tmp_path, chat_model, data_dir, budget, steps, reason):
+    out = tmp_path / "sft"
+    summary, _ = run_sft(sft_cfg(out, chat_model, data_dir, lora=True, **budget))
+    assert summary["steps"] == steps and summary["stop_reason"] == reason
+    train = log_rows(out)
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert train[-1]["epoch"] == steps / 2  # passes over the 2 batches
+    marker = read_json(out / "picoalign.json")
+    assert marker["steps"] == steps and marker["stop_reason"] == reason and marker["complete"] is True
+
+
+def test_max_seconds_budget(tmp_path, chat_model, data_dir):
+    """No step or epoch limit: the wall-clock budget alone stops the run, well before 10 000 steps."""
+    out = tmp_path / "sft"
+    summary, _ = run_sft(sft_cfg(out, chat_model, data_dir, lora=True, max_steps=0, epochs=0, max_seconds=0.5))
+    marker = read_json(out / "picoalign.json")
+    assert marker["stop_reason"] == "max_seconds" and marker["complete"] is True
+    assert 1 <= marker["steps"] < 10_000
+    assert marker["seconds"] >= 0.5
+    assert len(log_rows(out)) == marker["steps"]
+
+
+def test_sft_with_a_plain_tokenizer(tmp_path, plain_model, data_dir):
+    """No chat template: prompt (with BOS) + response + eos; the run trains and its loss falls."""
+    out = tmp_path / "sft"
+    run_sft(sft_cfg(out, plain_model, data_dir, batch_size=8, max_steps=3))
+    loss = [r["loss"] for r in log_rows(out)]
+    assert len(loss) == 3 and loss[-1] < loss[0]
+    assert read_json(out / "picoalign.json")["complete"] is True
+
+
+# ---------------------------------------------------------------- resume
+
+
+def resume_cfg(out, chat_model, data_dir, **overrides) -> SFTConfig:
+    """batch_size 2: 4 batches per epoch, so steps 4-6 cross into the second epoch's order."""
+    settings = dict(batch_size=2, lr=1e-2, max_steps=6)
+    settings.update(overrides)
+    return sft_cfg(out, chat_model, data_dir, **settings)
+
+
+def test_resume_continues_the_same_curve(tmp_path, chat_model, data_dir):
+    """6 steps in one go vs 3 steps, then `resume=True` with max_steps=6 (the total). The schedule
+    is constant after a 4-step warmup, so steps 1-3 see the same learning rates in both runs (a
+    cosine schedule depends on the planned total) and step 4 needs the restored scheduler."""
+    kw = dict(schedule="constant", warmup_steps=4)
+    whole = tmp_path / "whole"
+    run_sft(resume_cfg(whole, chat_model, data_dir, **kw))
+    split = tmp_path / "split"
+    run_sft(resume_cfg(split, chat_model, data_dir, max_steps=3, **kw))
+    assert read_json(split / "picoalign.json")["steps"] == 3
+    summary, _ = run_sft(resume_cfg(split, chat_model, data_dir, resume=True, **kw))
+    assert summary["steps"] == 6
+    a, b = losses(whole), losses(split)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    lr = {r["step"]: r["lr"] for r in log_rows(split)}
+    assert lr[3] == pytest.approx(0.8e-2) and lr[4] == pytest.approx(1e-2)
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Make the `call`-th training micro-batch raise KeyboardInterrupt (as Ctrl-C would)."""
+    real_loss = SFTTask.loss
+    calls = {"n": 0}
+
+    def loss(self, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(SFTTask, "loss", loss)
+
+
+def test_resume_after_interrupt_with_lora_and_cosine(tmp_path, chat_model, data_dir, monkeypatch):
+    """Ctrl-C during step 4 saves `last/` at step 3; resuming with the same config gives the losses
+    of the uninterrupted run (LoRA adapter, AdamW state and the cosine schedule all restored)."""
+    kw = dict(lora=True, lr=3e-2, warmup_steps=2, schedule="cosine")
+    whole = tmp_path / "whole"
+    run_sft(resume_cfg(whole, chat_model, data_dir, **kw))
+    split = tmp_path / "split"
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        sft(resume_cfg(split, chat_model, data_dir, **kw))
+    monkeypatch.undo()
+    assert sorted(losses(split)) == [1, 2, 3]
+    state = torch.load(split / "last" / "trainer_state.pt", weights_only=False)
+    assert state["loop"]["step"] == 3 and state["loop"]["micro"] == 3
+    run_sft(resume_cfg(split, chat_model, data_dir, resume=True, **kw))
+    a, b = losses(whole), losses(split)
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+
+
+def test_resume_after_interrupt_inside_an_accumulated_step(tmp_path, chat_model, data_dir, monkeypatch):
+    """grad_accum 2: Ctrl-C on the second micro-batch of step 3. The checkpoint says step 2, so it
+    must also say micro-batch 4 (where step 3 starts); it says 5, and the resumed step 3 runs on
+    micro-batches 5 and 6 instead of 4 and 5: a different curve from the uninterrupted run."""
+    kw = dict(lora=True, lr=3e-2, grad_accum=2, max_steps=4)
+    whole = tmp_path / "whole"
+    run_sft(resume_cfg(whole, chat_model, data_dir, **kw))
+    split = tmp_path / "split"
+    interrupt_at(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        sft(resume_cfg(split, chat_model, data_dir, **kw))
+    monkeypatch.undo()
+    saved = torch.load(split / "last" / "trainer_state.pt", weights_only=False)["loop"]
+    run_sft(resume_cfg(split, chat_model, data_dir, resume=True, **kw))
+    a, b = losses(whole), losses(split)
+    for step in (3, 4):  # now: step 3 is 6.9907 instead of 6.9634
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    assert (saved["step"], saved["micro"]) == (2, 4)
