@@ -283,4 +283,4 @@ def forward_logps(model, batch: PackedBatch) -> Tensor:
         use_cache=False,
     )
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (kept positions, V)
-    return token_logps(logits[batch.rows], batch.labels)
+    return token_logps(logits, batch.labels, batch.rows)

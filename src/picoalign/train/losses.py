@@ -14,9 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(label) for each row of `logits` (N, V) -> (N,), computed in fp32."""
-    return -F.cross_entropy(logits.float(), labels, reduction="none")
+def token_logps(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
+    """log p(labels[i]) under row `rows[i]` of `logits` (K, V) -> (N,), computed in fp32.
+
+    `rows` lets one row score several labels (in DPO the prompt's last position predicts the
+    first token of both answers) without copying the (K, V) logits; None means row i for label i.
+    """
+    if rows is None:
+        return -F.cross_entropy(logits.float(), labels, reduction="none")
+    return logits.float().log_softmax(-1)[rows, labels]
 
 
 def sequence_logps(per_token: Tensor, seq_index: Tensor, n_seqs: int) -> Tensor:
