@@ -104,7 +104,7 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the last checkpoint in <out>")
     log_every: int = opt(1, "write a log line every N steps")
     tensorboard: bool = opt(True, "write TensorBoard event files to <out>/logs/tb")
-    mlflow: bool = opt(False, "log to MLflow")
+    mlflow: bool = opt(False, "log to MLflow (the presets turn it on)")
     mlflow_uri: str = opt("./mlruns", "MLflow tracking URI", env="MLFLOW_TRACKING_URI")
     progress: bool = opt(True, "show a progress bar")
 

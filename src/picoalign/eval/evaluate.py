@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from picoalign.config import EvalConfig
+from picoalign.config import EvalConfig, save_config
 from picoalign.data.formats import read_preferences, read_sft
 from picoalign.eval.generate import generate
 from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
@@ -161,6 +161,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))
     metrics["run"].setdefault("stage_seconds", {})["eval"] = round(time.time() - t0, 1)
+    save_config(cfg, out / "eval_config.yaml")
     write_json(out / "metrics.json", metrics)
     write_jsonl(out / "samples.jsonl", samples)
     print(f"eval: wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")

@@ -26,8 +26,12 @@ class Trackers:
                 warnings.warn(f"TensorBoard is off: {e}", stacklevel=2)
         if cfg.mlflow:
             try:
+                import os
+
                 import mlflow
 
+                if "://" not in cfg.mlflow_uri:  # a plain folder: MLflow 3 wants an explicit opt-in
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
                 mlflow.set_tracking_uri(cfg.mlflow_uri)
                 mlflow.set_experiment("picoalign")
                 mlflow.start_run(run_name=f"{name}-{Path(cfg.out).name}")
