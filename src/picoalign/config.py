@@ -129,7 +129,6 @@ class SFTConfig(TrainConfig):
     out: str = opt("checkpoints/sft", "folder for the SFT checkpoint; logs go to <out>/logs/")
     train_file: str = opt("sft_train.jsonl", "training file (relative to --data)")
     val_file: str = opt("sft_val.jsonl", "validation file (relative to --data)")
-    packing: bool = opt(True, "pack several examples into one row (no padding compute)")
     monitor_file: str | None = opt(
         "dpo_val.jsonl", "preference file whose chosen/rejected log-probs are logged (None = off)"
     )
@@ -200,6 +199,82 @@ class RunConfig:
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
     stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order")
+
+
+@dataclass
+class TokenizerConfig:
+    """`picoalign tokenizer`: train a byte-level BPE tokenizer with a chat template."""
+
+    STAGE = "TOKENIZER"
+    corpus: str = opt("", "comma-separated text files or globs (one document per line, or blank-line separated)")
+    data: str = opt("data", "without --corpus: train on this data folder's SFT and preference texts")
+    out: str = opt("tokenizer", "folder the tokenizer is saved to (AutoTokenizer.from_pretrained loads it)")
+    vocab_size: int = opt(4096, "vocabulary size, special tokens included", env="TOKENIZER_VOCAB_SIZE")
+    min_frequency: int = opt(2, "merge only pairs seen at least this often")
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:
+            raise ConfigError(f"vocab_size must be >= 300 (256 bytes + special tokens), got {self.vocab_size}")
+
+
+@dataclass
+class PicoConfig:
+    """The tiny from-scratch GPT (a small Llama: RoPE, RMSNorm, SwiGLU, SDPA); see models/pico.py."""
+
+    vocab_size: int = opt(0, "vocabulary size (0 = the tokenizer's)")
+    d_model: int = opt(256, "width of the residual stream")
+    n_layers: int = opt(4, "transformer blocks")
+    n_heads: int = opt(4, "attention heads (head size = d_model / n_heads)")
+    n_kv_heads: int = opt(0, "key/value heads for grouped-query attention (0 = n_heads)")
+    d_ff: int = opt(0, "hidden width of the SwiGLU MLP (0 = 8/3 * d_model, rounded up to 64)")
+    max_length: int = opt(512, "context length (rotary positions)")
+    tie_embeddings: bool = opt(True, "share the input embedding and the output layer")
+
+    def __post_init__(self) -> None:
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.d_ff = self.d_ff or (8 * self.d_model // 3 + 63) // 64 * 64
+        if min(self.d_model, self.n_layers, self.n_heads, self.max_length) < 1 or self.vocab_size < 0:
+            raise ConfigError("pico: d_model, n_layers, n_heads and max_length must be >= 1")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"pico: n_heads ({self.n_heads}) must divide d_model ({self.d_model}) "
+                              f"and be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    def to_hf(self):
+        """The equivalent `transformers.LlamaConfig` (vocab_size must be set)."""
+        from picoalign.models.pico import llama_config
+
+        return llama_config(self)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """`picoalign pretrain`: next-token pretraining of the pico model (or of any model) on plain text."""
+
+    STAGE = "PRETRAIN"
+    model: str = opt("", "empty or pico:[key=value,...] = a fresh pico model; else a model to keep pretraining")
+    out: str = opt("checkpoints/base", "folder for the pretrained model; logs go to <out>/logs/")
+    tokenizer: str = opt("", "tokenizer folder for a fresh model (empty = <out>/tokenizer; trained if missing)")
+    corpus: str = opt("", "comma-separated text files or globs (one document per line, or blank-line separated)")
+    dataset: str = opt("", "a `datasets` hub id to pretrain on (online; HF_ENDPOINT is honoured)")
+    dataset_split: str = opt("train", "split of --dataset (slices work: train[:10000])")
+    text_column: str = opt("text", "text column of --dataset")
+    val_share: float = opt(0.05, "share of the token rows held out for val/loss")
+    pico: PicoConfig = field(default_factory=PicoConfig, metadata={"help": "shape of a fresh pico model"})
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=False), metadata={"help": "LoRA settings"})
+    lr: float = opt(2e-3, "peak learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    batch_size: int = opt(8, "token rows per micro-batch")
+    max_length: int = opt(256, "tokens per packed row (at most the model's context length)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.val_share < 0.5:
+            raise ConfigError(f"val_share must be in [0, 0.5), got {self.val_share}")
+        if self.max_length < 2:
+            raise ConfigError("max_length must be >= 2")
+        if self.lora.enabled and (not self.model or self.model.startswith("pico:")):
+            raise ConfigError("a fresh pico model is trained in full: set lora.enabled=false")
 
 
 # ---------------------------------------------------------------- loading
@@ -320,11 +395,12 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     section: str | None = None,
     base: Mapping | None = None,
+    name: str = "",
 ) -> Any:
     """Build a `cls` config: defaults < `base` < YAML (`section` of it, if present) < env < `--set`.
 
     `section` lets one YAML file hold every stage (`sft: {...}`, `dpo: {...}`); a file without
-    that section is read as the stage's own settings.
+    that section is read as the stage's own settings. `name` prefixes the keys in errors.
     """
     tree: dict = dict(base or {})
     if path:
@@ -339,7 +415,7 @@ def load_config(
     tree = deep_merge(tree, env_overrides(cls, os.environ if environ is None else environ))
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     tree = deep_merge(tree, extra)
-    return _build(cls, tree)
+    return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
 def to_dict(cfg: Any) -> dict:

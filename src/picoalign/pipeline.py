@@ -58,7 +58,8 @@ class _Tee:
 def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), environ=None) -> dict:
     """The run config and each stage's config, with the run's paths forced into them."""
     tree = overrides if isinstance(overrides, Mapping) else C.parse_overrides(overrides)
-    own = {k: v for k, v in tree.items() if k not in SECTIONS}
+    own = {k: v for k, v in tree.items() if k not in SECTIONS and k != "run"}
+    own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
     run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
@@ -76,7 +77,7 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
         names = {f for f in cls.__dataclass_fields__}
         base = {k: v for k, v in shared.items() if k in names}
         extra = C.deep_merge(tree.get(name, {}) or {}, forced[name])
-        configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base)
+        configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base, name=name)
     return configs
 
 
