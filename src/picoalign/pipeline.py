@@ -1,10 +1,12 @@
-"""`picoalign run`: data -> SFT -> DPO -> eval -> report, in one run folder.
+"""`picoalign run`: data -> (tokenizer -> pretrain) -> SFT -> DPO -> eval -> report, in one run folder.
 
     picoalign run                                   # configs/default.yaml settings, built-in model
     picoalign run --config configs/gpu.yaml --set sft.max_seconds=600 --tag big
+    picoalign run --config configs/pico.yaml        # a tiny GPT pretrained from scratch, then SFT, DPO
     RUN_TAG=demo SFT_MAX_SECONDS=60 picoalign run   # the original script's variables work too
 
 Everything lands in `runs/<tag>/`: config.yaml (resolved), output.log (stdout + stderr), data/,
+tokenizer/ and checkpoints/base/ (when pretraining; SFT then starts from checkpoints/base),
 checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. Rerunning with the
 same tag skips finished stages and resumes an interrupted one from its last checkpoint. A stage
 whose input is empty is skipped with a warning; the report never fails the run; a failing core
@@ -24,9 +26,9 @@ import yaml
 
 from picoalign import config as C
 from picoalign.io import atomic_write_text, read_json, write_json
-from picoalign.models.load import read_marker
 
-SECTIONS = {"data": C.DataConfig, "sft": C.SFTConfig, "dpo": C.DPOConfig, "eval": C.EvalConfig}
+SECTIONS = {"data": C.DataConfig, "tokenizer": C.TokenizerConfig, "pretrain": C.PretrainConfig,
+            "sft": C.SFTConfig, "dpo": C.DPOConfig, "eval": C.EvalConfig}
 
 
 class StageFailed(RuntimeError):
@@ -64,10 +66,14 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
     shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
+    pretrained = "pretrain" in [s.strip() for s in run.stages.split(",")]
     forced = {
         "data": {"out": str(root / "data"), "seed": run.seed},
+        "tokenizer": {"data": str(root / "data"), "out": str(root / "tokenizer")},
+        "pretrain": {"data": str(root / "data"), "out": str(root / "checkpoints" / "base"), "logs": str(root / "logs"),
+                     "tokenizer": str(root / "tokenizer")},
         "sft": {"data": str(root / "data"), "out": str(root / "checkpoints" / "sft"), "logs": str(root / "logs"),
-                "model": run.model},
+                "model": str(root / "checkpoints" / "base") if pretrained else run.model},
         "dpo": {"data": str(root / "data"), "out": str(root / "checkpoints" / "dpo"), "logs": str(root / "logs"),
                 "model": str(root / "checkpoints" / "sft")},
         "eval": {"run": str(root), "data": str(root / "data"), "out": str(root)},
@@ -137,19 +143,23 @@ def _run_data(configs) -> bool:
 
 
 def _run_training(configs, stage: str) -> bool:
+    from picoalign.models.load import read_marker
+
     cfg = configs[stage]
     out = Path(cfg.out)
     if read_marker(out).get("complete"):
         print(f"{stage}: already complete, skipped")
         return False
-    if _rows(Path(cfg.data) / cfg.train_file) == 0:
+    if hasattr(cfg, "train_file") and _rows(Path(cfg.data) / cfg.train_file) == 0:
         warnings.warn(f"{stage}: {Path(cfg.data) / cfg.train_file} is empty; stage skipped", stacklevel=2)
         return False
     if stage == "dpo" and not read_marker(cfg.model).get("complete"):
         warnings.warn("dpo: no finished SFT checkpoint to start from; stage skipped", stacklevel=2)
         return False
     cfg.resume = (out / "last" / "trainer_state.pt").exists()
-    if stage == "sft":
+    if stage == "pretrain":
+        from picoalign.train.pretrain import pretrain as train
+    elif stage == "sft":
         from picoalign.train.sft import sft as train
     else:
         from picoalign.train.dpo import dpo as train
@@ -158,16 +168,28 @@ def _run_training(configs, stage: str) -> bool:
 
 
 def _run_eval(configs) -> bool:
-    metrics = configs["root"] / "metrics.json"
-    if metrics.exists() and read_json(metrics).get("models"):
-        print("eval: already done, skipped")
-        return False
     from picoalign.eval.evaluate import evaluate, run_models
 
+    metrics = configs["root"] / "metrics.json"
+    done = read_json(metrics).get("models", {}) if metrics.exists() else {}
+    if done and set(run_models(configs["root"])) <= set(done):
+        print("eval: already done, skipped")
+        return False
     if not run_models(configs["root"]):
         warnings.warn("eval: no trained models in this run; stage skipped", stacklevel=2)
         return False
     evaluate(configs["eval"])
+    return True
+
+
+def _run_tokenizer(configs) -> bool:
+    cfg = configs["tokenizer"]
+    if (Path(cfg.out) / "tokenizer.json").exists():
+        print("tokenizer: already trained, skipped")
+        return False
+    from picoalign.models.tokenizer import train_tokenizer
+
+    train_tokenizer(cfg)
     return True
 
 
@@ -183,6 +205,8 @@ def _run_report(configs) -> bool:
 
 STAGE_RUNNERS = {
     "data": _run_data,
+    "tokenizer": _run_tokenizer,
+    "pretrain": lambda c: _run_training(c, "pretrain"),
     "sft": lambda c: _run_training(c, "sft"),
     "dpo": lambda c: _run_training(c, "dpo"),
     "eval": _run_eval,
@@ -204,7 +228,10 @@ def main(argv: list[str]) -> int:
         overrides["tag"] = args.tag
     try:
         run_pipeline(args.config or default_preset(), overrides)
-    except (C.ConfigError, StageFailed) as e:
+    except C.ConfigError as e:
+        print(f"picoalign run: config error: {e}", file=sys.stderr)
+        return 2
+    except StageFailed as e:
         print(f"picoalign run: {e}", file=sys.stderr)
         return 1
     return 0

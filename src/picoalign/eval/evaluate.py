@@ -84,9 +84,10 @@ class Evaluator:
         self.prompts = [r["prompt"] for r in source[: cfg.n_samples]]
         self.prompt_ids = [r["id"] for r in source[: cfg.n_samples]]
         self.style = None
-        train_pairs = data / "dpo_train.jsonl"
-        if train_pairs.exists() and self.pairs:
-            self.style = StyleClassifier(cfg.seed).fit(read_preferences(train_pairs, allow_empty=True))
+        train_path = data / "dpo_train.jsonl"
+        train_pairs = read_preferences(train_path, allow_empty=True) if train_path.exists() else []
+        if train_pairs and self.pairs:
+            self.style = StyleClassifier(cfg.seed).fit(train_pairs)
             self.style.pair_accuracy(self.pairs)
 
     @torch.no_grad()

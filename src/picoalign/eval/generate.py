@@ -35,7 +35,7 @@ def generate(
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
         torch.manual_seed(seed + start)
-        sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
             do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling,

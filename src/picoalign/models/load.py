@@ -57,6 +57,7 @@ def _materialise_builtin(name: str) -> Path:
     model, tokenizer = _load_gguf(str(gguf.parent), gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; a shared cache must be readable by others
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / MARKER).write_text(json.dumps({"base_model": f"builtin:{name}", "source": str(gguf)}))

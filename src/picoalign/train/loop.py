@@ -184,11 +184,11 @@ def _step(task, batches, state, cfg, opt, sched, params, device, dtype) -> tuple
         tokens += batch.n_tokens
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    lr = sched.get_last_lr()[0]  # the rate this step uses
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     state.micro += cfg.grad_accum  # only now: an interrupted step is redone whole on resume
-    lr = sched.get_last_lr()[0]
     return {**{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "grad_norm": round(grad_norm, 4)}, tokens
 
 
