@@ -20,6 +20,10 @@ from picoalign import config as C
 # name -> (config class or None, "module:function", help, YAML section)
 STAGES: dict[str, tuple] = {
     "data": (C.DataConfig, "picoalign.data.make:make_data", "make SFT and preference data", "data"),
+    "tokenizer": (C.TokenizerConfig, "picoalign.models.tokenizer:train_tokenizer",
+                  "train a byte-level BPE tokenizer for the pico model", "tokenizer"),
+    "pretrain": (C.PretrainConfig, "picoalign.train.pretrain:pretrain",
+                 "pretrain the tiny pico GPT from scratch (or continue pretraining a model)", "pretrain"),
     "sft": (C.SFTConfig, "picoalign.train.sft:sft", "supervised fine-tuning (loss on the response)", "sft"),
     "dpo": (C.DPOConfig, "picoalign.train.dpo:dpo", "DPO and its variants against a frozen reference", "dpo"),
     "eval": (C.EvalConfig, "picoalign.eval.evaluate:evaluate", "evaluate base/SFT/DPO on the test splits", "eval"),
