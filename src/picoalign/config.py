@@ -408,7 +408,11 @@ def load_config(
         if section:
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
-            shared = {k: v for k, v in data.items() if k in names and k != section}
+            shared = {
+                k: v for k, v in data.items()
+                if k in names and k != section  # `data:` is a section of a run file, not the data folder
+                and (not isinstance(v, Mapping) or dataclasses.is_dataclass(_field_type(cls, k)))
+            }
             own = data.get(section) if isinstance(data.get(section), dict) else {}
             data = deep_merge(shared, own)
         tree = deep_merge(tree, data)
