@@ -635,11 +635,15 @@ def run_generate(args, env: dict, peaks: dict) -> dict:
                       "per_request_tokens_per_s": statistics.mean(per_req),
                       "latency_s": statistics.mean(lat for x in rs for lat in x["latency"]),
                       "new_tokens_per_round": total_new / len(rs), "gflops": gflops,
-                      "peak_share": gflops / peaks[dname]["gflops"], "rss_gib": rss[name]}
+                      "peak_share": gflops / peaks[dname]["gflops"], "rss_gib": rss[name],
+                      "round_s": [x["s"] for x in rs]}
     same = sum(a == b for a, b in zip(runs["peer"][0]["outputs"], runs["picoalign"][0]["outputs"]))
     ratio = {"tokens_per_s_ours_over_peer": rows["picoalign"]["tokens_per_s"] / rows["peer"]["tokens_per_s"],
              "per_request_ours_over_peer": rows["picoalign"]["per_request_tokens_per_s"]
-             / rows["peer"]["per_request_tokens_per_s"]}
+             / rows["peer"]["per_request_tokens_per_s"],
+             # each picoalign round against the peer round just before it (same prompts, same tokens)
+             "paired_median_round_speedup": statistics.median(
+                 p / o for p, o in zip(rows["peer"]["round_s"], rows["picoalign"]["round_s"]))}
     return {"rows": rows, "ratio": ratio, "identical_outputs": same, "n_params": n_params}
 
 
@@ -654,7 +658,8 @@ def print_generate(result: dict) -> None:
     print_table(head, table)
     ratio = result["ratio"]
     print(f"\nratio picoalign/peer: aggregate tokens/s {ratio['tokens_per_s_ours_over_peer']:.2f}x, "
-          f"per-request tokens/s {ratio['per_request_ours_over_peer']:.2f}x; "
+          f"per-request tokens/s {ratio['per_request_ours_over_peer']:.2f}x, median of round-by-round "
+          f"speed-ups {ratio['paired_median_round_speedup']:.2f}x; "
           f"greedy outputs identical for {result['identical_outputs']}/{GEN_PROMPTS} prompts")
     print("  FLOPs = 2 x params x (prompt + generated tokens) (prefill + decode forwards; KV-cache reads not "
           "counted); per request: its tokens / its latency (batched requests all wait for the batch)")
