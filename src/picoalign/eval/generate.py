@@ -1,13 +1,122 @@
-"""Batched, seeded generation through the chat template (transformers `generate`)."""
+"""Batched, seeded generation through the chat template (transformers `generate`).
+
+`generate` returns the answers' text (eval uses it); `generate_full` also returns the token
+counts and why each answer ended, which `picoalign generate` and the server report. An answer
+ends at an end-of-turn token (`end_ids`), at one of the `stop` strings (cut off, not included),
+or after `max_new_tokens`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from picoalign.train.batching import render_prompt
 
+# End-of-turn tokens of common chat templates; one counts only where the template writes it.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "</s>")
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens. Greedy when `greedy` or `temperature == 0`; top_p 1 and top_k 0 are off."""
+
+    max_new_tokens: int = 200
+    greedy: bool = True
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def generate_kwargs(self) -> dict:
+        if self.greedy or self.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+@dataclass
+class Generation:
+    """One answer: its text, the tokens it read and wrote, and `finish_reason` stop | length."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def end_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the tokenizer's and the model's EOS, and the end-of-turn
+    token the chat template writes after each turn (where that is not the EOS)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([model_eos] if isinstance(model_eos, int) else model_eos or [])
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    named = [t for t in END_OF_TURN if t in template]
+    if named:
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in named if t in vocab)
+    return sorted(ids)
+
+
+def encode_prompt(tokenizer, prompt, raw: bool = False) -> list[int]:
+    """Prompt ids: through the chat template with the generation prompt, or as plain text."""
+    if not raw:
+        return render_prompt(tokenizer, prompt)
+    if not isinstance(prompt, str):
+        raise ValueError("a raw prompt must be plain text, not a list of messages")
+    return tokenizer(prompt)["input_ids"]
+
+
+def cut_at_stop(text: str, stop) -> tuple[str, bool]:
+    """`text` up to the first stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def finish(tokenizer, new_ids: list[int], ends: list[int], stop, prompt_tokens: int) -> Generation:
+    """The answer in `new_ids` (what generate wrote after the prompt, padding included)."""
+    first_end = next((i for i, t in enumerate(new_ids) if t in ends), None)
+    body = new_ids if first_end is None else new_ids[:first_end]
+    text, stopped = cut_at_stop(tokenizer.decode(body, skip_special_tokens=True), stop)
+    if stopped:  # generation stopped on the string; what follows it is padding
+        return Generation(text, prompt_tokens, len(body), "stop")
+    if first_end is not None:
+        return Generation(text, prompt_tokens, first_end + 1, "stop")
+    return Generation(text, prompt_tokens, len(new_ids), "length")
+
 
 @torch.no_grad()
+def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_size: int = 8,
+                  raw: bool = False) -> list[Generation]:
+    """Answers to `prompts` (strings or message lists), generated `batch_size` at a time.
+
+    Prompts are left-padded so every row's last token is its own; `raw` skips the template.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ends = end_ids(model, tokenizer)
+    stop = {"stop_strings": list(sampling.stop), "tokenizer": tokenizer} if sampling.stop else {}
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p, raw) for p in prompts[start:start + batch_size]]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        torch.manual_seed(sampling.seed + start)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad, eos_token_id=ends, **sampling.generate_kwargs(), **stop,
+        )
+        results += [finish(tokenizer, row[width:].tolist(), ends, sampling.stop, len(e))
+                    for row, e in zip(out, encoded)]
+    return results
+
+
 def generate(
     model,
     tokenizer,
@@ -19,26 +128,9 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     raw: bool = False,
+    top_k: int = 0,
+    stop: tuple[str, ...] = (),
 ) -> list[str]:
-    """Answers to `prompts` (strings or message lists), generated `batch_size` at a time.
-
-    Prompts are left-padded so every row's last token is its own; `raw` skips the template.
-    """
-    device = next(model.parameters()).device
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        encoded = [tokenizer(p)["input_ids"] if raw else render_prompt(tokenizer, p) for p in chunk]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        torch.manual_seed(seed + start)
-        sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling,
-        )
-        texts += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    return texts
+    """The answers' text only (stripped); see `generate_full`."""
+    sampling = Sampling(max_new_tokens, greedy, temperature, top_p, top_k, seed, tuple(stop))
+    return [g.text.strip() for g in generate_full(model, tokenizer, prompts, sampling, batch_size, raw)]

@@ -191,6 +191,18 @@ def load_model(spec: str, device: torch.device | str = "cpu", load_in: str = "no
     return model, tokenizer
 
 
+def load_for_inference(spec: str, device: str = "auto", dtype: str = "auto", merge_adapter: bool = True):
+    """(model, tokenizer) ready to generate: on the picked device, in the compute dtype, eval mode.
+
+    A LoRA adapter is merged into its base unless `merge_adapter` is false (then peft runs the
+    base + adapter: slower, but the adapter can be swapped).
+    """
+    dev = pick_device(device)
+    model, tokenizer = load_model(spec, dev, merge_adapter=merge_adapter)
+    model.to(pick_dtype(dtype, dev)).eval()
+    return model, tokenizer
+
+
 def model_identity(spec: str) -> str:
     """How a later load finds `spec` again: local paths absolute, builtin/hub ids as given."""
     return str(Path(spec).resolve()) if Path(spec).exists() else spec

@@ -1,0 +1,1 @@
+"""Using a trained model: `picoalign generate`, `picoalign chat`, `picoalign export`."""
