@@ -27,6 +27,13 @@ STAGES: dict[str, tuple] = {
     "sft": (C.SFTConfig, "picoalign.train.sft:sft", "supervised fine-tuning (loss on the response)", "sft"),
     "dpo": (C.DPOConfig, "picoalign.train.dpo:dpo", "DPO and its variants against a frozen reference", "dpo"),
     "eval": (C.EvalConfig, "picoalign.eval.evaluate:evaluate", "evaluate base/SFT/DPO on the test splits", "eval"),
+    "generate": (C.GenerateConfig, "picoalign.use.generate:generate_answers",
+                 "answers from a model to --prompt TEXT or --prompt-file FILE", "generate"),
+    "chat": (C.ChatConfig, "picoalign.use.chat:chat", "chat with a model in the terminal (streams)", "chat"),
+    "serve": (C.ServeConfig, "picoalign.serve.app:serve",
+              "HTTP API (OpenAI-compatible, /v1/generate) and a chat page", "serve"),
+    "export": (C.ExportConfig, "picoalign.use.export:export",
+               "merge a LoRA adapter into its base and save a plain HF model folder", "export"),
 }
 # Stages that take plain arguments rather than a config class, registered by their modules.
 EXTRA: dict[str, tuple[str, str]] = {

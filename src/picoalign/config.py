@@ -8,6 +8,7 @@ an environment name containing `{STAGE}` is filled with the stage (`SFT_MAX_SECO
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -26,9 +27,13 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and the source."""
 
 
-def opt(default: Any, help: str, env: str | None = None) -> Any:
-    """A config field with its help text and optional environment variable."""
-    meta = {"help": help, "env": env}
+def opt(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:
+    """A config field with its help text and optional environment variable.
+
+    A `secret` field (an API key) is left out of `to_dict`, so it never reaches a saved
+    config.yaml or a tracker's parameters.
+    """
+    meta = {"help": help, "env": env, "secret": secret}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -277,6 +282,122 @@ class PretrainConfig(TrainConfig):
             raise ConfigError("a fresh pico model is trained in full: set lora.enabled=false")
 
 
+# ---------------------------------------------------------------- using a model
+
+
+@dataclass
+class DecodeConfig:
+    """Settings every command that generates shares: the model and how it decodes."""
+
+    STAGE = "GENERATE"
+    model: str = opt(BUILTIN_MODEL, "model: builtin:..., hub id, HF folder, .gguf, or a run's checkpoint "
+                     "(a LoRA adapter loads on its base)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
+    dtype: str = opt("auto", "weights for inference: auto (bf16 where fast) | bf16 | fp16 | fp32")
+    merge_adapter: bool = opt(True, "merge a LoRA adapter into its base at load (false: run base + adapter)")
+    max_new_tokens: int = opt(200, "tokens generated at most per answer (it stops earlier at end-of-turn)")
+    greedy: bool = opt(False, "greedy decoding (ignores temperature, top_p, top_k)")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.9, "nucleus sampling: keep the most likely tokens up to this mass (1 = off)")
+    top_k: int = opt(0, "sample only from the k most likely tokens (0 = off)")
+    seed: int = opt(1234, "random seed for sampling", env="SEED")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
+            raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class GenerateConfig(DecodeConfig):
+    """`picoalign generate`: answers to one prompt (--prompt) or to a file of prompts (--prompt-file)."""
+
+    prompt: str = opt("", "the prompt (goes through the chat template unless --raw)")
+    prompt_file: str = opt("", "a file of prompts: .jsonl rows with `prompt` or `messages`, else one per line")
+    out: str = opt("", "write the answers here as JSONL (default: print them)")
+    raw: bool = opt(False, "feed the prompt to the model as plain text, without the chat template")
+    system: str = opt("", "a system message put before every prompt")
+    batch_size: int = opt(8, "prompts generated together (left-padded)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.prompt) == bool(self.prompt_file):
+            raise ConfigError("give exactly one of prompt (--prompt TEXT) and prompt_file (--prompt-file FILE)")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        if self.raw and self.system:
+            raise ConfigError("system needs the chat template: drop --raw or --system")
+
+
+@dataclass
+class ChatConfig(DecodeConfig):
+    """`picoalign chat`: talk with a model in the terminal; the answer streams as it is generated."""
+
+    system: str = opt("", "a system message that starts the conversation")
+    context_tokens: int = opt(0, "token budget of the conversation, answer included: the oldest turns "
+                              "are dropped to fit (0 = the model's context length)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.context_tokens < 0:
+            raise ConfigError("context_tokens must be >= 0")
+
+
+@dataclass
+class ServeConfig(DecodeConfig):
+    """`picoalign serve`: an HTTP API (OpenAI-compatible + /v1/generate) and a chat page at /."""
+
+    STAGE = "SERVE"
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "TCP port")
+    name: str = opt("", "the model id the API reports (default: --model as given)")
+    api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/* (empty = no key; prefer the "
+                       "environment variable: a flag shows in `ps`)", env="PICOALIGN_API_KEY", secret=True)
+    max_new_tokens: int = opt(256, "tokens generated when a request does not say")
+    max_tokens: int = opt(1024, "the most tokens one request may ask for (larger asks get a 400)")
+    max_prompt_chars: int = opt(32000, "longest prompt accepted, in characters (all messages together)")
+    max_body_bytes: int = opt(1_000_000, "largest request body accepted, in bytes (larger gets a 413)")
+    queue_size: int = opt(8, "requests that may wait while one generates; beyond that a 503")
+    seed: int = opt(0, "seed of requests that give none (0 = a fresh random seed per request)", env="SEED")
+    log_level: str = opt("info", "uvicorn log level: critical | error | warning | info | debug")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        if self.max_tokens < 1 or self.max_new_tokens > self.max_tokens:
+            raise ConfigError(f"need 1 <= max_new_tokens ({self.max_new_tokens}) <= max_tokens ({self.max_tokens})")
+        if min(self.max_prompt_chars, self.max_body_bytes) < 1 or self.queue_size < 0:
+            raise ConfigError("max_prompt_chars and max_body_bytes must be >= 1, queue_size >= 0")
+
+
+@dataclass
+class ExportConfig:
+    """`picoalign export`: merge a LoRA adapter into its base and save a plain HF model folder."""
+
+    STAGE = "EXPORT"
+    model: str = opt("", "the model to export: a LoRA adapter folder (chains too), or any loadable model")
+    out: str = opt("", "folder for the merged model (safetensors, tokenizer, chat template, generation config)")
+    dtype: str = opt("fp32", "dtype of the saved weights: fp32 | bf16 | fp16")
+    tolerance: float = opt(1e-4, "largest allowed |merged - (base + adapter)| logit difference (fp32)")
+    overwrite: bool = opt(False, "replace an existing --out folder")
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.out:
+            raise ConfigError("export needs --model (the adapter or model) and --out (the new folder)")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.tolerance <= 0:
+            raise ConfigError("tolerance must be > 0")
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -423,7 +544,11 @@ def load_config(
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, without its secret fields."""
+    return {
+        f.name: to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else copy.deepcopy(v)
+        for f in dataclasses.fields(cfg) if not f.metadata.get("secret")
+    }
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
