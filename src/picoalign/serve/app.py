@@ -1,0 +1,257 @@
+"""`picoalign serve`: the model behind an HTTP API, and a chat page.
+
+    picoalign serve --model runs/demo/checkpoints/dpo                 # http://127.0.0.1:8000/
+    PICOALIGN_API_KEY=secret picoalign serve --model ... --host 0.0.0.0 --port 8080
+
+Endpoints: `GET /` (the chat page), `GET /health`, `GET /v1/models`, `POST /v1/generate`
+(`{prompt, max_new_tokens, temperature, top_p, ...}` -> `{output, finish_reason, usage}`, the
+prompt through the chat template unless `raw`), and the OpenAI-compatible
+`POST /v1/chat/completions` and `POST /v1/completions` (raw text; a list of prompts is one batch),
+both with `stream: true` as server-sent events. One request generates at a time; `queue_size`
+more may wait, and beyond that a request gets a 503 at once. Limits (`max_tokens`,
+`max_prompt_chars`, `max_body_bytes`) answer 400/413 with the reason; with `PICOALIGN_API_KEY`
+set, /v1/* needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from picoalign.config import ServeConfig
+from picoalign.eval.generate import Generation, Sampling
+from picoalign.serve.engine import Engine, Gate, QueueFull, Ticket
+from picoalign.serve.guard import ApiError, Guard, error_body, http_error, validation_error
+from picoalign.serve.schemas import ChatRequest, CompletionRequest, GenerateRequest, Sampled
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_PROMPTS = 32  # prompts in one /v1/completions request: one batch, so it bounds the memory
+PAGE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+
+
+def usage(gens: list[Generation]) -> dict:
+    prompt, completion = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Handlers:
+    """The request logic, apart from the routing: settings, limits, the queue, the answers."""
+
+    def __init__(self, cfg: ServeConfig, engine: Engine) -> None:
+        self.cfg, self.engine = cfg, engine
+
+    def sampling(self, req: Sampled, max_tokens: int | None, greedy: bool = False) -> Sampling:
+        cfg = self.cfg
+        max_new = max_tokens or cfg.max_new_tokens
+        if max_new > cfg.max_tokens:
+            raise ApiError(400, f"max_tokens={max_new} is above this server's limit of {cfg.max_tokens}",
+                           param="max_tokens", code="max_tokens_too_large")
+        stop = req.stop_strings()
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        seed = req.seed if req.seed is not None else cfg.seed or secrets.randbelow(2**31)
+        return Sampling(
+            max_new_tokens=max_new,
+            greedy=greedy or (req.temperature is None and cfg.greedy),
+            temperature=cfg.temperature if req.temperature is None else req.temperature,
+            top_p=cfg.top_p if req.top_p is None else req.top_p,
+            top_k=cfg.top_k if req.top_k is None else req.top_k,
+            seed=seed, stop=stop,
+        )
+
+    def encode(self, prompt, raw: bool, chars: int, max_new: int) -> list[int]:
+        """Prompt ids, after the limits: characters, then prompt + answer within the context."""
+        if chars > self.cfg.max_prompt_chars:
+            raise ApiError(400, f"the prompt is {chars} characters; this server takes at most "
+                           f"{self.cfg.max_prompt_chars} (--max-prompt-chars)", code="prompt_too_long")
+        try:
+            ids = self.engine.encode(prompt, raw)
+        except ValueError as e:  # e.g. messages for a model without a chat template
+            raise ApiError(400, str(e), param="messages") from None
+        if len(ids) + max_new > self.engine.context_length:
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_new}) exceed the "
+                           f"model's context of {self.engine.context_length} tokens", code="context_length_exceeded")
+        return ids
+
+    def reserve(self) -> Ticket:
+        try:
+            return self.engine.gate.reserve()
+        except QueueFull as e:
+            raise ApiError(503, str(e), type_="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
+
+    async def complete(self, prompts: list, sampling: Sampling, raw: bool) -> list[Generation]:
+        ticket = self.reserve()
+        try:
+            return await run_in_threadpool(self.engine.complete, ticket, prompts, sampling, raw)
+        finally:
+            ticket.release()  # no-op when the generation gave it back itself
+
+    def stream(self, prompt_ids: list[int], sampling: Sampling, chunk, last_chunk, include_usage: bool,
+               first: dict | None = None):
+        """An SSE response: `first`, `chunk(piece)` per piece of text, `last_chunk(result)`, usage, [DONE]."""
+        ticket = self.reserve()
+        try:
+            stream = self.engine.stream(ticket, prompt_ids, sampling)
+        except BaseException:
+            ticket.release()
+            raise
+
+        async def events():
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                async for piece in iterate_in_threadpool(iter(stream)):
+                    yield f"data: {json.dumps(chunk(piece), ensure_ascii=False)}\n\n"
+                yield f"data: {json.dumps(last_chunk(stream.result), ensure_ascii=False)}\n\n"
+                if include_usage:
+                    yield f"data: {json.dumps({**last_chunk(stream.result), 'choices': [], 'usage': usage([stream.result])})}\n\n"
+            except Exception as e:  # the status line is sent already: report in the stream
+                yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+            finally:
+                stream.cancel()  # a client that went away stops the model
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------ endpoints
+
+    async def generate(self, req: GenerateRequest) -> dict:
+        s = self.sampling(req, req.max_new_tokens, req.greedy)
+        self.encode(req.prompt, req.raw, len(req.prompt), s.max_new_tokens)  # the limits
+        (gen,) = await self.complete([req.prompt], s, req.raw)
+        return {"output": gen.text, "model": self.engine.name, "finish_reason": gen.finish_reason,
+                "usage": usage([gen])}
+
+    async def chat(self, req: ChatRequest):
+        messages = [m.as_dict() for m in req.messages]
+        s = self.sampling(req, req.max_completion_tokens or req.max_tokens)
+        ids = self.encode(messages, False, sum(len(m["content"]) for m in messages), s.max_new_tokens)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.engine.name}
+        if req.stream:
+            chunk = {**head, "object": "chat.completion.chunk"}
+
+            def piece(text: str) -> dict:
+                return {**chunk, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+            def last(result: Generation) -> dict:
+                return {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": result.finish_reason}]}
+
+            role = {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]}
+            return self.stream(ids, s, piece, last, bool(req.stream_options and req.stream_options.include_usage),
+                               first=role)
+        (gen,) = await self.complete([messages], s, raw=False)
+        choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
+                  "finish_reason": gen.finish_reason, "logprobs": None}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage([gen])}
+
+    async def completions(self, req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or not all(prompts) or len(prompts) > MAX_PROMPTS:
+            raise ApiError(400, f"prompt: give a non-empty string or a list of 1 to {MAX_PROMPTS} of them",
+                           param="prompt")
+        s = self.sampling(req, req.max_tokens)
+        total = sum(map(len, prompts))  # the character limit is for the whole request, like a chat's messages
+        ids = [self.encode(p, True, total, s.max_new_tokens) for p in prompts]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.engine.name,
+                "object": "text_completion"}
+        if req.stream:
+            if len(prompts) > 1:
+                raise ApiError(400, "stream takes one prompt, not a list", param="prompt")
+
+            def piece(text: str) -> dict:
+                return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+
+            def last(result: Generation) -> dict:
+                return {**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                             "finish_reason": result.finish_reason}]}
+
+            return self.stream(ids[0], s, piece, last, bool(req.stream_options and req.stream_options.include_usage))
+        gens = await self.complete(prompts, s, raw=True)
+        choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
+                   for i, g in enumerate(gens)]
+        return {**head, "choices": choices, "usage": usage(gens)}
+
+
+def create_app(cfg: ServeConfig) -> FastAPI:
+    """The FastAPI app; the model loads when the app starts (its lifespan), not here."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from picoalign.models.load import load_for_inference
+
+        model, tokenizer = await run_in_threadpool(load_for_inference, cfg.model, cfg.device, cfg.dtype,
+                                                   cfg.merge_adapter)
+        app.state.handlers = Handlers(cfg, Engine(model, tokenizer, cfg.name or cfg.model, Gate(cfg.queue_size)))
+        yield
+
+    app = FastAPI(title="picoalign", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+    def handlers(request: Request) -> Handlers:
+        return request.app.state.handlers
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        html = resources.files("picoalign.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP})
+
+    @app.get("/health")
+    @app.get("/healthz")  # the original server's name
+    def health(request: Request) -> dict:
+        h = handlers(request)
+        return {"status": "ok", "model": h.engine.name, "queue": h.engine.gate.status()}
+
+    @app.get("/v1/models")
+    def models(request: Request) -> dict:
+        card = {"id": handlers(request).engine.name, "object": "model", "created": 0, "owned_by": "picoalign",
+                "max_model_len": handlers(request).engine.context_length}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/generate")
+    async def generate(req: GenerateRequest, request: Request):
+        return await handlers(request).generate(req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        return await handlers(request).chat(req)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await handlers(request).completions(req)
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until Ctrl-C."""
+    import uvicorn
+
+    if not is_loopback(cfg.host) and not cfg.api_key:
+        print(f"serve: warning: listening on {cfg.host} without an API key; anyone who can reach this "
+              "machine can use the model (set PICOALIGN_API_KEY)", file=sys.stderr)
+    print(f"serve: loading {cfg.model}; then the chat page is at http://{cfg.host}:{cfg.port}/ and the API "
+          f"at http://{cfg.host}:{cfg.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level)

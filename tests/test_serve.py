@@ -1,0 +1,239 @@
+"""`picoalign serve` over real HTTP: the `openai` client and httpx against uvicorn on 127.0.0.1.
+
+One server per module (the tiny chat model, an API key, small limits). Answers are greedy, so
+each can be compared with `generate_full` run directly on the same model: the API must return
+exactly that text and count exactly those tokens, streamed or not.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from serving import running_server
+
+from picoalign.config import ServeConfig
+from picoalign.eval.generate import Sampling, generate_full
+from picoalign.train.batching import render_prompt
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HELLO = [{"role": "user", "content": "Hello there."}]
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    cfg = ServeConfig(model=str(chat_model), name="tiny", device="cpu", dtype="fp32", api_key=KEY,
+                      max_new_tokens=16, max_tokens=64, max_prompt_chars=2000, max_body_bytes=4096,
+                      queue_size=1)
+    with running_server(cfg) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(model, tokenizer, prompts, n: int, raw: bool = False, stop=()):
+    return generate_full(model, tokenizer, prompts, Sampling(n, greedy=True, stop=tuple(stop)), raw=raw)
+
+
+def test_server_binds_loopback_by_default():
+    assert ServeConfig().host == "127.0.0.1"
+
+
+def test_health_and_models(server, client):
+    url, _ = server
+    health = httpx.get(url + "/health").json()  # no key needed
+    assert health == {"status": "ok", "model": "tiny", "queue": {"running": 0, "waiting": 0, "queue_size": 1}}
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_completion_equals_direct_generation(client, tiny_llama, chat_tokenizer):
+    (ref,) = greedy(tiny_llama, chat_tokenizer, [HELLO], 24)
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0)
+    assert r.object == "chat.completion" and r.model == "tiny" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(render_prompt(chat_tokenizer, HELLO)) == ref.prompt_tokens
+    assert (r.usage.completion_tokens, r.usage.total_tokens) == (ref.completion_tokens,
+                                                                 ref.prompt_tokens + ref.completion_tokens)
+
+
+def test_chat_completion_streams_the_same_answer_in_pieces(client, tiny_llama, chat_tokenizer):
+    (ref,) = greedy(tiny_llama, chat_tokenizer, [HELLO], 24)
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"  # as OpenAI's streams begin
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == ref.text
+    assert len(pieces) >= 3  # streamed word by word, not sent at the end
+    assert chunks[-2].choices[0].finish_reason == ref.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == ref.prompt_tokens
+
+
+def test_conversation_and_system_message_reach_the_template(client, tiny_llama, chat_tokenizer):
+    messages = [{"role": "system", "content": "You write horror."}, *HELLO,
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "A story, please."}]
+    (ref,) = greedy(tiny_llama, chat_tokenizer, [messages], 12)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.prompt_tokens == len(render_prompt(chat_tokenizer, messages))
+
+
+def test_completions_batch_and_stream_are_raw_text(client, tiny_llama, chat_tokenizer):
+    prompts = ["Once upon a time", "The door creaked open and"]
+    refs = greedy(tiny_llama, chat_tokenizer, prompts, 10, raw=True)
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0)
+    assert [c.text for c in r.choices] == [x.text for x in refs] and [c.index for c in r.choices] == [0, 1]
+    assert r.usage.prompt_tokens == sum(len(chat_tokenizer(p)["input_ids"]) for p in prompts)
+    streamed = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == refs[1].text
+
+
+def test_stop_string_cuts_the_answer_streamed_or_not(client, tiny_llama, chat_tokenizer):
+    (ref,) = greedy(tiny_llama, chat_tokenizer, [HELLO], 24)
+    stop = re.search(r" [a-z]{2,}", ref.text[4:]).group()  # a word from the middle of the greedy answer
+    expected = ref.text[: ref.text.find(stop)]
+    assert stop and 0 < len(expected) < len(ref.text)
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0, stop=[stop])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "stop")
+    assert r.usage.completion_tokens < ref.completion_tokens
+    chunks = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0,
+                                            stop=stop, stream=True)
+    chunks = list(chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampling_is_seeded_per_request(client):
+    kw = dict(model="tiny", messages=HELLO, max_tokens=12, temperature=1.0, top_p=0.95)
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    others = {client.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (8, 9, 10)}
+    assert a == b and others - {a}
+
+
+def test_generate_endpoint_keeps_the_original_fields(server, tiny_llama, chat_tokenizer):
+    url, _ = server
+    (ref,) = greedy(tiny_llama, chat_tokenizer, ["Hello there."], 8)
+    body = httpx.post(url + "/v1/generate", headers=AUTH,
+                      json={"prompt": "Hello there.", "max_new_tokens": 8, "greedy": True}).json()
+    assert body == {"output": ref.text, "model": "tiny", "finish_reason": ref.finish_reason,
+                    "usage": {"prompt_tokens": ref.prompt_tokens, "completion_tokens": ref.completion_tokens,
+                              "total_tokens": ref.prompt_tokens + ref.completion_tokens}}
+    (raw,) = greedy(tiny_llama, chat_tokenizer, ["Hello there."], 8, raw=True)
+    body = httpx.post(url + "/v1/generate", headers=AUTH,
+                      json={"prompt": "Hello there.", "max_new_tokens": 8, "temperature": 0, "raw": True}).json()
+    assert body["output"] == raw.text and body["usage"]["prompt_tokens"] == raw.prompt_tokens
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_a_missing_or_wrong_key_is_refused(server):
+    url, _ = server
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(url + "/v1/generate", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/v1/models").status_code == 401
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny", messages=HELLO)
+    assert httpx.get(url + "/").status_code == 200  # the page itself is public; it asks for the key
+
+
+def test_oversize_requests_are_refused(server, client):
+    url, _ = server
+    big = {"prompt": "x" * 5000}
+    r = httpx.post(url + "/v1/generate", json=big, headers=AUTH)  # Content-Length says it
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+    chunked = httpx.post(url + "/v1/generate", headers={**AUTH, "Content-Type": "application/json"},
+                         content=iter([b'{"prompt": "', b"x" * 5000, b'"}']))  # no Content-Length
+    assert chunked.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="above this server's limit of 64"):
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match="2001 characters; this server takes at most 2000"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "y" * 2001}])
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"prompt": ', "not valid JSON: Expecting value at character 11"),
+    (b"[1, 2]", "not a JSON object"),
+    (b"", "the request body is empty"),
+    (b'{"prompt": "x", "max_new_tokens": "many"}', "field 'max_new_tokens': Input should be a valid integer"),
+    (b'{"prompt": "x", "max_new_token": 5}', "field 'max_new_token': Extra inputs are not permitted"),
+    (b'{"prompt": ""}', "field 'prompt': String should have at least 1 character"),
+    (b'{"prompt": "x", "top_p": 0}', "field 'top_p': Input should be greater than 0"),
+])
+def test_bad_json_and_bad_fields_get_a_400_that_says_why(server, body, message):
+    url, _ = server
+    r = httpx.post(url + "/v1/generate", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert message in r.json()["error"]["message"]
+
+
+def test_bad_chat_and_completion_fields(server):
+    url, _ = server
+    cases = [({"messages": [{"role": "robot", "content": "x"}]}, "field 'messages.0.role'"),
+             ({"messages": []}, "field 'messages': List should have at least 1 item"),
+             ({"messages": HELLO, "n": 2}, "field 'n'"),
+             ({"messages": HELLO, "stop": list("abcde")}, "at most 4 stop strings")]
+    for body, message in cases:
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], body
+    for prompt, message in ((["x"] * 33, "a list of 1 to 32"), (["y" * 1000] * 3, "3000 characters"), ([], "1 to 32")):
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt}, headers=AUTH)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], message
+
+
+def test_a_full_queue_answers_503_at_once(server):
+    """Hold the model busy from here (queue_size=1): one request may wait, the next gets a 503
+    without waiting; once the model is free the waiting one is answered."""
+    url, app = server
+    gate = app.state.handlers.engine.gate
+    waiting: dict = {}
+
+    def ask():
+        waiting["response"] = httpx.post(url + "/v1/generate", headers=AUTH, timeout=60,
+                                         json={"prompt": "Hello there.", "max_new_tokens": 4})
+
+    with gate.reserve():  # the model is busy
+        thread = threading.Thread(target=ask)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while gate.pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(url + "/health").json()["queue"] == {"running": 1, "waiting": 1, "queue_size": 1}
+        t0 = time.monotonic()
+        r = httpx.post(url + "/v1/generate", headers=AUTH, json={"prompt": "x", "max_new_tokens": 4})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert r.headers["retry-after"] == "1" and time.monotonic() - t0 < 5
+        assert "response" not in waiting  # still waiting for the model
+    thread.join(timeout=60)
+    assert waiting["response"].status_code == 200
+    assert gate.pending == 0
+
+
+def test_dtype_setting_reaches_the_served_model(server):
+    _, app = server
+    assert next(app.state.handlers.engine.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_the_builtin_model_answers_and_stops_at_end_of_turn():
+    """The real SmolLM2-135M-Instruct behind the API: a short greedy answer that ends by itself."""
+    cfg = ServeConfig(device="cpu", dtype="fp32", max_new_tokens=48)
+    with running_server(cfg) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="builtin", temperature=0, max_tokens=48,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 48
