@@ -106,7 +106,11 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, chat_
     state = torch.load(two["sft"] / "last" / "trainer_state.pt", weights_only=False)["loop"]
     assert (state["step"], state["micro"]) == (4, 8)  # the data position counts both ranks' micro-batches
     assert sorted(p.name for p in two["sft"].iterdir() if p.is_dir()) == ["last", "logs"]  # no .tmp/.old left
-    assert [r["step"] for r in read_jsonl_lenient(two["sft"] / "logs" / "sft.jsonl") if r["kind"] == "eval"] == [2, 4]
+    log = read_jsonl_lenient(two["sft"] / "logs" / "sft.jsonl")
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [2, 4]
+    starts = [r for r in log if r["kind"] == "start"]  # the run and its resumption, as the log states them
+    assert starts == [{"kind": "start", "step": s, "world_size": 2, "batch_size": 2, "grad_accum": 1,
+                       "effective_batch": 4} for s in (0, 2)]
 
     # DPO, grad_accum 2 on each rank (no gradient sync on the first micro-batch): the reference
     # log-probs, computed half on each rank and gathered in order, and the curve
@@ -122,3 +126,14 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, chat_
     line = "effective batch {} per optimiser step = batch_size 2 x grad_accum {} x 2 processes"
     assert printed.count("sft: " + line.format(4, 1)) == 2 and printed.count("dpo: " + line.format(8, 2)) == 1
     assert printed.count("sft: done in 4 steps") == 1
+
+
+def test_run_refuses_to_start_under_torchrun(monkeypatch, capsys):
+    """The pipeline is one process: under torchrun every rank would write the same run folder."""
+    from picoalign.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--tag", "never"])
+    assert stop.value.code == 2
+    assert "start sft, dpo or pretrain with torchrun" in capsys.readouterr().err

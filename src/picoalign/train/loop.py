@@ -140,6 +140,8 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
           f"{cfg.grad_accum} x {world.size} process{'es' if world.distributed else ''}")
     run_params = {"stage": name, "world_size": world.size, "effective_batch": effective, **_public(cfg)}
     trackers = Trackers(log_dir, name, cfg, run_params) if world.main else _NoTrackers()
+    trackers.log({"kind": "start", "step": state.step, "world_size": world.size, "batch_size": cfg.batch_size,
+                  "grad_accum": cfg.grad_accum, "effective_batch": effective})
     bar = _progress(cfg, total, state.step, name, world.main)
     started, stop_reason = time.time() - state.elapsed, None
     try:
