@@ -9,6 +9,8 @@ log π(rejected) (margin in nats), for DPO whether its implicit reward β·(log 
 is higher for chosen (margin β-scaled), the reference being the run's SFT model; greedy and
 top-p generations for a few test prompts with two horror-style scores; and for DPO, the mean
 per-token KL(π_DPO ‖ π_ref) on its own greedy samples: how far DPO moved from the reference.
+With `--judge-provider` (a provider or MODEL@PROVIDER), an LLM judge compares the DPO and SFT
+greedy samples of each prompt in both orders: `judge.win_rate` of DPO over SFT (0.5 = even).
 Writes `metrics.json` (merged with what the run already recorded) and `samples.jsonl`.
 """
 
@@ -159,6 +161,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         results[name], samples = m, samples + rows
     metrics = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
     metrics["models"] = results
+    if cfg.judge_provider:
+        metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))
     metrics["run"].setdefault("stage_seconds", {})["eval"] = round(time.time() - t0, 1)
@@ -167,6 +171,30 @@ def evaluate(cfg: EvalConfig) -> dict:
     write_jsonl(out / "samples.jsonl", samples)
     print(f"eval: wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return metrics
+
+
+def judge_dpo_vs_sft(cfg: EvalConfig, samples: list[dict]) -> dict:
+    """Win rate of the DPO model's greedy samples over the SFT model's, by an LLM judge in both
+    orders per prompt (data/judge.py); a judge that cannot be reached is reported, not fatal."""
+    from picoalign.data.judge import win_rate
+    from picoalign.data.llm import BudgetExhausted, LLMClient, LLMError, parse_endpoint, redact
+
+    greedy = {(s["model"], s["id"]): s for s in samples if s["decoding"] == "greedy"}
+    ids = [i for (m, i) in greedy if m == "dpo" and ("sft", i) in greedy]
+    if not ids:
+        return {"error": "no greedy samples of both a dpo and an sft model"}
+    spec = cfg.judge_provider if "@" in cfg.judge_provider else f"{cfg.judge_model}@{cfg.judge_provider}"
+    try:
+        client = LLMClient(parse_endpoint(spec))
+        client.health_check()
+        result = win_rate(client, [greedy["dpo", i]["prompt"] for i in ids], [greedy["dpo", i]["text"] for i in ids],
+                          [greedy["sft", i]["text"] for i in ids], cfg.judge_criteria)
+    except (LLMError, BudgetExhausted, ValueError) as e:
+        print(f"eval: judge skipped: {redact(str(e))}")
+        return {"error": redact(str(e))}
+    result["usage"] = client.meter.snapshot()
+    print(f"eval: judge win rate of DPO over SFT {result['win_rate']} on {result['prompts']} prompts")
+    return result
 
 
 def _run_facts(ev: Evaluator, models: dict) -> dict:
