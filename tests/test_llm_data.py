@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import pytest
 from llm_server import Reply, ScriptedLLM, closed_port_url, kind_of, spec_blocks, story, writer
@@ -155,6 +156,30 @@ def test_success_batched_rows_and_usage(tmp_path):
     body = server.chat_requests("stories")[0]
     assert body["model"] == "writer-a" and body["response_format"] == {"type": "json_object"}
     assert body["temperature"] == 0.8 and body["max_tokens"] == 1800  # 900 per story asked for
+
+
+def test_concurrency_keeps_that_many_requests_in_flight(tmp_path):
+    barrier, lock, live = threading.Barrier(3, timeout=3), threading.Lock(), {"now": 0, "most": 0}
+
+    def respond(body, n):
+        if kind_of(body) == "health":
+            return writer(body)
+        with lock:
+            live["now"] += 1
+            live["most"] = max(live["most"], live["now"])
+        try:
+            if n <= 3:
+                barrier.wait()  # the first three go on only when all three are in flight (3 s < the 5 s timeout)
+            return writer(body)
+        except threading.BrokenBarrierError:
+            return Reply(status=400, content="fewer than 3 requests in flight")
+        finally:
+            with lock:
+                live["now"] -= 1
+
+    with ScriptedLLM(respond) as server:
+        meta = make_data(make_cfg(tmp_path, server.url, sft=(6, 0, 0), llm_concurrency=3))
+    assert meta["llm"]["llm_rows"] == 6 and live["most"] == 3 and meta["openai_usage"]["retries"] == 0
 
 
 def test_429_then_success_is_retried(tmp_path):

@@ -162,23 +162,23 @@ def batch_jobs(client: LLMClient, files: dict[str, list[dict]], kind: str, size:
 class RowMaker:
     """Runs jobs in parallel under the failure policy, saving each finished row as it comes."""
 
-    def __init__(self, cfg: DataConfig, partial: Path, meter: Meter) -> None:
+    def __init__(self, cfg: DataConfig, partial: Path, meter: Meter, files: dict[str, list[dict]],
+                 kinds: tuple[str, ...]) -> None:
         self.cfg, self.partial, self.meter = cfg, partial, meter
         self.done: dict[Key, dict | None] = {}
-        self.resumed = 0
         self.stopped: str | None = None
+        self._prompts = {(n, r["id"]): r["prompt"] for n, rows in files.items() for r in rows}
+        self._llm_keys = {k for k in self._prompts if k[0].split("_")[0] in kinds}  # rows the LLM makes
         self._consec = 0
         self._lock = threading.Lock()
 
-    def resume(self, files: dict[str, list[dict]]) -> int:
+    def resume(self) -> int:
         """Take the rows of an earlier run's partial file whose prompts are still the same."""
-        prompts = {(n, r["id"]): r["prompt"] for n, rows in files.items() for r in rows}
         for line in read_jsonl_lenient(self.partial):
             key = (line.get("file"), line.get("id"))
-            if key in prompts and line.get("prompt") == prompts[key]:
+            if key in self._llm_keys and line.get("prompt") == self._prompts[key]:
                 self.done[key] = line.get("row")
-        self.resumed = len(self.done)
-        return self.resumed
+        return len(self.done)
 
     def run(self, jobs: list[Job]) -> None:
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.llm_concurrency)) as pool:
@@ -259,11 +259,6 @@ class RowMaker:
         self.meter.add(fallbacks=counts["template_rows"])
         return out, counts
 
-    def plan(self, files: dict[str, list[dict]], kinds: tuple[str, ...]) -> None:
-        """Record which rows the LLM is to make (the others are left as they are)."""
-        self._prompts = {(n, r["id"]): r["prompt"] for n, rows in files.items() for r in rows}
-        self._llm_keys = {k for k in self._prompts if k[0].split("_")[0] in kinds}
-
 
 def _template_row(row: dict) -> dict:
     if "response" in row:
@@ -274,63 +269,58 @@ def _template_row(row: dict) -> dict:
 def llm_files(cfg: DataConfig, files: dict[str, list[dict]], provider: str, out: Path) -> tuple[dict, dict]:
     """Rewrite `files` (the template rows) with the LLM; returns (files, meta entries)."""
     meter = Meter(cfg.llm_max_calls, cfg.llm_max_total_tokens)
-    limits = Limits.from_config(cfg)
     info: dict = {"requested_provider": cfg.provider, "fallback": cfg.llm_fallback,
                   "batch_size": cfg.llm_batch_size, "concurrency": cfg.llm_concurrency}
     try:
-        main = LLMClient(endpoint(provider, cfg.llm_model, cfg.llm_base_url), limits, meter) \
-            if provider != "template" else None
-        answerers, judge = _judge_clients(cfg, main, limits, meter) if cfg.judge else ([], None)
-        clients = [c for c in (main, *answerers, judge) if c is not None]
-        seen = set()
-        for c in clients:
-            if c.endpoint not in seen:
-                seen.add(c.endpoint)
-                c.health_check()
+        main, answerers, judge = _checked_clients(cfg, provider, meter)
     except (LLMError, BudgetExhausted, ValueError) as e:
         why = redact(str(e))
         warnings.warn(f"data: the LLM endpoint is not usable ({why}); using the offline templates", stacklevel=2)
         return files, {"provider": "template", "llm": {**info, "health_check": f"failed: {why}"},
                        "openai_usage": meter.snapshot()}
-    info["endpoints"] = sorted({str(c.endpoint) for c in clients})
     info["health_check"] = "ok"
-    maker = RowMaker(cfg, out / PARTIAL, meter)
-    kinds = (("sft",) if main else ()) + (("dpo",) if main or cfg.judge else ())
-    maker.plan(files, kinds)
-    info["resumed_rows"] = maker.resume(files)
-    skip = set(maker.done)
-    jobs = batch_jobs(main, files, "sft", cfg.llm_batch_size, cfg.llm_max_output_tokens, skip) if main else []
-    if cfg.judge:
+    kinds = (("sft",) if main else ()) + (("dpo",) if main or judge else ())
+    maker = RowMaker(cfg, out / PARTIAL, meter, files, kinds)
+    info["resumed_rows"] = maker.resume()
+    skip, size, tokens = set(maker.done), cfg.llm_batch_size, cfg.llm_max_output_tokens
+    jobs = batch_jobs(main, files, "sft", size, tokens, skip) if main else []
+    if judge:
         from picoalign.data.judge import judge_jobs
 
         jobs += judge_jobs(answerers, judge, files, cfg.judge_criteria, skip)
+        info["judge"] = {"answer_models": [str(c.endpoint) for c in answerers],
+                         "judge_model": str(judge.endpoint), "criteria": cfg.judge_criteria}
     elif main:
-        jobs += batch_jobs(main, files, "dpo", cfg.llm_batch_size, cfg.llm_max_output_tokens, skip)
-    print(f"data: {len(jobs)} LLM requests to make ({str(main.endpoint) if main else 'judge only'}), "
+        jobs += batch_jobs(main, files, "dpo", size, tokens, skip)
+    print(f"data: {len(jobs)} LLM requests to make ({main.endpoint if main else 'judged pairs only'}), "
           f"{info['resumed_rows']} rows resumed")
     maker.run(jobs)
     files, counts = maker.assemble(files)
     info.update(counts, stopped=maker.stopped)
-    if cfg.judge:
-        info["judge"] = {"answer_models": [str(c.endpoint) for c in answerers], "judge_model": str(judge.endpoint),
-                         "criteria": cfg.judge_criteria}
     if not counts["missing_rows"]:
         maker.partial.unlink(missing_ok=True)  # complete: a rerun starts afresh
     return files, {"provider": provider if main else "template", "llm": info, "openai_usage": meter.snapshot()}
 
 
-def _judge_clients(cfg: DataConfig, main: LLMClient | None, limits: Limits, meter: Meter):
-    specs = [s for s in cfg.answer_models.split(",") if s.strip()]
-    if len(specs) < 2:
-        raise ValueError("judge needs answer_models=MODEL@PROVIDER,MODEL@PROVIDER (two or more)")
-    def ep(spec: str):  # a bare MODEL is served where the data provider's model is
-        if "@" not in spec and main:
-            return endpoint(main.endpoint.provider, spec.strip(), main.endpoint.base_url)
-        return parse_endpoint(spec)
+def _checked_clients(cfg: DataConfig, provider: str, meter: Meter):
+    """(data model or None, answer models, judge or None), each endpoint health-checked once."""
+    limits = Limits.from_config(cfg)
+    main = LLMClient(endpoint(provider, cfg.llm_model, cfg.llm_base_url), limits, meter) \
+        if provider != "template" else None
+    answerers, judge = [], None
+    if cfg.judge:
+        def ep(spec: str):  # a bare MODEL is served where the data provider's model is
+            if "@" not in spec and main:
+                return endpoint(main.endpoint.provider, spec.strip(), main.endpoint.base_url)
+            return parse_endpoint(spec)
 
-    answerers = [LLMClient(ep(s), limits, meter) for s in specs]
-    if len({c.endpoint for c in answerers}) < len(answerers):
-        raise ValueError(f"answer_models names the same endpoint twice: {cfg.answer_models}")
-    if not cfg.judge_model and not main:
-        raise ValueError("judge needs judge_model=MODEL@PROVIDER when no data provider is set")
-    return answerers, LLMClient(ep(cfg.judge_model) if cfg.judge_model else main.endpoint, limits, meter)
+        answerers = [LLMClient(ep(s), limits, meter) for s in cfg.answer_models.split(",") if s.strip()]
+        if not cfg.judge_model and not main:
+            raise ValueError("judge needs judge_model=MODEL@PROVIDER when no data provider is set")
+        judge = LLMClient(ep(cfg.judge_model), limits, meter) if cfg.judge_model else main
+    checked = set()
+    for client in (main, *answerers, judge):
+        if client is not None and client.endpoint not in checked:
+            checked.add(client.endpoint)
+            client.health_check()
+    return main, answerers, judge
