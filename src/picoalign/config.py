@@ -185,6 +185,9 @@ class EvalConfig:
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
     temperature: float = opt(0.8, "sampling temperature for top_p")
     top_p: float = opt(0.9, "nucleus sampling mass for top_p")
+    # Small models decoded greedily fall into loops (a title or a sentence repeated to the end);
+    # a mild penalty, the same for every model, keeps the samples readable and comparable.
+    repetition_penalty: float = opt(1.15, "penalty on already-seen tokens when generating (1 = off)")
 
 
 @dataclass
