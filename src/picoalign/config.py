@@ -228,6 +228,9 @@ class EvalConfig:
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
     temperature: float = opt(0.8, "sampling temperature for top_p")
     top_p: float = opt(0.9, "nucleus sampling mass for top_p")
+    # Small models decoded greedily fall into loops (a title or a sentence repeated to the end);
+    # a mild penalty, the same for every model, keeps the samples readable and comparable.
+    repetition_penalty: float = opt(1.15, "penalty on already-seen tokens when generating (1 = off)")
     judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")

@@ -122,7 +122,7 @@ class Evaluator:
         for decoding in [d.strip() for d in self.cfg.decodings.split(",") if d.strip()]:
             texts = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, greedy=decoding == "greedy",
                              temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed,
-                             batch_size=self.cfg.batch_size)
+                             batch_size=self.cfg.batch_size, repetition_penalty=self.cfg.repetition_penalty)
             scores = self.style.score(texts) if self.style else [None] * len(texts)
             for pid, prompt, text, score in zip(self.prompt_ids, self.prompts, texts, scores):
                 rows.append({"id": pid, "prompt": prompt, "model": name, "decoding": decoding, "text": text,
@@ -211,4 +211,6 @@ def _run_facts(ev: Evaluator, models: dict) -> dict:
         pass
     return {"device": str(ev.device), "dtype": str(ev.dtype).replace("torch.", ""), "versions": versions,
             "model": models.get("base", next(iter(models.values()))),
+            # what was scored, which can be fewer than the test splits hold (max_sft_examples, max_pairs)
+            "eval_sizes": {"sft_test": len(ev.sft_rows), "dpo_test": len(ev.pairs), "prompts": len(ev.prompts)},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
