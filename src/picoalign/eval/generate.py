@@ -19,6 +19,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     raw: bool = False,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
     """Answers to `prompts` (strings or message lists), generated `batch_size` at a time.
 
@@ -38,7 +39,8 @@ def generate(
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling,
+            do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            repetition_penalty=repetition_penalty, **sampling,
         )
         texts += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     return texts
