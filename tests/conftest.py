@@ -29,6 +29,19 @@ CHATML = (
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
 
 torch.set_num_threads(1)  # tiny models: threads only fight over the 2 shared cores
+# The variables that point picoalign at an LLM API (provider auto would use them).
+LLM_ENV = ("DEEPSEEK_API_KEY", "DEEPSEEK_BASE_URL", "DEEPSEEK_MODEL", "OPENAI_API_KEY", "OPENAI_BASE_URL",
+           "OPENAI_MODEL", "OPENROUTER_API_KEY", "OPENROUTER_BASE_URL", "OPENROUTER_MODEL", "LLM_API_KEY",
+           "LLM_BASE_URL", "LLM_MODEL", "DATA_PROVIDER", "EVAL_JUDGE_PROVIDER", "JUDGE_MODEL", "ANSWER_MODELS")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_llm_api():
+    """No test reaches a real LLM API: the machine's keys and endpoints are hidden for the session."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in LLM_ENV:
+            mp.delenv(name, raising=False)
+        yield
 
 
 def _corpus(n_specs: int = 40) -> list[str]:

@@ -96,7 +96,8 @@ def test_data_command_writes_the_files_and_the_resolved_config(tmp_path, clean_e
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["out"] == str(out) and saved["seed"] == 7
     assert {k: saved[f"n_{k}"] for k in counts} == counts
-    assert saved["source"] == "stories" and saved["provider"] == "template"  # defaults kept
+    assert saved["source"] == "stories" and saved["provider"] == "auto"  # defaults kept
+    assert read_json(out / "dataset_meta.json")["provider"] == "template"  # auto without an API
 
 
 @pytest.mark.parametrize(("argv", "message"), [

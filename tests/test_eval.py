@@ -21,6 +21,7 @@ from picoalign.eval.evaluate import evaluate, mean_token_kl
 from picoalign.eval.generate import generate
 from picoalign.eval.style import StyleClassifier, lexicon_score
 from picoalign.io import read_json
+from picoalign.train.batching import render_prompt
 
 PROMPTS = ["Hi.", "Tell me a story about a lighthouse keeper who hears a knock at night.", "What is the capital of France?"]
 MODEL_KEYS = {"sft_test_loss", "sft_test_ppl", "dpo_test_pref_acc", "dpo_test_margin", "horror_lexicon",
@@ -113,6 +114,26 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny_llama, chat_tokeniz
     assert batched == alone
 
 
+def test_repetition_penalty_divides_seen_tokens_logits(tiny_llama, chat_tokenizer):
+    """A head with fixed logits (prompt token A: 2, unseen token B: 1, others 0): greedy repeats A
+    for ever; with penalty 50, a seen token's positive logit is divided by 50 (CTRL), so A (seen in
+    the prompt) drops to 0.04 and B wins, then B drops to 0.02 and A (0.04) wins again."""
+    model = copy.deepcopy(tiny_llama)
+    hidden, vocab = model.lm_head.in_features, model.lm_head.out_features
+    model.lm_head = torch.nn.Linear(hidden, vocab, bias=True)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    ids = render_prompt(chat_tokenizer, PROMPTS[0])
+    a = ids[-3]
+    b = next(t for t in range(vocab) if t not in ids and t != chat_tokenizer.eos_token_id)
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[a], model.lm_head.bias[b] = 2.0, 1.0
+    plain = generate(model, chat_tokenizer, [PROMPTS[0]], max_new_tokens=4, greedy=True)[0]
+    penalised = generate(model, chat_tokenizer, [PROMPTS[0]], max_new_tokens=4, greedy=True, repetition_penalty=50.0)[0]
+    assert plain == chat_tokenizer.decode([a] * 4, skip_special_tokens=True).strip()
+    assert penalised == chat_tokenizer.decode([b, a, a, a], skip_special_tokens=True).strip()
+
+
 def test_top_p_generation_is_seeded(tiny_llama, chat_tokenizer):
     kw = dict(max_new_tokens=8, greedy=False, temperature=0.8, top_p=0.9, batch_size=3)
     first = generate(tiny_llama, chat_tokenizer, PROMPTS, seed=5, **kw)
@@ -177,6 +198,7 @@ def test_evaluate_named_models(tmp_path, chat_model, data_dir, tiny_llama, chat_
     assert set(metrics["scores"]) == {"horror_lexicon", "horror_classifier", "horror_classifier_test_pair_accuracy"}
     assert {"device", "dtype", "versions", "model", "created", "stage_seconds"} <= set(metrics["run"])
     assert metrics["run"]["dtype"] == "float32" and metrics["run"]["model"] == str(chat_model)
+    assert metrics["run"]["eval_sizes"] == {"sft_test": 4, "dpo_test": 4, "prompts": 2}
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(set(s) == SAMPLE_KEYS for s in samples)

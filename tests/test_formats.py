@@ -290,7 +290,7 @@ def test_sample_files_read():
     samples = Path(__file__).resolve().parents[1] / "src" / "picoalign" / "samples"
     assert len(read_sft(samples / "alpaca_sample.jsonl")) == 3
     pairs = read_preferences(samples / "preferences_sample.csv")
-    assert [p["confidence"] for p in pairs] == [0.92, 0.81, 0.55]
+    assert [p["confidence"] for p in pairs] == [9, 8, 5]  # the judge's 1-10 scale
     assert all(p["chosen_model"] and p["rejected_model"] and p["judgment_reasoning"] for p in pairs)
 
 

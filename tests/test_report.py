@@ -73,6 +73,7 @@ def write_metrics(run: Path) -> None:
         "run": {"tag": "demo", "model": "builtin:pico-tiny", "device": "cpu", "dtype": "fp32",
                 "versions": {"torch": "2.13.0", "transformers": "5.0.0"},
                 "stage_seconds": {"data": 0.4, "sft": 30.5, "dpo": 28.0, "eval": 200.0},
+                "eval_sizes": {"sft_test": 12, "dpo_test": 16, "prompts": 2},
                 "created": "2025-01-02T03:10:00"},
         "models": {"base": model(3.9, 0.4375, -0.25, 0.012, 0.11),
                    "sft": model(1.23456, 0.53125, 0.031, 0.02, 0.35),
@@ -93,7 +94,8 @@ def write_metrics(run: Path) -> None:
 def full_run(tmp_path: Path) -> Path:
     run = tmp_path / "demo"
     (run / "config.yaml").parent.mkdir(parents=True)
-    (run / "config.yaml").write_text("sft:\n  lr: 0.0002\n  epochs: 1.0\ndpo:\n  beta: 0.1\n  loss: sigmoid\n")
+    (run / "config.yaml").write_text("sft:\n  lr: 0.0002\n  epochs: 1.0\ndpo:\n  beta: 0.1\n  loss: sigmoid\n"
+                                   "eval:\n  repetition_penalty: 1.15\n")
     write_meta(run)
     write_logs(run)
     write_metrics(run)
@@ -122,6 +124,10 @@ def test_full_report(built):
     assert "掩码损失" in zh and "恐怖词汇得分" in zh
     assert "](curves.png)" in en and "](metrics.png)" in zh
     assert "Warning" not in en  # a torn log line is not a problem worth a warning
+    # eval scored a subset of the test splits, and the report says which
+    assert "SFT loss on 12 of the 64 rows of `sft_test`" in en and "16 of the 64 pairs of `dpo_test`" in en
+    assert "全部 64 条中的 12 条" in zh and "全部 64 对中的 16 对" in zh
+    assert "`greedy` decoding with a repetition penalty of 1.15" in en and "（重复惩罚 1.15）" in zh
 
 
 def test_index_html_is_self_contained_and_escaped(built):

@@ -38,6 +38,7 @@ STAGES: dict[str, tuple] = {
 # Stages that take plain arguments rather than a config class, registered by their modules.
 EXTRA: dict[str, tuple[str, str]] = {
     "check-data": ("picoalign.data.check:main", "check a data file and print counts and problems"),
+    "deid": ("picoalign.data.deid:main", "replace names, emails, phone numbers... in a data file with placeholders"),
     "report": ("picoalign.report.build:main", "build the results report of a run folder"),
     "run": ("picoalign.pipeline:main", "the whole pipeline: data, SFT, DPO, eval, report"),
 }

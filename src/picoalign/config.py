@@ -21,6 +21,10 @@ from typing import Any
 import yaml
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+JUDGE_CRITERIA = (
+    "Which answer follows the prompt more faithfully and is the better piece of writing for what "
+    "the prompt asks? For a horror story: more eerie, suspenseful and unsettling, without being graphic."
+)
 
 
 class ConfigError(ValueError):
@@ -47,7 +51,9 @@ class DataConfig:
     out: str = opt("data", "folder the splits and dataset_meta.json are written to")
     source: str = opt("stories", "stories (horror story specifications) | tinystories-instruct")
     input: str | None = opt(None, "input file for source=tinystories-instruct")
-    provider: str = opt("template", "data provider: template (offline) or an LLM API", env="DATA_PROVIDER")
+    provider: str = opt("auto", "auto | template | deepseek | openai | openrouter | openai-compatible "
+                        "(auto: DeepSeek, OpenAI or LLM_BASE_URL when set, else the offline templates)",
+                        env="DATA_PROVIDER")
     seed: int = opt(1234, "random seed: the same seed gives the same files", env="SEED")
     n_sft_train: int = opt(256, "SFT training rows", env="N_SFT_TRAIN")
     n_sft_val: int = opt(64, "SFT validation rows", env="N_SFT_VAL")
@@ -55,8 +61,44 @@ class DataConfig:
     n_dpo_train: int = opt(256, "preference training pairs", env="N_DPO_TRAIN")
     n_dpo_val: int = opt(64, "preference validation pairs", env="N_DPO_VAL")
     n_dpo_test: int = opt(64, "preference test pairs", env="N_DPO_TEST")
+    # LLM settings (data/llm.py); API keys are read from the environment only, never stored here.
+    llm_model: str = opt("", "LLM model (empty: DEEPSEEK_MODEL, OPENAI_MODEL, ... or the provider's default)")
+    llm_base_url: str = opt("", "LLM base URL (empty: DEEPSEEK_BASE_URL, LLM_BASE_URL, ... or the provider's)")
+    llm_batch_size: int = opt(4, "prompts per LLM request", env="LLM_BATCH_SIZE")
+    llm_concurrency: int = opt(4, "LLM requests in flight at once", env="LLM_CONCURRENCY")
+    llm_temperature: float = opt(0.8, "sampling temperature of the LLM", env="LLM_TEMPERATURE")
+    llm_max_output_tokens: int = opt(0, "output-token cap of one request (0 = 900 per story asked for, at most 8000)",
+                                     env="LLM_MAX_OUTPUT_TOKENS")
+    llm_max_retries: int = opt(5, "retries of a request on 429/5xx/timeouts/unusable replies", env="LLM_MAX_RETRIES")
+    llm_retry_base_seconds: float = opt(1.0, "first retry delay; doubles each retry, with jitter",
+                                        env="LLM_RETRY_BASE_SECONDS")
+    llm_timeout: float = opt(120.0, "seconds one request may take", env="LLM_TIMEOUT")
+    llm_json_mode: bool = opt(True, "send response_format=json_object (off for servers without it)",
+                              env="LLM_JSON_MODE")
+    llm_fallback: str = opt("template", "a failed request: template (fill its rows from the templates) | "
+                            "stop (no more requests; keep the rows made)", env="LLM_FALLBACK")
+    llm_max_consec_fails: int = opt(3, "stop calling after this many failed requests in a row (0 = never)",
+                                    env="LLM_MAX_CONSEC_FAILS")
+    llm_max_calls: int = opt(0, "budget: HTTP requests, retries and health check included (0 = no limit)",
+                             env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "budget: total tokens as the API's usage reports them (0 = no limit)",
+                                    env="LLM_MAX_TOTAL_TOKENS")
+    judge: bool = opt(False, "preference pairs: answers of two models judged by an LLM in both orders")
+    answer_models: str = opt("", "with judge: MODEL@PROVIDER or MODEL@URL, comma-separated (two or more)",
+                             env="ANSWER_MODELS")
+    judge_model: str = opt("", "with judge: MODEL@PROVIDER of the judge (empty: the data provider's model)",
+                           env="JUDGE_MODEL")
+    judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    deid: bool = opt(False, "replace names, emails, phone numbers... with placeholders (Presidio)")
 
     def __post_init__(self) -> None:
+        if self.llm_fallback not in ("template", "stop"):
+            raise ConfigError(f"llm_fallback must be template or stop, got {self.llm_fallback!r}")
+        if min(self.llm_batch_size, self.llm_concurrency) < 1 or self.llm_max_retries < 0:
+            raise ConfigError("llm_batch_size and llm_concurrency must be >= 1, llm_max_retries >= 0")
+        answers = [a.strip() for a in self.answer_models.split(",") if a.strip()]
+        if self.judge and (len(answers) < 2 or len(set(answers)) < len(answers)):
+            raise ConfigError("judge needs answer_models with two or more different MODEL@PROVIDER entries")
         for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -155,7 +197,8 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = opt(0.0, "ε for cdpo / robust")
     sft_weight: float = opt(0.0, "weight of an extra SFT loss on the chosen answer")
     reference: str = opt("precompute", "precompute | live | PATH of another checkpoint")
-    min_confidence: float = opt(0.0, "drop pairs whose `confidence` is below this")
+    min_confidence: float = opt(6.0, "drop pairs whose judge `confidence` (1-10) is below this; "
+                                "pairs without one are kept")
     prefix_sharing: bool = opt(True, "run the prompt once for chosen and rejected")
 
     def __post_init__(self) -> None:
@@ -190,6 +233,13 @@ class EvalConfig:
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
     temperature: float = opt(0.8, "sampling temperature for top_p")
     top_p: float = opt(0.9, "nucleus sampling mass for top_p")
+    # Small models decoded greedily fall into loops (a title or a sentence repeated to the end);
+    # a mild penalty, the same for every model, keeps the samples readable and comparable.
+    repetition_penalty: float = opt(1.15, "penalty on already-seen tokens when generating (1 = off)")
+    judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
+                              env="EVAL_JUDGE_PROVIDER")
+    judge_model: str = opt("", "the judge's model (empty: the provider's default)")
+    judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
 
 
 @dataclass

@@ -15,6 +15,7 @@ stage stops it with the reason and the path of the log.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -223,6 +224,8 @@ def main(argv: list[str]) -> int:
                    help="override a setting, e.g. --set sft.max_seconds=60 (repeatable)")
     p.add_argument("--tag", help="run name (runs/<tag>/); reuse a tag to resume")
     args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would make the same files at once
+        p.exit(2, "picoalign run: runs in one process; start sft, dpo or pretrain with torchrun instead\n")
     overrides = C.parse_overrides(args.overrides)
     if args.tag:
         overrides["tag"] = args.tag

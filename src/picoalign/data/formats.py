@@ -2,7 +2,7 @@
 
     from picoalign.data.formats import read_sft, read_preferences
     rows = read_sft("alpaca.jsonl")                        # [{"id", "prompt", "response"}, ...]
-    pairs = read_preferences("prefs.csv", min_confidence=0.7)
+    pairs = read_preferences("prefs.csv", min_confidence=6)    # judge confidence 1-10
 
 SFT rows may be `prompt`|`input` + `response`|`output`|`completion`, Alpaca `instruction` (+
 `input`) + `output`, chat `messages`, or ShareGPT `conversations` (`from`/`value`). Chat rows keep

@@ -2,6 +2,7 @@
 
     picoalign data --out runs/demo/data                 # offline horror-story specs
     picoalign data --source tinystories-instruct --input stories.txt --out data/ts
+    DEEPSEEK_API_KEY=... picoalign data --out runs/demo/data      # answers by an LLM (data/llm_rows.py)
 
 Every prompt is unique across all six files, so no prompt is in two splits. The files are
 written only after every row is made, each atomically, so a failure leaves nothing half-written.
@@ -62,29 +63,44 @@ def story_rows(cfg: DataConfig) -> dict[str, list[dict]]:
 def make_data(cfg: DataConfig) -> dict:
     """Make the data set described by `cfg` in `cfg.out`; returns the dataset meta."""
     t0 = time.time()
-    if cfg.provider not in ("template", "auto"):
-        raise ValueError(
-            f"provider {cfg.provider!r} needs the LLM data layer, which is not built yet; "
-            "use provider=template (the offline generator)"
-        )
+    from picoalign.data.llm import resolve_provider
+
+    provider = resolve_provider(cfg.provider)
+    out = Path(cfg.out)
     if cfg.source == "stories":
         files = story_rows(cfg)
         version = stories.GENERATOR_VERSION
     else:
         from picoalign.data import instruct
 
+        if cfg.provider != "auto" and provider != "template" or cfg.judge:
+            raise ValueError(f"source={cfg.source} takes its answers from the input file: "
+                             "use provider=template (or auto), without judge")
+        provider = "template"
         files = instruct.instruct_rows(cfg)
         version = instruct.GENERATOR_VERSION
-    out = Path(cfg.out)
+    extra: dict = {"provider": "template"}
+    if provider != "template" or cfg.judge:
+        from picoalign.data.llm_rows import llm_files
+
+        files, extra = llm_files(cfg, files, provider, out)
+    if cfg.deid:
+        from picoalign.data.deid import deid_rows
+
+        counts: dict[str, int] = {}
+        files = {name: deid_rows(rows, counts) for name, rows in files.items()}
+        extra["deid"] = counts
+        print(f"data: de-identified {sum(counts.values())} spans: {counts}")
     for name, rows in files.items():
         write_jsonl(out / f"{name}.jsonl", rows)
     meta = {
         "source": cfg.source,
-        "provider": "template",  # "auto" falls back to the templates when no API is configured
+        "provider": extra.pop("provider"),
         "generator_version": version,
         "seed": cfg.seed,
         "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test")},
         "counts": {name: len(rows) for name, rows in files.items()},
+        **extra,
         "seconds": round(time.time() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

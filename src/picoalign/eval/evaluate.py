@@ -9,6 +9,8 @@ log π(rejected) (margin in nats), for DPO whether its implicit reward β·(log 
 is higher for chosen (margin β-scaled), the reference being the run's SFT model; greedy and
 top-p generations for a few test prompts with two horror-style scores; and for DPO, the mean
 per-token KL(π_DPO ‖ π_ref) on its own greedy samples: how far DPO moved from the reference.
+With `--judge-provider` (a provider or MODEL@PROVIDER), an LLM judge compares the DPO and SFT
+greedy samples of each prompt in both orders: `judge.win_rate` of DPO over SFT (0.5 = even).
 Writes `metrics.json` (merged with what the run already recorded) and `samples.jsonl`.
 """
 
@@ -120,7 +122,7 @@ class Evaluator:
         for decoding in [d.strip() for d in self.cfg.decodings.split(",") if d.strip()]:
             texts = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, greedy=decoding == "greedy",
                              temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed,
-                             batch_size=self.cfg.batch_size)
+                             batch_size=self.cfg.batch_size, repetition_penalty=self.cfg.repetition_penalty)
             scores = self.style.score(texts) if self.style else [None] * len(texts)
             for pid, prompt, text, score in zip(self.prompt_ids, self.prompts, texts, scores):
                 rows.append({"id": pid, "prompt": prompt, "model": name, "decoding": decoding, "text": text,
@@ -159,6 +161,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         results[name], samples = m, samples + rows
     metrics = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
     metrics["models"] = results
+    if cfg.judge_provider:
+        metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))
     metrics["run"].setdefault("stage_seconds", {})["eval"] = round(time.time() - t0, 1)
@@ -167,6 +171,30 @@ def evaluate(cfg: EvalConfig) -> dict:
     write_jsonl(out / "samples.jsonl", samples)
     print(f"eval: wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return metrics
+
+
+def judge_dpo_vs_sft(cfg: EvalConfig, samples: list[dict]) -> dict:
+    """Win rate of the DPO model's greedy samples over the SFT model's, by an LLM judge in both
+    orders per prompt (data/judge.py); a judge that cannot be reached is reported, not fatal."""
+    from picoalign.data.judge import win_rate
+    from picoalign.data.llm import BudgetExhausted, LLMClient, LLMError, parse_endpoint, redact
+
+    greedy = {(s["model"], s["id"]): s for s in samples if s["decoding"] == "greedy"}
+    ids = [i for (m, i) in greedy if m == "dpo" and ("sft", i) in greedy]
+    if not ids:
+        return {"error": "no greedy samples of both a dpo and an sft model"}
+    spec = cfg.judge_provider if "@" in cfg.judge_provider else f"{cfg.judge_model}@{cfg.judge_provider}"
+    try:
+        client = LLMClient(parse_endpoint(spec))
+        client.health_check()
+        result = win_rate(client, [greedy["dpo", i]["prompt"] for i in ids], [greedy["dpo", i]["text"] for i in ids],
+                          [greedy["sft", i]["text"] for i in ids], cfg.judge_criteria)
+    except (LLMError, BudgetExhausted, ValueError) as e:
+        print(f"eval: judge skipped: {redact(str(e))}")
+        return {"error": redact(str(e))}
+    result["usage"] = client.meter.snapshot()
+    print(f"eval: judge win rate of DPO over SFT {result['win_rate']} on {result['prompts']} prompts")
+    return result
 
 
 def _run_facts(ev: Evaluator, models: dict) -> dict:
@@ -183,4 +211,6 @@ def _run_facts(ev: Evaluator, models: dict) -> dict:
         pass
     return {"device": str(ev.device), "dtype": str(ev.dtype).replace("torch.", ""), "versions": versions,
             "model": models.get("base", next(iter(models.values()))),
+            # what was scored, which can be fewer than the test splits hold (max_sft_examples, max_pairs)
+            "eval_sizes": {"sft_test": len(ev.sft_rows), "dpo_test": len(ev.pairs), "prompts": len(ev.prompts)},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -29,11 +29,14 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0  # > 1 divides the logits of tokens already in the row (CTRL)
 
     def generate_kwargs(self) -> dict:
+        penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1 else {}
         if self.greedy or self.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+            return {"do_sample": False, **penalty}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                **penalty}
 
 
 @dataclass
@@ -130,7 +133,8 @@ def generate(
     raw: bool = False,
     top_k: int = 0,
     stop: tuple[str, ...] = (),
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
     """The answers' text only (stripped); see `generate_full`."""
-    sampling = Sampling(max_new_tokens, greedy, temperature, top_p, top_k, seed, tuple(stop))
+    sampling = Sampling(max_new_tokens, greedy, temperature, top_p, top_k, seed, tuple(stop), repetition_penalty)
     return [g.text.strip() for g in generate_full(model, tokenizer, prompts, sampling, batch_size, raw)]

@@ -233,8 +233,12 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
     header_row = [t["metric"], t["better"], *(t[f"n_{m}"] for m in MODELS)]
     rows = [[t[f"m_{key}"], t[better] if better else ""] + [fmt_metric(key, run.model(m).get(key)) for m in MODELS]
             for key, better in METRICS.items()]
+    held = {k: dig(run.meta, "counts", k) for k in ("sft_test", "dpo_test")}
+    scored = {k: dig(run.metrics, "run", "eval_sizes", k) for k in held}  # eval may score a subset
     out = [table(header_row, rows), "", t["metrics_note"].format(
-        n_sft=_n(dig(run.meta, "counts", "sft_test")), n_dpo=_n(dig(run.meta, "counts", "dpo_test")))]
+        n_sft=_n(scored["sft_test"] if scored["sft_test"] is not None else held["sft_test"]),
+        n_dpo=_n(scored["dpo_test"] if scored["dpo_test"] is not None else held["dpo_test"]),
+        of_sft=_n(held["sft_test"]), of_dpo=_n(held["dpo_test"]))]
     if "metrics.png" in images:
         out += ["", f"![{t['metrics_alt']}](metrics.png)"]
     return "\n".join(out)
@@ -306,7 +310,9 @@ def samples(run: Run, t: dict, images: set[str]) -> str:
     order = list(groups)
     picked = sorted(order, key=lambda k: (-len(groups[k]), order.index(k)))[:MAX_PROMPTS]
     models = [m for m in MODELS if any(m in g for g in groups.values())]
-    out = [t["samples_intro"].format(decoding=plain(decoding), shown=len(picked), prompts=len(groups),
+    penalty = num(dig(run.config, "eval", "repetition_penalty"))
+    extra = t["with_penalty"].format(penalty=f"{penalty:g}") if penalty and penalty != 1 else ""
+    out = [t["samples_intro"].format(decoding=plain(decoding), extra=extra, shown=len(picked), prompts=len(groups),
                                      clip=CLIP_TEXT, rows=len(run.samples))]
     for i, key in enumerate(picked, 1):
         group = groups[key]

@@ -73,7 +73,7 @@ EN: dict[str, str] = {
     "up": "↑ higher",
     "style": "↑ more horror",
     "near": "small = near reference",
-    "metrics_note": "Test sets: SFT loss on `sft_test` ({n_sft} rows), preference accuracy and margin on `dpo_test` ({n_dpo} pairs); style scores are means over each model's generations. \"—\" means not measured.",
+    "metrics_note": "Test sets: SFT loss on {n_sft} of the {of_sft} rows of `sft_test`, preference accuracy and margin on {n_dpo} of the {of_dpo} pairs of `dpo_test`; style scores are means over each model's generations. \"—\" means not measured.",
     "metrics_alt": "Metrics by model",
     # curves
     "h_curves": "Training curves",
@@ -91,8 +91,9 @@ EN: dict[str, str] = {
     # samples
     "h_samples": "Samples: the same prompt, each model",
     "no_samples": "No `samples.jsonl`: the evaluation stage is missing / not run.",
-    "samples_intro": "`{decoding}` decoding, {shown} of {prompts} prompts; texts are clipped to {clip} characters. All {rows} generations: [samples.jsonl](../samples.jsonl).",
+    "samples_intro": "`{decoding}` decoding{extra}, {shown} of {prompts} prompts; texts are clipped to {clip} characters. All {rows} generations: [samples.jsonl](../samples.jsonl).",
     "prompt_n": "Prompt {i}",
+    "with_penalty": " with a repetition penalty of {penalty}",
     "no_generation": "(no `{decoding}` generation of this model for this prompt)",
     "sample_scores": "horror lexicon {lex} · classifier {clf}",
     "clipped": "[… clipped; {n} characters in all]",
@@ -180,7 +181,7 @@ ZH: dict[str, str] = {
     "up": "↑ 越高越好",
     "style": "↑ 越像恐怖故事",
     "near": "越小越接近参考模型",
-    "metrics_note": "测试集：SFT 损失基于 `sft_test`（{n_sft} 条），偏好准确率与边际基于 `dpo_test`（{n_dpo} 对）；风格得分是各模型生成结果的平均值。“—”表示未测量。",
+    "metrics_note": "测试集：SFT 损失基于 `sft_test` 全部 {of_sft} 条中的 {n_sft} 条，偏好准确率与边际基于 `dpo_test` 全部 {of_dpo} 对中的 {n_dpo} 对；风格得分是各模型生成结果的平均值。“—”表示未测量。",
     "metrics_alt": "各模型指标",
     # curves
     "h_curves": "训练曲线",
@@ -198,8 +199,9 @@ ZH: dict[str, str] = {
     # samples
     "h_samples": "生成样例：同一提示，各模型对照",
     "no_samples": "没有 `samples.jsonl`：评估阶段缺失 / 未运行。",
-    "samples_intro": "解码方式 `{decoding}`，展示 {prompts} 个提示中的 {shown} 个；文本截断到 {clip} 个字符。全部 {rows} 条生成结果见 [samples.jsonl](../samples.jsonl)。",
+    "samples_intro": "解码方式 `{decoding}`{extra}，展示 {prompts} 个提示中的 {shown} 个；文本截断到 {clip} 个字符。全部 {rows} 条生成结果见 [samples.jsonl](../samples.jsonl)。",
     "prompt_n": "提示 {i}",
+    "with_penalty": "（重复惩罚 {penalty}）",
     "no_generation": "（该模型对此提示没有 `{decoding}` 生成结果）",
     "sample_scores": "恐怖词汇得分 {lex} · 分类器得分 {clf}",
     "clipped": "[… 已截断，共 {n} 个字符]",

@@ -24,6 +24,7 @@ import torch
 from picoalign.config import DPOConfig
 from picoalign.data.formats import read_preferences
 from picoalign.models.load import load_model, read_marker
+from picoalign.train import dist
 from picoalign.train.batching import PackedBatch, forward_logps
 from picoalign.train.loop import autocast_for, fit
 from picoalign.train.losses import DPO_LOSSES, dpo_stats, sequence_logps
@@ -102,10 +103,11 @@ class DPOTask:
         if cache.exists() and (saved := torch.load(cache, weights_only=False)).get("key") == key:
             logps = saved["logps"]
         else:
-            logps = self._compute_reference(batches)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"key": key, "logps": logps}, tmp)
-            tmp.replace(cache)
+            logps = dist.gather_shards(self._compute_reference, batches)  # each rank its share (torchrun)
+            if dist.world().main:
+                tmp = cache.with_suffix(".tmp")
+                torch.save({"key": key, "logps": logps}, tmp)
+                tmp.replace(cache)
         for batch, ref in zip(batches, logps):
             batch.ref_logps = ref
 

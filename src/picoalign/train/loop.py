@@ -6,6 +6,12 @@ AdamW, warmup + cosine schedule, gradient accumulation and clipping, bf16 autoca
 budgets (`max_steps`, `epochs`, `max_seconds`, whichever comes first), early stopping,
 checkpoints that resume on the same curve, and the logs.
 
+Under `torchrun` (see `train/dist.py`) the same loop runs data-parallel: each optimiser step
+takes `grad_accum x world_size` micro-batches of the one shuffled order, rank r the r-th of
+every `world_size`, so every rank does the same number of steps and 2 processes with
+`grad_accum` 1 follow the curve of 1 process with `grad_accum` 2. Rank 0 alone logs and saves.
+The phases carry torch.profiler labels (`picoalign/forward`, ...; see bench/profile_step.py).
+
 Checkpoint layout in `out/`:
     last/                   the latest checkpoint: model files + trainer_state.pt (optimizer,
                             scheduler, RNG states, step, data position, elapsed time)
@@ -19,15 +25,17 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.autograd import profiler
 
 from picoalign.io import write_json
 from picoalign.models.load import MARKER, read_marker
+from picoalign.train import dist
 from picoalign.train.trackers import Trackers
 
 STATE_FILE = "trainer_state.pt"
@@ -85,13 +93,13 @@ def make_schedule(opt, cfg, total_steps: int | None):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def planned_steps(cfg, n_batches: int) -> int | None:
+def planned_steps(cfg, n_batches: int, world_size: int = 1) -> int | None:
     """Optimiser steps the step/epoch budgets allow (None when only time limits the run)."""
     limits = []
     if cfg.max_steps > 0:
         limits.append(cfg.max_steps)
     if cfg.epochs > 0:
-        limits.append(math.ceil(math.ceil(cfg.epochs * n_batches) / cfg.grad_accum))
+        limits.append(math.ceil(math.ceil(cfg.epochs * n_batches) / (cfg.grad_accum * world_size)))
     return min(limits) if limits else None
 
 
@@ -100,14 +108,21 @@ def batch_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def phase(name: str):
+    """A torch.profiler label for a phase of the loop; nothing at all when no profiler runs."""
+    return profiler.record_function(f"picoalign/{name}") if profiler._is_profiler_enabled else nullcontext()
+
+
 def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, log_dir: Path | None = None) -> dict:
     """Train `task.model` under `cfg`'s budgets; returns a summary (steps, seconds, last eval)."""
     out = Path(cfg.out)
     log_dir = Path(log_dir) if log_dir else out / "logs"
+    dist.init(device)
+    world = dist.world()
     batches = task.batches()
     if not batches:
         raise ValueError(f"{name}: no training batches (is the training file empty?)")
-    total = planned_steps(cfg, len(batches))
+    total = planned_steps(cfg, len(batches), world.size)
     max_micro = math.ceil(cfg.epochs * len(batches)) if cfg.epochs > 0 else math.inf
     params = [p for p in task.model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
@@ -115,87 +130,122 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     state = LoopState()
     seed_everything(cfg.seed)
     if cfg.resume and (out / "last" / STATE_FILE).exists():
-        state = load_checkpoint(out / "last", task.model, opt, sched)
+        state = load_checkpoint(out / "last", task.model, opt, sched)  # every rank, the same state
         print(f"{name}: resumed at step {state.step} (micro-batch {state.micro})")
-    elif (log_dir / f"{name}.jsonl").exists():
+    elif world.main and (log_dir / f"{name}.jsonl").exists():
         (log_dir / f"{name}.jsonl").unlink()  # a fresh run starts a fresh log
-    trackers = Trackers(log_dir, name, cfg, {"stage": name, **_public(cfg)})
-    bar = _progress(cfg, total, state.step, name)
+    ddp = dist.wrap(task.model, device) if world.distributed else None
+    effective = cfg.batch_size * cfg.grad_accum * world.size
+    print(f"{name}: effective batch {effective} per optimiser step = batch_size {cfg.batch_size} x grad_accum "
+          f"{cfg.grad_accum} x {world.size} process{'es' if world.distributed else ''}")
+    run_params = {"stage": name, "world_size": world.size, "effective_batch": effective, **_public(cfg)}
+    trackers = Trackers(log_dir, name, cfg, run_params) if world.main else _NoTrackers()
+    trackers.log({"kind": "start", "step": state.step, "world_size": world.size, "batch_size": cfg.batch_size,
+                  "grad_accum": cfg.grad_accum, "effective_batch": effective})
+    bar = _progress(cfg, total, state.step, name, world.main)
     started, stop_reason = time.time() - state.elapsed, None
     try:
         while True:
-            # -- eval
+            # -- eval (every rank evaluates its identical model; rank 0's verdict counts)
             due = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
             if due and state.last_eval.get("step") != state.step:
                 if _evaluate(task, state, cfg, trackers, device, dtype):
                     stop_reason = "early stop"
             # -- checkpoint
-            if cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
+            if world.main and cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
                 save_checkpoint(out / "last", task, opt, sched, state)
             # -- budgets
             state.elapsed = time.time() - started
-            stop_reason = stop_reason or _budget_reached(cfg, state, total, max_micro)
+            stop_reason = dist.from_main(stop_reason or _budget_reached(cfg, state, total, max_micro, world.size))
             if stop_reason:
                 break
             # -- step
-            t0 = time.time()
-            metrics, tokens = _step(task, batches, state, cfg, opt, sched, params, device, dtype)
-            dt = time.time() - t0
-            state.step += 1
-            state.elapsed = time.time() - started
-            # -- log
-            if state.step % cfg.log_every == 0:
-                row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4), **metrics,
-                       "tokens": tokens, "tokens_per_s": round(tokens / dt, 1), "elapsed": round(state.elapsed, 2)}
-                trackers.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}")
+            with phase("step"):
+                t0 = time.time()
+                metrics, tokens = _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp)
+                dt = time.time() - t0
+                state.step += 1
+                state.elapsed = time.time() - started
+                # -- log
+                with phase("log"):
+                    if state.step % cfg.log_every == 0:
+                        row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4),
+                               **metrics, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
+                               "elapsed": round(state.elapsed, 2)}
+                        trackers.log(row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}")
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(out / "last", task, opt, sched, state)
+        if world.main:
+            save_checkpoint(out / "last", task, opt, sched, state)
         trackers.close()
         raise
     bar.close()
     if state.last_eval.get("step") != state.step:
         _evaluate(task, state, cfg, trackers, device, dtype)
-    save_checkpoint(out / "last", task, opt, sched, state)
-    task.save(out)
     summary = {"stage": name, "complete": True, "steps": state.step, "stop_reason": stop_reason,
                "seconds": round(state.elapsed, 2), "last_eval": state.last_eval}
-    write_json(out / MARKER, {**read_marker(out), **summary})
+    if world.main:
+        save_checkpoint(out / "last", task, opt, sched, state)
+        task.save(out)
+        write_json(out / MARKER, {**read_marker(out), **summary})
     trackers.close()
+    dist.barrier()  # when fit returns, on any rank, the final model is on disk
     print(f"{name}: done in {state.step} steps, {state.elapsed:.0f}s ({stop_reason}); saved to {out}")
     return summary
 
 
-def _step(task, batches, state, cfg, opt, sched, params, device, dtype) -> tuple[dict, int]:
-    """One optimiser step over `grad_accum` micro-batches."""
-    task.model.train()
+def _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp=None) -> tuple[dict, int]:
+    """One optimiser step over `grad_accum` micro-batches (on each of the `world_size` ranks)."""
+    world = dist.world()
+    (ddp or task.model).train()
     sums: dict[str, float] = {}
     tokens = 0
     for i in range(cfg.grad_accum):
-        epoch, k = divmod(state.micro + i, len(batches))
-        batch = batches[batch_order(len(batches), epoch, cfg.seed)[k]].to(device)
-        with autocast_for(device, dtype):
-            loss, metrics = task.loss(batch)
-        (loss / cfg.grad_accum).backward()
+        with phase("data"):
+            epoch, k = divmod(state.micro + i * world.size + world.rank, len(batches))
+            batch = batches[batch_order(len(batches), epoch, cfg.seed)[k]].to(device)
+        with _through(task, ddp, sync=i == cfg.grad_accum - 1):
+            with phase("forward"), autocast_for(device, dtype):
+                loss, metrics = task.loss(batch)
+            with phase("backward"):
+                (loss / cfg.grad_accum).backward()
         for key, v in {"loss": loss.item(), **metrics}.items():
             sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
         tokens += batch.n_tokens
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-    lr = sched.get_last_lr()[0]  # the rate this step uses
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    state.micro += cfg.grad_accum  # only now: an interrupted step is redone whole on resume
+    with phase("optimizer"):
+        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        lr = sched.get_last_lr()[0]  # the rate this step uses
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    with phase("log"):
+        sums, tokens = dist.mean_metrics(sums, tokens, device)
+    state.micro += cfg.grad_accum * world.size  # only now: an interrupted step is redone whole on resume
     return {**{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "grad_norm": round(grad_norm, 4)}, tokens
+
+
+@contextmanager
+def _through(task, ddp, sync: bool):
+    """Let the task's forward run through the DDP wrapper, so that backward averages the
+    gradients across ranks; on accumulation micro-steps but the last, without that sync."""
+    if ddp is None:
+        yield
+        return
+    bare, task.model = task.model, ddp
+    try:
+        with nullcontext() if sync else ddp.no_sync():
+            yield
+    finally:
+        task.model = bare
 
 
 def _evaluate(task, state: LoopState, cfg, trackers, device, dtype) -> bool:
     """Run the task's evaluation and log it; True when early stopping says stop."""
     task.model.eval()
-    with torch.no_grad(), autocast_for(device, dtype):
+    with phase("eval"), torch.no_grad(), autocast_for(device, dtype):
         metrics = task.evaluate()
     state.last_eval = {"step": state.step, **metrics}
     trackers.log({"kind": "eval", "step": state.step, **metrics})
@@ -209,20 +259,31 @@ def _evaluate(task, state: LoopState, cfg, trackers, device, dtype) -> bool:
     return cfg.early_stop > 0 and state.bad_evals >= cfg.early_stop
 
 
-def _budget_reached(cfg, state: LoopState, total: int | None, max_micro: float) -> str | None:
+def _budget_reached(cfg, state: LoopState, total: int | None, max_micro: float, world_size: int = 1) -> str | None:
     if total is not None and state.step >= total:
         return "max_steps" if cfg.max_steps and state.step >= cfg.max_steps else "epochs"
-    if state.micro + cfg.grad_accum > max_micro:
+    if state.micro + cfg.grad_accum * world_size > max_micro:
         return "epochs"
     if cfg.max_seconds > 0 and state.elapsed >= cfg.max_seconds:
         return "max_seconds"
     return None
 
 
-def _progress(cfg, total, initial, name):
+def _progress(cfg, total, initial, name, main: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=name, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=name, unit="step", disable=not (cfg.progress and main),
+                dynamic_ncols=True)
+
+
+class _NoTrackers:
+    """What ranks other than 0 log to."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _public(cfg) -> dict:
@@ -240,6 +301,17 @@ def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> N
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    with phase("checkpoint"):
+        _write_checkpoint(tmp, task, opt, sched, state)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(tmp: Path, task: Task, opt, sched, state: LoopState) -> None:
     task.save(tmp)
     trainable = {n: p.detach().cpu() for n, p in task.model.named_parameters() if p.requires_grad}
     torch.save(
@@ -253,12 +325,6 @@ def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> N
         },
         tmp / STATE_FILE,
     )
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, opt, sched) -> LoopState:

@@ -32,7 +32,7 @@ import torch
 
 from picoalign.config import PretrainConfig, TokenizerConfig
 from picoalign.io import write_json
-from picoalign.models.load import MARKER, read_marker
+from picoalign.models.load import MARKER, pick_device, read_marker
 from picoalign.models.pico import init_model, parse_spec
 from picoalign.models.tokenizer import (
     ENDOFTEXT,
@@ -41,6 +41,7 @@ from picoalign.models.tokenizer import (
     read_text_documents,
     train_tokenizer,
 )
+from picoalign.train import dist
 from picoalign.train.batching import PackedBatch, forward_logps
 from picoalign.train.loop import fit
 from picoalign.train.losses import masked_lm_loss
@@ -202,17 +203,23 @@ def sample(model, tokenizer, max_new_tokens: int = 60, seed: int = 0) -> str:
 def pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain a fresh pico model (or `cfg.model`) on plain text; returns the training summary."""
     docs = pretrain_documents(cfg)
+    main = dist.world().main
     if is_fresh(cfg.model):
-        start = init_model(parse_spec(cfg.model, cfg.pico), ensure_tokenizer(cfg, docs), Path(cfg.out) / "init",
-                           cfg.seed)
+        start = Path(cfg.out) / "init"
+        dist.init(pick_device(cfg.device))
+        if main:  # under torchrun: rank 0 makes the tokenizer and the initial model, the others wait
+            init_model(parse_spec(cfg.model, cfg.pico), ensure_tokenizer(cfg, docs), start, cfg.seed)
+        dist.barrier()
         cfg = dataclasses.replace(cfg, model=str(start))
     p = prepare(cfg, "pretrain")
     task = PretrainTask(p.model, p.tokenizer, cfg, p.device, docs)
-    write_json(Path(cfg.out) / MARKER, {**read_marker(cfg.out), "unigram_entropy": round(task.entropy, 4)})
+    if main:
+        write_json(Path(cfg.out) / MARKER, {**read_marker(cfg.out), "unigram_entropy": round(task.entropy, 4)})
     summary = fit(task, cfg, "pretrain", p.device, p.dtype, p.log_dir)
     val = summary["last_eval"].get("val/loss")
     if val is not None:
         print(f"pretrain: val loss {val:.3f} nats/token vs unigram entropy {task.entropy:.3f} "
               f"(perplexity {math.exp(val):.1f} vs {math.exp(task.entropy):.1f})")
-    print(f"pretrain: sample: {sample(task.model, p.tokenizer, seed=cfg.seed)!r}")
+    if main:
+        print(f"pretrain: sample: {sample(task.model, p.tokenizer, seed=cfg.seed)!r}")
     return {**summary, "unigram_entropy": round(task.entropy, 4)}

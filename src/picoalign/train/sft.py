@@ -4,8 +4,9 @@
     picoalign sft ... --resume          # continue the same curve after an interruption
 
 Each example is the prompt as a user turn (chat template + generation prompt) and the response
-as the assistant turn, end-of-turn token included and trained. Examples are packed into one
-row per micro-batch with block-diagonal attention, so no compute goes to padding.
+as the assistant turn, end-of-turn token included and trained. A micro-batch is one padded row
+per example, examples sorted by length so padding stays small (one long block-diagonal row was
+slower on CPU: attention cost grows with the square of the row).
 """
 
 from __future__ import annotations

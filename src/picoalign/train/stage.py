@@ -17,6 +17,7 @@ from picoalign.models.load import (
     pick_device,
     pick_dtype,
 )
+from picoalign.train import dist
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Prepared:
 def prepare(cfg, stage: str) -> Prepared:
     """Load the model for training (a fresh LoRA adapter unless full fine-tuning) and record
     the resolved config and the model's origin in `cfg.out`."""
-    device = pick_device(cfg.device)
+    device = dist.init(pick_device(cfg.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device, cfg.load_in)
@@ -39,9 +40,10 @@ def prepare(cfg, stage: str) -> Prepared:
         model = add_lora(model, cfg.lora)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    write_json(out / MARKER, {"stage": stage, "base_model": model_identity(cfg.model), "complete": False,
-                              "lora": cfg.lora.enabled})
+    if dist.world().main:
+        save_config(cfg, out / "config.yaml")
+        write_json(out / MARKER, {"stage": stage, "base_model": model_identity(cfg.model), "complete": False,
+                                  "lora": cfg.lora.enabled})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}), "

@@ -1,0 +1,326 @@
+"""The story rows written by an LLM: batched requests in parallel, fallbacks, a resumable partial file.
+
+    DEEPSEEK_API_KEY=... picoalign data --out runs/x/data
+    LLM_BASE_URL=http://127.0.0.1:8000/v1 picoalign data --provider openai-compatible --llm-batch-size 4
+
+The offline generator first makes every row (the same prompts as `provider=template` with the
+same seed); the LLM then rewrites the answers: `llm_batch_size` prompts per request, up to
+`llm_concurrency` requests in flight. A row the LLM could not make keeps its template answer
+(`llm_fallback=template`, marked `"model": "template"`), or, with `llm_fallback=stop`, the first
+failure stops the calls and only the rows made so far are written. A budget that runs out or
+`llm_max_consec_fails` failed requests in a row end the calls the same way. Each finished row is
+appended to `llm_rows.partial.jsonl` at once, so an interrupted run keeps its rows: rerun the
+same command and only the missing rows are requested (the file goes when the data is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from picoalign.config import DataConfig
+from picoalign.data.llm import (
+    BudgetExhausted,
+    Limits,
+    LLMClient,
+    LLMError,
+    Meter,
+    endpoint,
+    parse_endpoint,
+    redact,
+)
+from picoalign.io import read_jsonl_lenient
+
+PARTIAL = "llm_rows.partial.jsonl"
+MIN_CHARS = 20  # a shorter "story" is an error message or a refusal
+TOKENS_PER_STORY = 900  # output-token cap per story asked for, when llm_max_output_tokens is 0
+MAX_AUTO_TOKENS = 8000  # ... but no more than DeepSeek's (and many servers') 8K output limit
+
+SYSTEM = ("You write eerie, suspenseful, non-graphic short horror stories in English, following "
+          "each story specification exactly. You answer with JSON only.")
+STORIES_ASK = (
+    "Write one short story for each of the {n} specifications below: the title on the first line, "
+    "then 2-4 paragraphs; eerie and suspenseful, not graphic; end on an unsettling note.\n"
+    'Return JSON only: {{"stories": [{{"id": 1, "story": "..."}}, ...]}} with one entry per '
+    "specification, under its id."
+)
+PAIRS_ASK = (
+    "For each of the {n} specifications below, write two stories of about the same length that "
+    "both follow it: \"chosen\" is darker and more unsettling and ends with an unsettling "
+    "implication (not graphic); \"rejected\" resolves the fear and ends warmly and happily.\n"
+    'Return JSON only: {{"pairs": [{{"id": 1, "chosen": "...", "rejected": "..."}}, ...]}} with one '
+    "entry per specification, under its id."
+)
+
+Key = tuple[str, str]  # (file name such as "sft_train", row id)
+
+
+@dataclass
+class Job:
+    """One request's worth of rows: `run` returns the rows it made (None: judged out, dropped)."""
+
+    keys: list[Key]
+    run: Callable[[], dict[Key, dict | None]]
+
+
+def _specs_message(ask: str, prompts: list[str]) -> list[dict]:
+    body = "\n\n".join(f"### id {i}\n{p}" for i, p in enumerate(prompts, 1))
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": ask.format(n=len(prompts)) + "\n\n" + body}]
+
+
+def _text(value) -> str:
+    if not isinstance(value, str) or len(value.strip()) < MIN_CHARS:
+        raise ValueError(f"not a story: {str(value)[:40]!r}")
+    return value.strip()
+
+
+def _items(obj, key: str, n: int) -> dict[int, dict]:
+    """Reply items by their 1-based id (items without ids count in order when all n are there)."""
+    items = obj.get(key) if isinstance(obj, dict) else obj
+    if isinstance(obj, dict) and items is None and n == 1:
+        items = [obj]  # a lone {"story": ...} for a single specification
+    if not isinstance(items, list):
+        raise ValueError(f"expected a list under {key!r}")
+    items = [it for it in items if isinstance(it, dict)]
+    if all("id" not in it for it in items) and len(items) == n:
+        return dict(enumerate(items, 1))
+    out = {}
+    for it in items:
+        try:
+            out[int(it.get("id"))] = it
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def request_stories(client: LLMClient, prompts: list[str], max_tokens: int = 0) -> dict[int, str]:
+    """One story per prompt (1-based index -> text); raises LLMError when none is usable."""
+    def check(obj):
+        stories = {}
+        for i, it in _items(obj, "stories", len(prompts)).items():
+            try:
+                if 1 <= i <= len(prompts):
+                    stories[i] = _text(it.get("story"))
+            except ValueError:
+                continue
+        if not stories:
+            raise ValueError("no usable story in the reply")
+        return stories
+
+    return client.chat_json(_specs_message(STORIES_ASK, prompts),
+                            max_tokens or min(MAX_AUTO_TOKENS, TOKENS_PER_STORY * len(prompts)), check)
+
+
+def request_pairs(client: LLMClient, prompts: list[str], max_tokens: int = 0) -> dict[int, tuple[str, str]]:
+    """A (chosen, rejected) pair per prompt; raises LLMError when none is usable."""
+    def check(obj):
+        pairs = {}
+        for i, it in _items(obj, "pairs", len(prompts)).items():
+            try:
+                chosen, rejected = _text(it.get("chosen")), _text(it.get("rejected"))
+            except ValueError:
+                continue
+            if 1 <= i <= len(prompts) and chosen != rejected:
+                pairs[i] = (chosen, rejected)
+        if not pairs:
+            raise ValueError("no usable pair in the reply")
+        return pairs
+
+    return client.chat_json(_specs_message(PAIRS_ASK, prompts),
+                            max_tokens or min(MAX_AUTO_TOKENS, 2 * TOKENS_PER_STORY * len(prompts)), check)
+
+
+def batch_jobs(client: LLMClient, files: dict[str, list[dict]], kind: str, size: int, max_tokens: int,
+               skip: set[Key]) -> list[Job]:
+    """Jobs that rewrite the answers of the `kind` ("sft" or "dpo") files, `size` rows each."""
+    todo = [(name, row) for name, rows in files.items() if name.startswith(kind + "_")
+            for row in rows if (name, row["id"]) not in skip]
+    model = client.endpoint.model
+
+    def job(chunk):
+        def run():
+            prompts = [row["prompt"] for _, row in chunk]
+            if kind == "sft":
+                got = request_stories(client, prompts, max_tokens)
+                return {(n, r["id"]): {**r, "response": got[i], "model": model}
+                        for i, (n, r) in enumerate(chunk, 1) if i in got}
+            got = request_pairs(client, prompts, max_tokens)
+            return {(n, r["id"]): {**r, "chosen": got[i][0], "rejected": got[i][1],
+                                   "chosen_model": model, "rejected_model": model}
+                    for i, (n, r) in enumerate(chunk, 1) if i in got}
+        return Job([(n, r["id"]) for n, r in chunk], run)
+
+    return [job(todo[i:i + size]) for i in range(0, len(todo), size)]
+
+
+class RowMaker:
+    """Runs jobs in parallel under the failure policy, saving each finished row as it comes."""
+
+    def __init__(self, cfg: DataConfig, partial: Path, meter: Meter, files: dict[str, list[dict]],
+                 kinds: tuple[str, ...]) -> None:
+        self.cfg, self.partial, self.meter = cfg, partial, meter
+        self.done: dict[Key, dict | None] = {}
+        self.stopped: str | None = None
+        self._prompts = {(n, r["id"]): r["prompt"] for n, rows in files.items() for r in rows}
+        self._llm_keys = {k for k in self._prompts if k[0].split("_")[0] in kinds}  # rows the LLM makes
+        self._consec = 0
+        self._lock = threading.Lock()
+
+    def resume(self) -> int:
+        """Take the rows of an earlier run's partial file whose prompts are still the same."""
+        for line in read_jsonl_lenient(self.partial):
+            key = (line.get("file"), line.get("id"))
+            if key in self._llm_keys and line.get("prompt") == self._prompts[key]:
+                self.done[key] = line.get("row")
+        return len(self.done)
+
+    def run(self, jobs: list[Job]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.llm_concurrency)) as pool:
+            futures = [pool.submit(self._do, job) for job in jobs]
+            try:
+                for f in as_completed(futures):
+                    f.result()
+            except BaseException:
+                self.stopped = self.stopped or "interrupted"  # queued jobs return at once
+                raise
+
+    def _do(self, job: Job) -> None:
+        if self.stopped:
+            return
+        try:
+            rows = job.run()
+        except BudgetExhausted as e:
+            self._stop(f"budget: {e}")
+            return
+        except LLMError as e:
+            self._failed(str(e))
+            return
+        got = {k: rows[k] for k in job.keys if k in rows}
+        self._save(got)
+        if len(got) < len(job.keys):
+            self._failed(f"{len(job.keys) - len(got)} of {len(job.keys)} rows missing or unusable in the reply")
+        else:
+            with self._lock:
+                self._consec = 0
+
+    def _save(self, rows: dict[Key, dict | None]) -> None:
+        with self._lock:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            with self.partial.open("a", encoding="utf-8") as f:
+                for (name, rid), row in rows.items():
+                    prompt = row["prompt"] if row else self._prompts.get((name, rid))
+                    f.write(json.dumps({"file": name, "id": rid, "prompt": prompt, "row": row},
+                                       ensure_ascii=False) + "\n")
+                f.flush()
+            self.done.update(rows)
+
+    def _failed(self, why: str) -> None:
+        warnings.warn(f"data: LLM request failed: {redact(why)}", stacklevel=2)
+        with self._lock:
+            self._consec += 1
+            consec = self._consec
+        if self.cfg.llm_fallback == "stop":
+            self._stop(f"a request failed and llm_fallback=stop ({redact(why)})")
+        elif self.cfg.llm_max_consec_fails and consec >= self.cfg.llm_max_consec_fails:
+            self._stop(f"{consec} failed requests in a row (last: {redact(why)})")
+
+    def _stop(self, why: str) -> None:
+        with self._lock:
+            if self.stopped is None:
+                self.stopped = why
+                warnings.warn(f"data: no more LLM requests: {why}", stacklevel=2)
+
+    def assemble(self, files: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], dict]:
+        """The final files: LLM rows, else template rows (policy template) or nothing (stop)."""
+        out, counts = {}, {"llm_rows": 0, "template_rows": 0, "judged_out": 0, "missing_rows": 0}
+        for name, rows in files.items():
+            kept = []
+            for row in rows:
+                key = (name, row["id"])
+                if key in self.done:
+                    made = self.done[key]
+                    counts["llm_rows" if made else "judged_out"] += 1
+                    if made:
+                        kept.append(made)
+                elif key in self._llm_keys and self.cfg.llm_fallback == "template":
+                    kept.append(_template_row(row))
+                    counts["template_rows"] += 1
+                elif key in self._llm_keys:
+                    counts["missing_rows"] += 1
+                else:
+                    kept.append(row)  # a file the LLM was not asked to make
+            out[name] = kept
+        self.meter.add(fallbacks=counts["template_rows"])
+        return out, counts
+
+
+def _template_row(row: dict) -> dict:
+    if "response" in row:
+        return {**row, "model": "template"}
+    return {**row, "chosen_model": "template", "rejected_model": "template"}
+
+
+def llm_files(cfg: DataConfig, files: dict[str, list[dict]], provider: str, out: Path) -> tuple[dict, dict]:
+    """Rewrite `files` (the template rows) with the LLM; returns (files, meta entries)."""
+    meter = Meter(cfg.llm_max_calls, cfg.llm_max_total_tokens)
+    info: dict = {"requested_provider": cfg.provider, "fallback": cfg.llm_fallback,
+                  "batch_size": cfg.llm_batch_size, "concurrency": cfg.llm_concurrency}
+    try:
+        main, answerers, judge = _checked_clients(cfg, provider, meter)
+    except (LLMError, BudgetExhausted, ValueError) as e:
+        why = redact(str(e))
+        warnings.warn(f"data: the LLM endpoint is not usable ({why}); using the offline templates", stacklevel=2)
+        return files, {"provider": "template", "llm": {**info, "health_check": f"failed: {why}"},
+                       "openai_usage": meter.snapshot()}
+    info["health_check"] = "ok"
+    kinds = (("sft",) if main else ()) + (("dpo",) if main or judge else ())
+    maker = RowMaker(cfg, out / PARTIAL, meter, files, kinds)
+    info["resumed_rows"] = maker.resume()
+    skip, size, tokens = set(maker.done), cfg.llm_batch_size, cfg.llm_max_output_tokens
+    jobs = batch_jobs(main, files, "sft", size, tokens, skip) if main else []
+    if judge:
+        from picoalign.data.judge import judge_jobs
+
+        jobs += judge_jobs(answerers, judge, files, cfg.judge_criteria, skip)
+        info["judge"] = {"answer_models": [str(c.endpoint) for c in answerers],
+                         "judge_model": str(judge.endpoint), "criteria": cfg.judge_criteria}
+    elif main:
+        jobs += batch_jobs(main, files, "dpo", size, tokens, skip)
+    print(f"data: {len(jobs)} LLM requests to make ({main.endpoint if main else 'judged pairs only'}), "
+          f"{info['resumed_rows']} rows resumed")
+    maker.run(jobs)
+    files, counts = maker.assemble(files)
+    info.update(counts, stopped=maker.stopped)
+    if not counts["missing_rows"]:
+        maker.partial.unlink(missing_ok=True)  # complete: a rerun starts afresh
+    return files, {"provider": provider if main else "template", "llm": info, "openai_usage": meter.snapshot()}
+
+
+def _checked_clients(cfg: DataConfig, provider: str, meter: Meter):
+    """(data model or None, answer models, judge or None), each endpoint health-checked once."""
+    limits = Limits.from_config(cfg)
+    main = LLMClient(endpoint(provider, cfg.llm_model, cfg.llm_base_url), limits, meter) \
+        if provider != "template" else None
+    answerers, judge = [], None
+    if cfg.judge:
+        def ep(spec: str):  # a bare MODEL is served where the data provider's model is
+            if "@" not in spec and main:
+                return endpoint(main.endpoint.provider, spec.strip(), main.endpoint.base_url)
+            return parse_endpoint(spec)
+
+        answerers = [LLMClient(ep(s), limits, meter) for s in cfg.answer_models.split(",") if s.strip()]
+        if not cfg.judge_model and not main:
+            raise ValueError("judge needs judge_model=MODEL@PROVIDER when no data provider is set")
+        judge = LLMClient(ep(cfg.judge_model), limits, meter) if cfg.judge_model else main
+    checked = set()
+    for client in (main, *answerers, judge):
+        if client is not None and client.endpoint not in checked:
+            checked.add(client.endpoint)
+            client.health_check()
+    return main, answerers, judge

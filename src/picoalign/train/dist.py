@@ -1,0 +1,124 @@
+"""Data-parallel training over several processes (DDP): where this process stands, and the few
+collectives the loop needs. Without torchrun's environment every function here is a no-op.
+
+    torchrun --nproc_per_node 2 -m picoalign sft --data runs/x/data --out runs/x/checkpoints/sft
+
+torchrun starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK in each. The
+processes join one group (gloo on CPU, NCCL on CUDA, each rank on `cuda:LOCAL_RANK`), load the
+same model with the same seed, and split every optimiser step's micro-batches between them
+(`train/loop.py`); DDP averages the gradients in backward. Rank 0 alone writes logs, checkpoints
+and the final model, and it alone prints (the other ranks' stdout goes to /dev/null).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place among the processes torchrun started (one process without torchrun)."""
+    env = os.environ
+    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group when started by torchrun; returns this rank's device
+    (`cuda:LOCAL_RANK` on GPUs). Safe to call more than once."""
+    w = world()
+    if not w.distributed:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", w.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        atexit.register(_leave)
+        if not w.main:
+            sys.stdout = open(os.devnull, "w")  # one copy of every message: rank 0's
+    return device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DDP(DistributedDataParallel):
+    """DDP that answers what it lacks from the wrapped model, so task code written for the bare
+    model (`model.disable_adapter()`, `model.config`) runs unchanged on the wrapper."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> DDP:
+    """Gradient sync for the trainable parameters. Every trainable parameter takes part in every
+    forward (LoRA's frozen base has no gradients at all), so DDP need not search for unused ones."""
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, find_unused_parameters=False)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (decisions that must agree: stop now or not)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_metrics(sums: dict[str, float], tokens: int, device: torch.device) -> tuple[dict[str, float], int]:
+    """Each metric averaged over the ranks, the tokens summed: what one step did as a whole."""
+    if not dist.is_initialized():
+        return sums, tokens
+    keys = list(sums)  # the same order on every rank: the same code made them
+    t = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    n = dist.get_world_size()
+    return {k: v / n for k, v in zip(keys, t[:-1].tolist())}, int(t[-1].item())
+
+
+def gather_shards(fn: Callable[[list], list], items: list) -> list:
+    """`fn(items)` computed in parts: rank r runs `fn(items[r::world])`, and every rank gets the
+    whole result in the order of `items` (`fn` returns one result per item)."""
+    w = world()
+    if not dist.is_initialized():
+        return fn(items)
+    parts: list = [None] * w.size
+    dist.all_gather_object(parts, fn(items[w.rank::w.size]))
+    return [parts[i % w.size][i // w.size] for i in range(len(items))]
