@@ -11,7 +11,8 @@ length so padding stays small. (Packing all examples into one long row wastes no
 makes attention quadratic in the total length, which costs more than it saves on a CPU.)
 Logits are computed only at the positions whose next token is a target, which skips the
 49k-wide output layer on prompts. In a preference row the prompt is stored once and both
-answers attend to it (prefix sharing), through a custom attention mask.
+answers attend to it (prefix sharing); attention computes that with two causal kernel calls
+rather than a dense mask (`train/attention.py`).
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ class PackedBatch:
     keep: (B, L) bool, the positions whose logits are computed (they predict a target).
     rows: (N,) for each target token, its row among the kept logits; labels: (N,) the token;
     seq_index: (N,) which scored sequence it belongs to (0 .. n_seqs-1).
+    spans: (B, 3) lengths of each row's prefix and up to two answers, where every row is one
+    example laid out [prefix, answer, answer] (or one sequence: (n, 0, 0)); then attention runs
+    on causal kernels (`train/attention.py`) instead of the dense mask. None otherwise.
     """
 
     input_ids: Tensor
@@ -143,6 +147,7 @@ class PackedBatch:
     n_tokens: int
     n_truncated: int = 0
     ref_logps: Tensor | None = None  # DPO: the frozen reference's log-prob of each sequence
+    spans: Tensor | None = None
 
     def token_counts(self) -> Tensor:
         """Target tokens of each scored sequence (n_seqs,)."""
@@ -192,6 +197,13 @@ class RowBuilder:
         self.group += [group] * len(ids)
         self.branch += [branch] * len(ids)
 
+    def spans(self) -> tuple[int, int, int] | None:
+        """(prefix, first answer, second answer) lengths when the row is one example of at most
+        two branches in order; None when it needs the mask (several examples in one row)."""
+        if len(set(self.group)) > 1 or self.branch != sorted(self.branch) or max(self.branch, default=0) > 2:
+            return None
+        return self.branch.count(0), self.branch.count(1), self.branch.count(2)
+
     def mask(self) -> Tensor:
         """(L, L) bool: causal, within one group, and never into a sibling answer."""
         group, branch = torch.tensor(self.group), torch.tensor(self.branch)
@@ -222,6 +234,7 @@ def stack_rows(rows: list[RowBuilder], pad_id: int, n_truncated: int = 0) -> Pac
         seq_offset += r.n_seqs
     flat_positions = keep.flatten().nonzero().squeeze(1).tolist()  # the order logits come out in
     row_of = {p: i for i, p in enumerate(flat_positions)}
+    spans = [r.spans() for r in rows]
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -233,6 +246,7 @@ def stack_rows(rows: list[RowBuilder], pad_id: int, n_truncated: int = 0) -> Pac
         n_seqs=seq_offset,
         n_tokens=sum(len(r.ids) for r in rows),
         n_truncated=n_truncated,
+        spans=None if None in spans else torch.tensor(spans),
     )
 
 
@@ -273,14 +287,16 @@ def pack_pairs(pairs: list[Encoded], share_prefix: bool = True, pad_id: int = 0)
 
 def forward_logps(model, batch: PackedBatch) -> Tensor:
     """Per-target-token log-probs (N,) in fp32: one forward over the packed row."""
+    from picoalign.train.attention import span_attention
     from picoalign.train.losses import token_logps
 
-    out = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
-        logits_to_keep=batch.keep,
-        use_cache=False,
-    )
+    with span_attention(model, batch.spans):
+        out = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+            logits_to_keep=batch.keep,
+            use_cache=False,
+        )
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (kept positions, V)
     return token_logps(logits, batch.labels, batch.rows)

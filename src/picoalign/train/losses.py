@@ -14,6 +14,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+class _TokenLogps(torch.autograd.Function):
+    """log p(label) = logit[label] − logsumexp(logits), keeping only the logits for backward.
+
+    autograd through `log_softmax(-1)[rows, labels]` keeps the (K, V) log-softmax, then in
+    backward fills a (K, V) zero tensor for the indexing and writes a third (K, V) tensor; with a
+    49k vocabulary that is half a GiB each for a few thousand targets. Here backward writes one:
+    −softmax(logits) · (sum of the row's output grads), plus each output's grad at its label.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor, labels: Tensor) -> Tensor:
+        log_probs = logits.float().log_softmax(-1)  # freed on return; lse = logit − log-prob
+        lse = logits[:, 0].float() - log_probs[:, 0]
+        ctx.save_for_backward(logits, lse, rows, labels)
+        return log_probs[rows, labels]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, lse, rows, labels = ctx.saved_tensors
+        grad = grad.float()
+        per_row = torch.zeros_like(lse).index_add_(0, rows, grad)
+        grad_logits = logits.float().sub(lse[:, None]).exp_().mul_(-per_row[:, None])
+        grad_logits.index_put_((rows, labels), grad, accumulate=True)
+        return grad_logits.to(logits.dtype), None, None
+
+
 def token_logps(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
     """log p(labels[i]) under row `rows[i]` of `logits` (K, V) -> (N,), computed in fp32.
 
@@ -21,8 +47,8 @@ def token_logps(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> T
     first token of both answers) without copying the (K, V) logits; None means row i for label i.
     """
     if rows is None:
-        return -F.cross_entropy(logits.float(), labels, reduction="none")
-    return logits.float().log_softmax(-1)[rows, labels]
+        rows = torch.arange(len(labels), device=labels.device)
+    return _TokenLogps.apply(logits, rows, labels)
 
 
 def sequence_logps(per_token: Tensor, seq_index: Tensor, n_seqs: int) -> Tensor:
