@@ -3,7 +3,7 @@
     python bench/compare.py --mode sft --steps 5                 # TRL SFTTrainer vs `picoalign sft`
     python bench/compare.py --mode dpo --steps 4                 # TRL DPOTrainer vs `picoalign dpo`
     python bench/compare.py --mode dpo --peer-config best        # TRL with precomputed reference
-    python bench/compare.py --mode generate                      # HF generate (batch 1) vs picoalign batch 8
+    python bench/compare.py --mode generate                      # HF generate (batch 1) vs picoalign batch 16
     python bench/compare.py --mode sft --steps 1 --examples 8    # a quick smoke run
 
 Both sides train the built-in SmolLM2-135M-Instruct (the same dequantised weights), on the same
@@ -32,7 +32,7 @@ from pathlib import Path
 BUILTIN = "builtin:smollm2-135m-instruct"
 LORA_R, LORA_ALPHA = 16, 32
 BATCH, MAX_LENGTH, BETA, SEED = 4, 512, 0.1, 1234
-GEN_PROMPTS, GEN_NEW_TOKENS, GEN_BATCH = 8, 64, 8
+GEN_NEW_TOKENS = 64
 
 
 # ---------------------------------------------------------------- machine facts
@@ -125,12 +125,12 @@ def _cpu_name() -> str:
 # ---------------------------------------------------------------- data
 
 
-def make_bench_data(folder: Path, examples: int) -> Path:
-    """The story data: `examples` SFT rows and preference pairs, 8 test prompts for generation."""
+def make_bench_data(folder: Path, examples: int, test_prompts: int = 16) -> Path:
+    """The story data: `examples` SFT rows and preference pairs, `test_prompts` for generation."""
     from picoalign.config import DataConfig
     from picoalign.data.make import make_data
 
-    make_data(DataConfig(out=str(folder), n_sft_train=examples, n_sft_val=0, n_sft_test=GEN_PROMPTS,
+    make_data(DataConfig(out=str(folder), n_sft_train=examples, n_sft_val=0, n_sft_test=test_prompts,
                          n_dpo_train=examples, n_dpo_val=0, n_dpo_test=0))
     return folder
 
@@ -564,8 +564,8 @@ def run_generate(args, env: dict, peaks: dict) -> dict:
     from picoalign.train.loop import autocast_for
 
     tmp = Path(tempfile.mkdtemp(prefix="picoalign-bench-"))
-    data = make_bench_data(tmp / "data", 8)
-    prompts = [r["prompt"] for r in read_sft(data / "sft_test.jsonl")][:GEN_PROMPTS]
+    data = make_bench_data(tmp / "data", 8, args.gen_batch)
+    prompts = [r["prompt"] for r in read_sft(data / "sft_test.jsonl")][: args.gen_batch]
     model, tok = load_model(BUILTIN)
     device, dtype = torch.device("cpu"), pick_dtype(args.dtype, torch.device("cpu"))
     n_params = sum(p.numel() for p in model.parameters())
@@ -582,7 +582,7 @@ def run_generate(args, env: dict, peaks: dict) -> dict:
         model.generate = recording_generate
         t = time.perf_counter()
         with autocast_for(device, dtype):
-            generate(model, tok, prompts, max_new_tokens=max_new, greedy=True, batch_size=GEN_BATCH)
+            generate(model, tok, prompts, max_new_tokens=max_new, greedy=True, batch_size=args.gen_batch)
         dt = time.perf_counter() - t
         del model.generate
         per, outs, prompt_tokens = [], [], 0
@@ -644,13 +644,13 @@ def run_generate(args, env: dict, peaks: dict) -> dict:
              # each picoalign round against the peer round just before it (same prompts, same tokens)
              "paired_median_round_speedup": statistics.median(
                  p / o for p, o in zip(rows["peer"]["round_s"], rows["picoalign"]["round_s"]))}
-    return {"rows": rows, "ratio": ratio, "identical_outputs": same, "n_params": n_params}
+    return {"rows": rows, "ratio": ratio, "identical_outputs": same, "n_params": n_params, "batch": args.gen_batch}
 
 
 def print_generate(result: dict) -> None:
-    head = ["side", "dtype", "s / 8 prompts", "tokens/s (aggregate)", "tokens/s per request", "latency/request",
+    head = ["side", "dtype", f"s / {result['batch']} prompts", "tokens/s (aggregate)", "tokens/s per request", "latency/request",
             "GFLOP/s", "% peak", "peak RSS (block)"]
-    labels = {"peer": "HF generate, batch 1", "picoalign": f"picoalign generate, batch {GEN_BATCH}"}
+    labels = {"peer": "HF generate, batch 1", "picoalign": f"picoalign generate, batch {result['batch']}"}
     table = [[labels[n], r["dtype"], f"{r['s_per_round']:.1f}", f"{r['tokens_per_s']:.1f}",
               f"{r['per_request_tokens_per_s']:.1f}", f"{r['latency_s']:.1f}s", f"{r['gflops']:.1f}",
               f"{100 * r['peak_share']:.1f}%", f"{r['rss_gib']:.2f} GiB"] for n, r in result["rows"].items()]
@@ -660,7 +660,7 @@ def print_generate(result: dict) -> None:
     print(f"\nratio picoalign/peer: aggregate tokens/s {ratio['tokens_per_s_ours_over_peer']:.2f}x, "
           f"per-request tokens/s {ratio['per_request_ours_over_peer']:.2f}x, median of round-by-round "
           f"speed-ups {ratio['paired_median_round_speedup']:.2f}x; "
-          f"greedy outputs identical for {result['identical_outputs']}/{GEN_PROMPTS} prompts")
+          f"greedy outputs identical for {result['identical_outputs']}/{result['batch']} prompts")
     print("  FLOPs = 2 x params x (prompt + generated tokens) (prefill + decode forwards; KV-cache reads not "
           "counted); per request: its tokens / its latency (batched requests all wait for the batch)")
 
@@ -679,15 +679,17 @@ def parse_args(argv=None):
     ap.add_argument("--peer-config", choices=("default", "best"), default="default",
                     help="default: TRL's defaults; best: SFT + gradient checkpointing, DPO + precomputed reference")
     ap.add_argument("--block", type=int, default=1, help="steps per alternating block")
-    ap.add_argument("--rounds", type=int, default=2, help="generate: rounds of 8 prompts per side")
+    ap.add_argument("--rounds", type=int, default=2, help="generate: rounds of --gen-batch prompts per side")
+    ap.add_argument("--gen-batch", type=int, default=16,
+                    help="generate: prompts per round, generated together by picoalign (one at a time by the peer)")
     ap.add_argument("--profile", action="store_true", help="profile one extra picoalign step and print the top ops")
     ap.add_argument("--peak-budget", type=float, default=20.0, help="seconds per dtype for the matmul peak")
     ap.add_argument("--peak-n", type=int, default=2048, help="matrix size for the matmul peak")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.examples < BATCH or args.block < 1 or args.rounds < 1:
-        ap.error("need --steps >= 1, --warmup >= 0, --examples >= 4, --block >= 1, --rounds >= 1")
+    if min(args.steps, args.block, args.rounds, args.gen_batch) < 1 or args.warmup < 0 or args.examples < BATCH:
+        ap.error("need --steps >= 1, --warmup >= 0, --examples >= 4, --block >= 1, --rounds >= 1, --gen-batch >= 1")
     return args
 
 

@@ -374,7 +374,7 @@ class GenerateConfig(DecodeConfig):
     out: str = opt("", "write the answers here as JSONL (default: print them)")
     raw: bool = opt(False, "feed the prompt to the model as plain text, without the chat template")
     system: str = opt("", "a system message put before every prompt")
-    batch_size: int = opt(8, "prompts generated together (left-padded)")
+    batch_size: int = opt(16, "prompts generated together (left-padded); decoding one token costs little more for 16 rows than for 1")
 
     def __post_init__(self) -> None:
         super().__post_init__()
