@@ -128,6 +128,42 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, chat_
     assert printed.count("sft: done in 4 steps") == 1
 
 
+def test_fsdp_follows_one_process_with_the_doubled_batch(tmp_path, chat_model, data_dir, capfd):
+    """`--fsdp true` (FSDP2 over gloo): each rank holds half of every block's weights, yet the run
+    is the one of a single process with grad_accum 2: a LoRA adapter for 2 steps and resumed to 3
+    (the checkpoint is gathered to rank 0, written once, scattered back), and full fine-tuning."""
+    lora_out, full_out = tmp_path / "fsdp-lora", tmp_path / "fsdp-full"
+    base = ["sft", "--data", str(data_dir), "--model", str(chat_model), "--max-length", "208", "--fsdp", "true",
+            "--set", "monitor_pairs=2", *COMMON]
+    lora = base + ["--out", str(lora_out), "--lr", "1e-2"]
+    full = base + ["--out", str(full_out), "--lr", "1e-3", "--max-steps", "2", "--set", "lora.enabled=false"]
+    commands = [lora + ["--max-steps", "2"], lora + ["--max-steps", "3", "--resume"], full]
+    torch.multiprocessing.start_processes(rank_main, args=(free_port(), commands), nprocs=2, start_method="spawn")
+    printed = capfd.readouterr().out
+
+    kw = dict(model=str(chat_model), data=str(data_dir), device="cpu", dtype="fp32", seed=0, tensorboard=False,
+              progress=False, batch_size=2, grad_accum=2, epochs=0, warmup_steps=4, schedule="constant",
+              max_length=208, monitor_pairs=2)
+    one_lora, one_full = tmp_path / "one-lora", tmp_path / "one-full"
+    sft(SFTConfig(out=str(one_lora), lr=1e-2, max_steps=3, lora=LoraConfig(r=4, alpha=8), **kw))
+    sft(SFTConfig(out=str(one_full), lr=1e-3, max_steps=2, lora=LoraConfig(enabled=False), **kw))
+
+    rows = train_rows(lora_out, "sft")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert_same_curve(rows, train_rows(one_lora, "sft"), ("loss", "grad_norm", "lr"))
+    assert_same_weights(lora_out, one_lora)
+    blob = torch.load(lora_out / "last" / "trainer_state.pt", weights_only=False)
+    assert blob["sharded"] is True and blob["loop"]["step"] == 3
+    assert all(isinstance(v, torch.Tensor) and not hasattr(v, "full_tensor") for v in blob["trainable"].values())
+
+    assert_same_curve(train_rows(full_out, "sft"), train_rows(one_full, "sft"), ("loss", "grad_norm"))
+    wa, wb = load_file(full_out / "model.safetensors"), load_file(one_full / "model.safetensors")
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+    assert printed.count("(FSDP: parameters, gradients and optimizer state sharded)") == 3  # rank 0, 3 runs
+
+
 def test_run_refuses_to_start_under_torchrun(monkeypatch, capsys):
     """The pipeline is one process: under torchrun every rank would write the same run folder."""
     from picoalign.cli import main

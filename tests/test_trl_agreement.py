@@ -187,6 +187,10 @@ def test_sft_term_matches_trl(trl_side, pico_task):
     theirs = trl_metrics(trainer, batch, ["sigmoid", "sft"], [1.0, 0.5])
     ours = pico_metrics(*pico_task, "sigmoid", sft_weight=0.5)
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+    # the two terms are logged apart: the preference term alone is TRL's plain sigmoid loss
+    assert ours["loss/preference"] == pytest.approx(trl_metrics(trainer, batch, ["sigmoid"])["loss"], abs=1e-5)
+    assert ours["loss"] == pytest.approx(ours["loss/preference"] + 0.5 * ours["loss/sft_nll"], abs=1e-6)
+    assert "loss/preference" not in pico_metrics(*pico_task, "sigmoid")
 
 
 def test_ipo_loss_matches_trl(trl_side, pico_task):

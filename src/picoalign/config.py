@@ -149,6 +149,8 @@ class TrainConfig:
     early_stop: int = opt(0, "stop after K evals without improvement (0 = off)")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from the last checkpoint in <out>")
+    fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state across the "
+                     "processes (FSDP2) instead of a full copy on each (DDP), for models too large for one device")
     log_every: int = opt(1, "write a log line every N steps")
     tensorboard: bool = opt(True, "write TensorBoard event files to <out>/logs/tb")
     mlflow: bool = opt(False, "log to MLflow (the presets turn it on)")

@@ -8,6 +8,12 @@ processes join one group (gloo on CPU, NCCL on CUDA, each rank on `cuda:LOCAL_RA
 same model with the same seed, and split every optimiser step's micro-batches between them
 (`train/loop.py`); DDP averages the gradients in backward. Rank 0 alone writes logs, checkpoints
 and the final model, and it alone prints (the other ranks' stdout goes to /dev/null).
+
+With `fsdp: true` the model is sharded instead of replicated (FSDP2, `fully_shard`): each
+decoder block, and then the rest, keeps 1/N of its parameters, gradients and AdamW state on
+each rank and gathers a block's weights only while it runs, for models too large for one
+device. Saving then gathers the full weights on every rank (a collective) and rank 0 writes
+them, so checkpoints and the final model have the same files as without FSDP.
 """
 
 from __future__ import annotations
@@ -86,6 +92,60 @@ def wrap(model: torch.nn.Module, device: torch.device) -> DDP:
     forward (LoRA's frozen base has no gradients at all), so DDP need not search for unused ones."""
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids, find_unused_parameters=False)
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 in place: every decoder block (the classes the model lists in `_no_split_modules`)
+    is one shard unit, the root (embeddings, final norm, output layer) another."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world().size,))
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(hf, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise ValueError(f"fsdp: {type(hf).__name__} names no decoder block class (_no_split_modules) to shard by")
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded model's whole state dict on the CPU (every rank must call it: it gathers); None
+    for a model that is not sharded, whose own state_dict() is already whole."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, whole (a collective when sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
+    """Scatter whole saved weights (some of them: strict=False) and optimizer state into a sharded model."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, opt, optim_state_dict=optim, options=options)
 
 
 def barrier() -> None:

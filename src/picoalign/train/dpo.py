@@ -141,14 +141,19 @@ class DPOTask:
         ref = self._reference(batch).to(policy.device)
         pc, pr, rc, rr = policy[0::2], policy[1::2], ref[0::2], ref[1::2]
         delta = (pc - rc) - (pr - rr)
-        loss = self.loss_fn(delta, self.cfg.beta, self.cfg.label_smoothing).mean()
+        loss = preference = self.loss_fn(delta, self.cfg.beta, self.cfg.label_smoothing).mean()
+        nll = None
         if self.cfg.sft_weight > 0:  # mean NLL of the chosen answers' tokens
             chosen_tokens = (batch.seq_index % 2) == 0
-            loss = loss - self.cfg.sft_weight * tokens[chosen_tokens].mean()
+            nll = -tokens[chosen_tokens].mean()
+            loss = loss + self.cfg.sft_weight * nll
         if self.normalise:  # logged rewards and log-probs use summed log-probs, as TRL does
             ref_summed = ref * batch.token_counts().to(ref.device)
             pc, pr, rc, rr = summed[0::2], summed[1::2], ref_summed[0::2], ref_summed[1::2]
-        return loss, dpo_stats(pc, pr, rc, rr, self.cfg.beta), delta
+        stats = dpo_stats(pc, pr, rc, rr, self.cfg.beta)
+        if nll is not None:  # `loss` is then the sum; log its two terms too
+            stats.update({"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()})
+        return loss, stats, delta
 
     def loss(self, batch: PackedBatch):
         loss, stats, _ = self.pair_loss(batch)
@@ -167,8 +172,8 @@ class DPOTask:
         return {"val/loss": round(loss_sum / len(m), 6), "val/pref_acc": round((m > 0).float().mean().item(), 4),
                 "val/margin": round(m.mean().item(), 4)}
 
-    def save(self, folder: Path) -> None:
-        save_model(self.model, self.tokenizer, folder)
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
+        save_model(self.model, self.tokenizer, folder, state_dict)
 
 
 def dpo(cfg: DPOConfig) -> dict:

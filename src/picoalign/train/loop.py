@@ -10,6 +10,7 @@ Under `torchrun` (see `train/dist.py`) the same loop runs data-parallel: each op
 takes `grad_accum x world_size` micro-batches of the one shuffled order, rank r the r-th of
 every `world_size`, so every rank does the same number of steps and 2 processes with
 `grad_accum` 1 follow the curve of 1 process with `grad_accum` 2. Rank 0 alone logs and saves.
+With `fsdp: true` the model is sharded across the processes instead of replicated (FSDP2).
 The phases carry torch.profiler labels (`picoalign/forward`, ...; see bench/profile_step.py).
 
 Checkpoint layout in `out/`:
@@ -47,7 +48,7 @@ class Task(Protocol):
     def batches(self) -> list[Any]: ...  # training micro-batches, each with .n_tokens
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
     def evaluate(self) -> dict[str, float]: ...  # "val/loss" (lower is better) drives early stopping
-    def save(self, folder: Path) -> None: ...
+    def save(self, folder: Path, state_dict: dict | None = None) -> None: ...  # state_dict: gathered FSDP weights
 
 
 @dataclass
@@ -124,6 +125,8 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
         raise ValueError(f"{name}: no training batches (is the training file empty?)")
     total = planned_steps(cfg, len(batches), world.size)
     max_micro = math.ceil(cfg.epochs * len(batches)) if cfg.epochs > 0 else math.inf
+    if cfg.fsdp and world.distributed:
+        dist.shard(task.model, device)  # before the optimizer: it must hold the shards
     params = [p for p in task.model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     sched = make_schedule(opt, cfg, total)
@@ -134,10 +137,12 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
         print(f"{name}: resumed at step {state.step} (micro-batch {state.micro})")
     elif world.main and (log_dir / f"{name}.jsonl").exists():
         (log_dir / f"{name}.jsonl").unlink()  # a fresh run starts a fresh log
-    ddp = dist.wrap(task.model, device) if world.distributed else None
+    sharded = dist.is_sharded(task.model)
+    ddp = dist.wrap(task.model, device) if world.distributed and not sharded else None
     effective = cfg.batch_size * cfg.grad_accum * world.size
     print(f"{name}: effective batch {effective} per optimiser step = batch_size {cfg.batch_size} x grad_accum "
-          f"{cfg.grad_accum} x {world.size} process{'es' if world.distributed else ''}")
+          f"{cfg.grad_accum} x {world.size} process{'es' if world.distributed else ''}"
+          + (" (FSDP: parameters, gradients and optimizer state sharded)" if sharded else ""))
     run_params = {"stage": name, "world_size": world.size, "effective_batch": effective, **_public(cfg)}
     trackers = Trackers(log_dir, name, cfg, run_params) if world.main else _NoTrackers()
     trackers.log({"kind": "start", "step": state.step, "world_size": world.size, "batch_size": cfg.batch_size,
@@ -151,8 +156,8 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
             if due and state.last_eval.get("step") != state.step:
                 if _evaluate(task, state, cfg, trackers, device, dtype):
                     stop_reason = "early stop"
-            # -- checkpoint
-            if world.main and cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
+            # -- checkpoint (every rank: a sharded model is gathered first; rank 0 writes)
+            if cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
                 save_checkpoint(out / "last", task, opt, sched, state)
             # -- budgets
             state.elapsed = time.time() - started
@@ -177,7 +182,7 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}")
     except KeyboardInterrupt:
         bar.close()
-        if world.main:
+        if world.main and not sharded:  # a sharded model needs every rank to gather: not on an interrupt
             save_checkpoint(out / "last", task, opt, sched, state)
         trackers.close()
         raise
@@ -186,9 +191,10 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
         _evaluate(task, state, cfg, trackers, device, dtype)
     summary = {"stage": name, "complete": True, "steps": state.step, "stop_reason": stop_reason,
                "seconds": round(state.elapsed, 2), "last_eval": state.last_eval}
+    save_checkpoint(out / "last", task, opt, sched, state)
+    weights = dist.full_state_dict(task.model)  # None unless sharded
     if world.main:
-        save_checkpoint(out / "last", task, opt, sched, state)
-        task.save(out)
+        task.save(out, weights)
         write_json(out / MARKER, {**read_marker(out), **summary})
     trackers.close()
     dist.barrier()  # when fit returns, on any rank, the final model is on disk
@@ -216,7 +222,8 @@ def _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp=None
         tokens += batch.n_tokens
     with phase("optimizer"):
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         lr = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()
@@ -231,6 +238,10 @@ def _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp=None
 def _through(task, ddp, sync: bool):
     """Let the task's forward run through the DDP wrapper, so that backward averages the
     gradients across ranks; on accumulation micro-steps but the last, without that sync."""
+    if dist.is_sharded(task.model):  # FSDP hooks live on the model itself
+        task.model.set_requires_gradient_sync(sync)
+        yield
+        return
     if ddp is None:
         yield
         return
@@ -296,13 +307,19 @@ def _public(cfg) -> dict:
 
 
 def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> None:
-    """Write the model and the full trainer state to `folder`, replacing it atomically."""
+    """Write the model and the full trainer state to `folder`, replacing it atomically.
+    Call it on every rank: a sharded model is gathered (a collective); rank 0 writes."""
+    whole = None
+    if dist.is_sharded(task.model):
+        whole = (dist.full_state_dict(task.model), dist.full_optimizer_state(task.model, opt))
+    if not dist.world().main:
+        return
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with phase("checkpoint"):
-        _write_checkpoint(tmp, task, opt, sched, state)
+        _write_checkpoint(tmp, task, opt, sched, state, whole)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -311,13 +328,19 @@ def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_checkpoint(tmp: Path, task: Task, opt, sched, state: LoopState) -> None:
-    task.save(tmp)
-    trainable = {n: p.detach().cpu() for n, p in task.model.named_parameters() if p.requires_grad}
+def _write_checkpoint(tmp: Path, task: Task, opt, sched, state: LoopState, whole=None) -> None:
+    weights, optim = whole or (None, None)
+    task.save(tmp, weights)
+    names = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    if weights is None:
+        trainable = {n: p.detach().cpu() for n, p in task.model.named_parameters() if p.requires_grad}
+    else:  # the gathered state dict names parameters as the bare model does
+        trainable = {n: weights[n] for n in names}
     torch.save(
         {
             "trainable": trainable,
-            "optimizer": opt.state_dict(),
+            "optimizer": opt.state_dict() if optim is None else optim,
+            "sharded": optim is not None,
             "scheduler": sched.state_dict(),
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -329,11 +352,17 @@ def _write_checkpoint(tmp: Path, task: Task, opt, sched, state: LoopState) -> No
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, opt, sched) -> LoopState:
     blob = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in blob["trainable"].items():
-            params[name].copy_(value)
-    opt.load_state_dict(blob["optimizer"])
+    if blob.get("sharded", False) != dist.is_sharded(model):
+        raise ValueError(f"{folder}: checkpoint written {'with' if blob.get('sharded') else 'without'} fsdp; "
+                         "resume it with the same fsdp setting")
+    if dist.is_sharded(model):
+        dist.load_full_state(model, opt, blob["trainable"], blob["optimizer"])
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in blob["trainable"].items():
+                params[name].copy_(value)
+        opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     random.setstate(blob["rng"]["python"])
     torch.set_rng_state(blob["rng"]["torch"])

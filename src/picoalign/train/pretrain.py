@@ -165,8 +165,8 @@ class PretrainTask:
             return {}
         return {"val/loss": round(mean_response_nll(self.model, self.val, self.device), 6)}
 
-    def save(self, folder: Path) -> None:
-        save_model(self.model, self.tokenizer, folder)
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
+        save_model(self.model, self.tokenizer, folder, state_dict)
 
 
 # ---------------------------------------------------------------- the stage

@@ -123,8 +123,8 @@ class SFTTask:
             out["monitor/logps_rejected"] = round(rejected.mean().item(), 4)
         return out
 
-    def save(self, folder: Path) -> None:
-        save_model(self.model, self.tokenizer, folder)
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
+        save_model(self.model, self.tokenizer, folder, state_dict)
 
 
 def sft(cfg: SFTConfig) -> dict:

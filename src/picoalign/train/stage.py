@@ -52,9 +52,10 @@ def prepare(cfg, stage: str) -> Prepared:
     return Prepared(model, tokenizer, device, dtype, log_dir)
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
-    """An HF folder: the adapter (peft) or the full model, safetensors, tokenizer + template."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """An HF folder: the adapter (peft) or the full model, safetensors, tokenizer + template.
+    `state_dict`: the whole weights of a sharded (FSDP) model, gathered by the caller."""
+    model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(folder)
     gen = getattr(model, "generation_config", None)
     if gen is not None and not (Path(folder) / "generation_config.json").exists():
