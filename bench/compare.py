@@ -3,7 +3,7 @@
     python bench/compare.py --mode sft --steps 5                 # TRL SFTTrainer vs `picoalign sft`
     python bench/compare.py --mode dpo --steps 4                 # TRL DPOTrainer vs `picoalign dpo`
     python bench/compare.py --mode dpo --peer-config best        # TRL with precomputed reference
-    python bench/compare.py --mode generate                      # HF generate (batch 1) vs picoalign batch 16
+    python bench/compare.py --mode generate                      # HF generate (batch 1) vs picoalign batch 32
     python bench/compare.py --mode sft --steps 1 --examples 8    # a quick smoke run
 
 Both sides train the built-in SmolLM2-135M-Instruct (the same dequantised weights), on the same
@@ -680,7 +680,7 @@ def parse_args(argv=None):
                     help="default: TRL's defaults; best: SFT + gradient checkpointing, DPO + precomputed reference")
     ap.add_argument("--block", type=int, default=1, help="steps per alternating block")
     ap.add_argument("--rounds", type=int, default=2, help="generate: rounds of --gen-batch prompts per side")
-    ap.add_argument("--gen-batch", type=int, default=16,
+    ap.add_argument("--gen-batch", type=int, default=32,
                     help="generate: prompts per round, generated together by picoalign (one at a time by the peer)")
     ap.add_argument("--profile", action="store_true", help="profile one extra picoalign step and print the top ops")
     ap.add_argument("--peak-budget", type=float, default=20.0, help="seconds per dtype for the matmul peak")

@@ -63,14 +63,17 @@ def assert_same_curve(two: list[dict], one: list[dict], keys: tuple[str, ...]) -
     for a, b in zip(two, one):
         assert a["tokens"] == b["tokens"], a["step"]  # both ranks' tokens counted
         for key in keys:
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+            # grad_norm is logged at 4 decimals: equal sums may round apart; a summed log-prob of
+            # hundreds of tokens (~ -575) is exact only to float32's relative 1e-7
+            tol = 1.01e-4 if key == "grad_norm" else 1e-5
+            assert a[key] == pytest.approx(b[key], abs=tol, rel=2e-7), (a["step"], key)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and wa
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wa[name], wb[name], atol=5e-6, rtol=1e-5)  # gradients summed in another order
 
 
 def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, chat_model, data_dir, capfd):
@@ -160,7 +163,7 @@ def test_fsdp_follows_one_process_with_the_doubled_batch(tmp_path, chat_model, d
     wa, wb = load_file(full_out / "model.safetensors"), load_file(one_full / "model.safetensors")
     assert wa.keys() == wb.keys() and len(wa) > 10
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wa[name], wb[name], atol=5e-6, rtol=1e-5)  # gradients summed in another order
     assert printed.count("(FSDP: parameters, gradients and optimizer state sharded)") == 3  # rank 0, 3 runs
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import picoalign.train.sft as sft_module
 from picoalign.config import LoraConfig, SFTConfig
@@ -287,3 +288,23 @@ def test_resume_after_interrupt_inside_an_accumulated_step(tmp_path, chat_model,
     for step in (3, 4):  # now: step 3 is 6.9907 instead of 6.9634
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
     assert (saved["step"], saved["micro"]) == (2, 4)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_gradient_checkpointing_changes_memory_not_the_curve(tmp_path, chat_model, data_dir, monkeypatch, lora):
+    """`gradient_checkpointing: true` recomputes each block in backward (the attention then runs
+    on the dense mask, the same path in forward and rerun): the same losses, norms and weights."""
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    run_sft(sft_cfg(plain, chat_model, data_dir, lora=lora))
+    _, task = run_sft(sft_cfg(ckpt, chat_model, data_dir, lora=lora, gradient_checkpointing=True), monkeypatch)
+    base = task.model.get_base_model() if lora else task.model
+    assert base.is_gradient_checkpointing
+    a, b = log_rows(plain), log_rows(ckpt)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], abs=1.01e-4)
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    wa, wb = load_file(plain / name), load_file(ckpt / name)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=1e-4)

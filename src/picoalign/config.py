@@ -149,6 +149,8 @@ class TrainConfig:
     early_stop: int = opt(0, "stop after K evals without improvement (0 = off)")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from the last checkpoint in <out>")
+    gradient_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, "
+                                       "about a third more compute")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state across the "
                      "processes (FSDP2) instead of a full copy on each (DDP), for models too large for one device")
     log_every: int = opt(1, "write a log line every N steps")
@@ -376,7 +378,8 @@ class GenerateConfig(DecodeConfig):
     out: str = opt("", "write the answers here as JSONL (default: print them)")
     raw: bool = opt(False, "feed the prompt to the model as plain text, without the chat template")
     system: str = opt("", "a system message put before every prompt")
-    batch_size: int = opt(16, "prompts generated together (left-padded); decoding one token costs little more for 16 rows than for 1")
+    batch_size: int = opt(32, "prompts generated together (left-padded): a decode step reads all weights once, "
+                          "for 1 row or 32")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -90,7 +90,10 @@ def span_attention(model, spans: Tensor | None):
     """Run `model`'s forwards inside with `spans_attention` (models on SDPA only; others as they are)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(hf, "config", None)
-    if spans is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    # Under activation checkpointing backward reruns the blocks after this context has closed;
+    # the rerun must take the same path as the forward, so those models keep the mask.
+    recomputes = getattr(hf, "is_gradient_checkpointing", False) and hf.training
+    if spans is None or recomputes or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
     _register()
