@@ -298,7 +298,7 @@ def test_gradient_checkpointing_changes_memory_not_the_curve(tmp_path, chat_mode
     run_sft(sft_cfg(plain, chat_model, data_dir, lora=lora))
     _, task = run_sft(sft_cfg(ckpt, chat_model, data_dir, lora=lora, gradient_checkpointing=True), monkeypatch)
     base = task.model.get_base_model() if lora else task.model
-    assert base.is_gradient_checkpointing
+    assert base.is_activation_checkpointing
     a, b = log_rows(plain), log_rows(ckpt)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):

@@ -92,7 +92,7 @@ def span_attention(model, spans: Tensor | None):
     config = getattr(hf, "config", None)
     # Under activation checkpointing backward reruns the blocks after this context has closed;
     # the rerun must take the same path as the forward, so those models keep the mask.
-    recomputes = getattr(hf, "is_gradient_checkpointing", False) and hf.training
+    recomputes = getattr(hf, "is_activation_checkpointing", False) and hf.training
     if spans is None or recomputes or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return

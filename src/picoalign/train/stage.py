@@ -38,7 +38,7 @@ def prepare(cfg, stage: str) -> Prepared:
     model, tokenizer = load_model(cfg.model, device, cfg.load_in)
     if cfg.gradient_checkpointing:
         # Non-reentrant: gradients reach a LoRA adapter even though the embeddings are frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     out = Path(cfg.out)
