@@ -7,7 +7,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from picoalign.train.attention import spans_attention
+from picoalign.train.attention import SpanLayout, spans_attention
 from picoalign.train.batching import RowBuilder, encode, forward_logps, pack_examples, pack_pairs
 from picoalign.train.losses import sequence_logps
 
@@ -42,7 +42,7 @@ def test_spans_attention_equals_the_masked_one_with_gradients():
         real[i, :, : p + a + b] = 1
     upstream = torch.randn(B, H, L, d) * real  # what the rest of the model reads: real positions only
 
-    got = spans_attention(q, k, v, torch.tensor(spans), scaling=0.3)
+    got = spans_attention(q, k, v, SpanLayout.of(torch.tensor(spans), L), scaling=0.3)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(spans, L), scale=0.3, enable_gqa=True)
     torch.testing.assert_close(got * real, want * real, atol=1e-6, rtol=0)
     grads_got = torch.autograd.grad((got * upstream).sum(), (q, k, v))

@@ -20,14 +20,46 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 NAME = "picoalign_spans"
-_spans: ContextVar[Tensor | None] = ContextVar("picoalign_spans", default=None)
+_layout: ContextVar[SpanLayout | None] = ContextVar("picoalign_spans", default=None)
 _registered = False
+
+
+@dataclass(frozen=True)
+class SpanLayout:
+    """Where the two causal calls read and write, worked out once per batch (not per layer).
+
+    rows, length: the batch's shape; front: length of the [prefix, a] call; source (B, n): the row positions gathered for the
+    [prefix, b] call (None when no row has a b); pick (B, L): for each row position, its output
+    among the two calls' outputs laid end to end.
+    """
+
+    rows: int
+    length: int
+    front: int
+    source: Tensor | None = None
+    pick: Tensor | None = None
+
+    @classmethod
+    def of(cls, spans: Tensor, length: int, device=None) -> SpanLayout:
+        p, a, b = spans.cpu().unbind(1)
+        front = int((p + a).max())
+        if int(b.max()) == 0:
+            return cls(len(p), length, front)
+        # [prefix, b]: position j of the gathered row is j in the prefix, then the b answer's tokens.
+        j = torch.arange(int((p + b).max()))[None, :]
+        source = torch.where(j < p[:, None], j, j + a[:, None]).clamp(max=length - 1)
+        # Row position t reads the front call up to the end of a, then the b outputs of the back call.
+        t = torch.arange(length)[None, :]
+        in_b = (t >= (p + a)[:, None]) & (t < (p + a + b)[:, None])
+        pick = torch.where(in_b, front + t - a[:, None], t.clamp(max=front - 1))
+        return cls(len(p), length, front, source.to(device), pick.to(device))
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, dropout: float, scaling: float | None) -> Tensor:
@@ -40,37 +72,28 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
-def spans_attention(q: Tensor, k: Tensor, v: Tensor, spans: Tensor, dropout: float = 0.0,
+def spans_attention(q: Tensor, k: Tensor, v: Tensor, layout: SpanLayout, dropout: float = 0.0,
                     scaling: float | None = None) -> Tensor:
-    """Attention output (B, H, L, d) for rows [prefix, a, b] of lengths `spans` (B, 3)."""
-    B, _, L, _ = q.shape
-    p, a, b = spans.to(q.device).unbind(1)
-    front = int((p + a).max())
-    out = _causal(q[:, :, :front], k[:, :, :front], v[:, :, :front], dropout, scaling)
-    if int(b.max()) == 0:
-        return F.pad(out, (0, 0, 0, L - front))
-    # [prefix, b]: position j of the gathered row is j in the prefix, then the b answer's tokens.
-    n = int((p + b).max())
-    j = torch.arange(n, device=q.device)[None, :]
-    source = torch.where(j < p[:, None], j, j + a[:, None]).clamp(max=L - 1)
-    back = _causal(_gather(q, source), _gather(k, source), _gather(v, source), dropout, scaling)
-    # Row position t reads `front` outputs up to the end of a, then the b outputs of `back`.
-    t = torch.arange(L, device=q.device)[None, :]
-    in_b = (t >= (p + a)[:, None]) & (t < (p + a + b)[:, None])
-    pick = torch.where(in_b, front + t - a[:, None], t.clamp(max=front - 1))
-    return _gather(torch.cat([out, back], dim=2), pick)
+    """Attention output (B, H, L, d) for rows [prefix, a, b] laid out as `layout` says."""
+    f = layout.front
+    out = _causal(q[:, :, :f], k[:, :, :f], v[:, :, :f], dropout, scaling)
+    if layout.source is None:
+        return F.pad(out, (0, 0, 0, layout.length - f))
+    src = layout.source
+    back = _causal(_gather(q, src), _gather(k, src), _gather(v, src), dropout, scaling)
+    return _gather(torch.cat([out, back], dim=2), layout.pick)
 
 
 def _attention_interface(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' attention-function signature; without spans (generation, a recompute under
-    activation checkpointing) it is plain SDPA with the mask."""
+    """transformers' attention-function signature; without a layout (generation, a recompute
+    under activation checkpointing) it is plain SDPA with the mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    spans = _spans.get()
-    if spans is None or query.shape[2] != key.shape[2] or spans.shape[0] != query.shape[0]:
+    layout = _layout.get()
+    if layout is None or query.shape[0] != layout.rows or not query.shape[2] == key.shape[2] == layout.length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = spans_attention(query, key, value, spans, dropout, scaling)
+    out = spans_attention(query, key, value, layout, dropout, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -86,7 +109,7 @@ def _register() -> None:
 
 
 @contextmanager
-def span_attention(model, spans: Tensor | None):
+def span_attention(model, spans: Tensor | None, length: int):
     """Run `model`'s forwards inside with `spans_attention` (models on SDPA only; others as they are)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(hf, "config", None)
@@ -97,10 +120,11 @@ def span_attention(model, spans: Tensor | None):
         yield
         return
     _register()
-    token = _spans.set(spans)
+    device = next(model.parameters()).device
+    token = _layout.set(SpanLayout.of(spans, length, device))
     hf.set_attn_implementation(NAME)
     try:
         yield
     finally:
         hf.set_attn_implementation("sdpa")
-        _spans.reset(token)
+        _layout.reset(token)

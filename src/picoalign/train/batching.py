@@ -290,7 +290,7 @@ def forward_logps(model, batch: PackedBatch) -> Tensor:
     from picoalign.train.attention import span_attention
     from picoalign.train.losses import token_logps
 
-    with span_attention(model, batch.spans):
+    with span_attention(model, batch.spans, batch.input_ids.shape[1]):
         out = model(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,

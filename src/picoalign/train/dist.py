@@ -118,11 +118,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """A sharded model's whole state dict on the CPU (every rank must call it: it gathers); None
-    for a model that is not sharded, whose own state_dict() is already whole."""
-    if not is_sharded(model):
-        return None
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict on the CPU (every rank must call it: it gathers)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -191,8 +191,7 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
         _evaluate(task, state, cfg, trackers, device, dtype)
     summary = {"stage": name, "complete": True, "steps": state.step, "stop_reason": stop_reason,
                "seconds": round(state.elapsed, 2), "last_eval": state.last_eval}
-    save_checkpoint(out / "last", task, opt, sched, state)
-    weights = dist.full_state_dict(task.model)  # None unless sharded
+    weights = save_checkpoint(out / "last", task, opt, sched, state)  # gathered weights if sharded
     if world.main:
         task.save(out, weights)
         write_json(out / MARKER, {**read_marker(out), **summary})
@@ -306,14 +305,15 @@ def _public(cfg) -> dict:
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> None:
+def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> dict | None:
     """Write the model and the full trainer state to `folder`, replacing it atomically.
-    Call it on every rank: a sharded model is gathered (a collective); rank 0 writes."""
+    Call it on every rank: a sharded model is gathered (a collective); rank 0 writes. Returns
+    the gathered weights of a sharded model (None otherwise), for saving the final model."""
     whole = None
     if dist.is_sharded(task.model):
         whole = (dist.full_state_dict(task.model), dist.full_optimizer_state(task.model, opt))
     if not dist.world().main:
-        return
+        return whole and whole[0]
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -326,16 +326,15 @@ def save_checkpoint(folder: Path, task: Task, opt, sched, state: LoopState) -> N
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+    return whole and whole[0]
 
 
 def _write_checkpoint(tmp: Path, task: Task, opt, sched, state: LoopState, whole=None) -> None:
     weights, optim = whole or (None, None)
     task.save(tmp, weights)
-    names = [n for n, p in task.model.named_parameters() if p.requires_grad]
-    if weights is None:
-        trainable = {n: p.detach().cpu() for n, p in task.model.named_parameters() if p.requires_grad}
-    else:  # the gathered state dict names parameters as the bare model does
-        trainable = {n: weights[n] for n in names}
+    # (the gathered state dict names parameters as the bare model does)
+    trainable = {n: p.detach().cpu() if weights is None else weights[n]
+                 for n, p in task.model.named_parameters() if p.requires_grad}
     torch.save(
         {
             "trainable": trainable,
