@@ -235,3 +235,8 @@ def add_lora(model, lora_cfg):
         target_modules=target_modules, task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def unwrapped(model):
+    """The transformers model itself: under a peft wrapper, its base (with the adapter layers in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from picoalign.models.load import unwrapped
+
 NAME = "picoalign_spans"
 _layout: ContextVar[SpanLayout | None] = ContextVar("picoalign_spans", default=None)
 _registered = False
@@ -111,7 +113,7 @@ def _register() -> None:
 @contextmanager
 def span_attention(model, spans: Tensor | None, length: int):
     """Run `model`'s forwards inside with `spans_attention` (models on SDPA only; others as they are)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = unwrapped(model)
     config = getattr(hf, "config", None)
     # Under activation checkpointing backward reruns the blocks after this context has closed;
     # the rerun must take the same path as the forward, so those models keep the mask.

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from picoalign.models.load import unwrapped
+
 
 @dataclass(frozen=True)
 class World:
@@ -101,7 +103,7 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world().size,))
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = unwrapped(model)
     blocks = set(getattr(hf, "_no_split_modules", None) or ())
     units = [m for m in model.modules() if type(m).__name__ in blocks]
     if not units:
