@@ -15,7 +15,9 @@ stage stops it with the reason and the path of the log.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -37,14 +39,13 @@ class StageFailed(RuntimeError):
 
 
 class _Tee:
-    """Write to the terminal and to output.log at once."""
+    """Write to the terminal as it is, and to output.log as readable lines (`LogLines`)."""
 
-    def __init__(self, stream, log) -> None:
+    def __init__(self, stream, log: LogLines) -> None:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
         self.log.write(text)
-        self.log.flush()
         return self.stream.write(text)
 
     def flush(self) -> None:
@@ -56,6 +57,46 @@ class _Tee:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+class LogLines:
+    """The log file's side of the terminal: whole lines, not every frame of a progress bar.
+
+    A progress bar redraws its line with carriage returns many times a second. The log keeps
+    one line per redrawn frame at most every `every` seconds (and the frame a line ends on),
+    with terminal control sequences removed, so it reads as a record of progress.
+    """
+
+    _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+    def __init__(self, file, every: float = 30.0, clock=time.monotonic) -> None:
+        self.file, self.every, self.clock = file, every, clock
+        self.pending, self.last_frame = "", -math.inf
+
+    def write(self, text: str) -> None:
+        for part in re.split(r"(\r|\n)", self._CONTROL.sub("", text)):
+            if part == "\n":
+                self._emit(self.pending)
+                self.pending = ""
+            elif part == "\r":
+                if self.pending.strip() and self.clock() - self.last_frame >= self.every:
+                    self._emit(self.pending)
+                    self.last_frame = self.clock()
+                self.pending = ""
+            else:
+                self.pending += part
+
+    def _emit(self, line: str) -> None:
+        self.file.write(line.rstrip() + "\n")
+        self.file.flush()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.pending.strip():
+            self._emit(self.pending)
+        self.pending = ""
 
 
 def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), environ=None) -> dict:
@@ -95,9 +136,10 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
     root.mkdir(parents=True, exist_ok=True)
     resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in SECTIONS}}
     atomic_write_text(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
-    with open(root / "output.log", "a", encoding="utf-8") as log:
+    with open(root / "output.log", "a", encoding="utf-8") as file:
         out, err = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        logs = LogLines(file), LogLines(file)  # one each: a bar on stderr does not swallow a print's line
+        sys.stdout, sys.stderr = _Tee(out, logs[0]), _Tee(err, logs[1])
         try:
             print(f"run: {root} (stages {configs['run'].stages})")
             for stage in [s.strip() for s in configs["run"].stages.split(",") if s.strip()]:
@@ -105,6 +147,8 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
             print(f"run: finished; report at {root / 'report' / 'index.html'}")
         finally:
             sys.stdout, sys.stderr = out, err
+            for log in logs:
+                log.close()
     return root
 
 

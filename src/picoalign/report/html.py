@@ -25,7 +25,11 @@ ImageFn = Callable[[str], str | None]
 
 CSS = """
 body { margin: 0; color: #1d1d1f; background: #fff;
-  font: 15px/1.55 system-ui, -apple-system, "Segoe UI", "Noto Sans", "PingFang SC", "Microsoft YaHei", sans-serif; }
+  font: 15px/1.55 system-ui, -apple-system, "Segoe UI", "Noto Sans", Roboto, "Helvetica Neue", Arial, var(--cjk), sans-serif;
+  /* any CJK font a machine has: macOS, Windows, then the common Linux packages (Noto/Source Han, WenQuanYi) */
+  --cjk: "PingFang SC", "Hiragino Sans GB", "Microsoft YaHei", "Noto Sans CJK SC", "Noto Sans SC",
+    "Source Han Sans SC", "Source Han Sans CN", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Droid Sans Fallback"; }
+:lang(zh) { font-family: system-ui, -apple-system, var(--cjk), "Noto Sans", sans-serif; }
 nav.lang { position: sticky; top: 0; z-index: 1; background: #f5f5f7; border-bottom: 1px solid #ddd;
   padding: .45rem 1.25rem; font-size: .95rem; }
 main { max-width: 1000px; margin: 0 auto; padding: .5rem 1.25rem 3rem; }
@@ -38,7 +42,7 @@ th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 pre { background: #f6f8fa; border: 1px solid #e1e4e8; border-radius: 6px; padding: .6rem .8rem;
   white-space: pre-wrap; overflow-wrap: anywhere; font-size: .86rem; }
-code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Noto Sans Mono CJK SC", monospace; }
 :not(pre) > code { background: #f0f0f0; padding: 0 .25em; border-radius: 3px; }
 img { max-width: 100%; height: auto; } figure { margin: 1rem 0; }
 blockquote { border-left: 4px solid #e0a800; background: #fff8e1; margin: 1rem 0; padding: .3rem 1rem; }

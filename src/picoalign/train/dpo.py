@@ -42,15 +42,21 @@ def batch_sequence_logps(model, batch: PackedBatch, normalise: bool = False) -> 
 
 
 @torch.no_grad()
-def reference_logps(model, batches: list[PackedBatch], device, dtype, normalise: bool) -> list[torch.Tensor]:
+def reference_logps(model, batches: list[PackedBatch], device, dtype, normalise: bool,
+                    progress: bool = False) -> list[torch.Tensor]:
     """The reference's per-sequence log-probs for every batch (the model in eval mode)."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     out = []
-    with autocast_for(device, dtype):
+    bar = tqdm(total=sum(b.n_seqs // 2 for b in batches), desc="dpo reference", unit="pair",
+               disable=not progress, dynamic_ncols=True)
+    with autocast_for(device, dtype), bar:
         for batch in batches:
             seq, _ = batch_sequence_logps(model, batch.to(device), normalise)
             out.append(seq.float().cpu())
+            bar.update(batch.n_seqs // 2)
     model.train(was_training)
     return out
 
@@ -112,15 +118,18 @@ class DPOTask:
             batch.ref_logps = ref
 
     def _compute_reference(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
-        print(f"dpo: precomputing reference log-probs for {len(batches)} batches")
+        pairs = sum(b.n_seqs // 2 for b in batches)
+        print(f"dpo: precomputing reference log-probs for {pairs} pairs ({len(batches)} batches)")
         if self.cfg.reference not in ("precompute", "live"):
             ref_model, _ = load_model(self.cfg.reference, self.device)
-            logps = reference_logps(ref_model, batches, self.device, self.dtype, self.normalise)
+            logps = reference_logps(ref_model, batches, self.device, self.dtype, self.normalise,
+                                   self.cfg.progress and dist.world().main)
             del ref_model
             return logps
         adapter_off = self.model.disable_adapter() if self.cfg.lora.enabled else nullcontext()
         with adapter_off:  # a fresh adapter changes nothing yet; off makes the intent plain
-            return reference_logps(self.model, batches, self.device, self.dtype, self.normalise)
+            return reference_logps(self.model, batches, self.device, self.dtype, self.normalise,
+                                   self.cfg.progress and dist.world().main)
 
     def batches(self) -> list[PackedBatch]:
         return self.train
