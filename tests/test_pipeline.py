@@ -325,3 +325,30 @@ def test_a_rerun_with_the_same_tag_skips_every_finished_stage(full_run):
     assert (root / "samples.jsonl").read_text() == samples
     assert (root / "config.yaml").read_text() == resolved
     assert (root / "output.log").read_text().count("run: finished") == 2  # appended, not replaced
+
+
+def test_output_log_gets_lines_not_progress_bar_frames():
+    """A bar's carriage-return frames: the first one, then at most one per `every` seconds, and
+    the frame its line ends on; escape sequences dropped; plain lines kept as they are."""
+    import io
+
+    from picoalign.pipeline import LogLines
+
+    now = [0.0]
+    file = io.StringIO()
+    log = LogLines(file, every=30.0, clock=lambda: now[0])
+    log.write("run: start\n")
+    for step in range(1, 11):  # ten redraws, one every 5 s
+        now[0] = 5.0 * step
+        log.write(f"\rsft:  {step * 10}%|##| {step}/10 [00:{step:02d}]\x1b[A")
+    log.write("\n")
+    log.write("done ")
+    log.write("for now\n")
+    log.close()
+    assert file.getvalue().splitlines() == [
+        "run: start",
+        "sft:  10%|##| 1/10 [00:01]",  # the first frame
+        "sft:  70%|##| 7/10 [00:07]",  # 30 s after it
+        "sft:  100%|##| 10/10 [00:10]",  # the frame the line ends on
+        "done for now",
+    ]

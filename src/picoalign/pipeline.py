@@ -29,6 +29,7 @@ import yaml
 
 from picoalign import config as C
 from picoalign.io import atomic_write_text, read_json, write_json
+from picoalign.models.builtin import BuiltinUnavailable
 
 SECTIONS = {"data": C.DataConfig, "tokenizer": C.TokenizerConfig, "pretrain": C.PretrainConfig,
             "sft": C.SFTConfig, "dpo": C.DPOConfig, "eval": C.EvalConfig}
@@ -108,7 +109,7 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
     shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
-    pretrained = "pretrain" in [s.strip() for s in run.stages.split(",")]
+    pretrained = "pretrain" in stage_names(run)
     forced = {
         "data": {"out": str(root / "data"), "seed": run.seed},
         "tokenizer": {"data": str(root / "data"), "out": str(root / "tokenizer")},
@@ -129,10 +130,18 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     return configs
 
 
+def stage_names(run: C.RunConfig) -> list[str]:
+    return [s.strip() for s in run.stages.split(",") if s.strip()]
+
+
 def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (), environ=None) -> Path:
     """Run the stages of the pipeline; returns the run folder."""
+    from picoalign.models.load import ensure_builtin_file
+
     configs = resolve_configs(path, overrides, environ)
     root: Path = configs["root"]
+    if "sft" in stage_names(configs["run"]):
+        ensure_builtin_file(configs["sft"].model)  # before any work: no file, no run
     root.mkdir(parents=True, exist_ok=True)
     resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in SECTIONS}}
     atomic_write_text(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
@@ -142,7 +151,7 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
         sys.stdout, sys.stderr = _Tee(out, logs[0]), _Tee(err, logs[1])
         try:
             print(f"run: {root} (stages {configs['run'].stages})")
-            for stage in [s.strip() for s in configs["run"].stages.split(",") if s.strip()]:
+            for stage in stage_names(configs["run"]):
                 _timed(root, stage, lambda stage=stage: STAGE_RUNNERS[stage](configs))
             print(f"run: finished; report at {root / 'report' / 'index.html'}")
         finally:
@@ -278,7 +287,7 @@ def main(argv: list[str]) -> int:
     except C.ConfigError as e:
         print(f"picoalign run: config error: {e}", file=sys.stderr)
         return 2
-    except StageFailed as e:
+    except (StageFailed, BuiltinUnavailable) as e:
         print(f"picoalign run: {e}", file=sys.stderr)
         return 1
     return 0

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,15 @@ def cache_dir() -> Path:
 def builtin_gguf(name: str) -> Path:
     """The built-in model's GGUF file on this machine (fetched into the cache on first use)."""
     return builtin_file(name, cache_dir())
+
+
+def ensure_builtin_file(spec: str) -> None:
+    """For a `builtin:` model, make sure its file is on this machine (fetching it once), so that a
+    run without it stops before any work with the message that says how to fix it."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if not (cache_dir() / "models" / name / "config.json").exists():
+            builtin_gguf(name)
 
 
 def _materialise_builtin(name: str) -> Path:
@@ -167,7 +178,8 @@ def load_model(spec: str, device: torch.device | str = "cpu", load_in: str = "no
         from peft import PeftModel
 
         base, _ = load_model(base_of_adapter(path), "cpu", load_in, merge_adapter=True)
-        model = PeftModel.from_pretrained(base, str(path))
+        with peft_reads_old_names():
+            model = PeftModel.from_pretrained(base, str(path))
         if merge_adapter:
             model = model.merge_and_unload()
     else:
@@ -229,7 +241,18 @@ def add_lora(model, lora_cfg):
         r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
         target_modules=target_modules, task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with peft_reads_old_names():
+        return get_peft_model(model, config)
+
+
+@contextmanager
+def peft_reads_old_names():
+    """peft 0.21 wraps a model by reading `is_gradient_checkpointing`, which transformers 5 renamed
+    `is_activation_checkpointing` and warns about: a warning about peft's code, not the user's
+    setting, so it is silenced here (and only this one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def unwrapped(model):
