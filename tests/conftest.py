@@ -52,7 +52,7 @@ def _corpus(n_specs: int = 40) -> list[str]:
     lines = ["Hello there.", "What is the capital of France?", "Paris is the capital of France."]
     for _ in range(n_specs):
         spec = stories.random_spec(rng)
-        chosen, rejected = stories.story_pair(spec, rng)
+        chosen, rejected, _ = stories.story_pair(spec, rng)
         for text in (stories.format_prompt(spec), stories.write_story(spec, rng), chosen, rejected):
             lines += text.split("\n")
     return lines

@@ -19,14 +19,17 @@ from helpers import naive_answer_logps
 from picoalign.config import EvalConfig
 from picoalign.eval.evaluate import evaluate, mean_token_kl
 from picoalign.eval.generate import generate
+from picoalign.eval.judges import vader_darkness
 from picoalign.eval.style import StyleClassifier, lexicon_score
 from picoalign.io import read_json
 from picoalign.train.batching import render_prompt
 
 PROMPTS = ["Hi.", "Tell me a story about a lighthouse keeper who hears a knock at night.", "What is the capital of France?"]
-MODEL_KEYS = {"sft_test_loss", "sft_test_ppl", "dpo_test_pref_acc", "dpo_test_margin", "horror_lexicon",
-              "horror_classifier", "n_samples"}
-SAMPLE_KEYS = {"id", "prompt", "model", "decoding", "text", "horror_lexicon", "horror_classifier"}
+PREF_KEYS = {f"{split}_{k}" for split in ("dpo_test", "dpo_hard") for k in ("pref_acc", "margin", "margin_per_token")}
+MODEL_KEYS = {"sft_test_loss", "sft_test_ppl", *PREF_KEYS, "vader_darkness", "horror_lexicon", "horror_classifier",
+              "answer_words", "n_samples", "judges", "intervals"}
+JUDGES = {"vader_darkness", "horror_lexicon", "horror_classifier"}
+SAMPLE_KEYS = {"id", "prompt", "model", "decoding", "text", "words", *JUDGES}
 
 
 # ---------------------------------------------------------------- style scores
@@ -185,25 +188,51 @@ def test_mean_token_kl(tiny_llama, chat_tokenizer):
 
 def test_evaluate_named_models(tmp_path, chat_model, data_dir, tiny_llama, chat_tokenizer):
     out = tmp_path / "eval"
-    cfg = EvalConfig(models=f"a={chat_model},sft={chat_model}", data=str(data_dir), out=str(out), device="cpu",
-                     dtype="fp32", max_length=1024, batch_size=4, n_samples=2, max_new_tokens=8, decodings="greedy")
+    cfg = EvalConfig(models=f"a={chat_model},sft={chat_model},dpo={chat_model}", data=str(data_dir), out=str(out),
+                     device="cpu", dtype="fp32", max_length=1024, batch_size=4, n_samples=2, max_new_tokens=8,
+                     decodings="greedy")
     returned = evaluate(cfg)
     metrics = read_json(out / "metrics.json")
     assert returned == metrics
-    assert list(metrics["models"]) == ["a", "sft"]
+    assert list(metrics["models"]) == ["a", "sft", "dpo"]
     for name in ("a", "sft"):
-        assert set(metrics["models"][name]) == MODEL_KEYS, name  # no kl_to_ref: neither is called dpo
+        assert set(metrics["models"][name]) == MODEL_KEYS, name  # no kl_to_ref, no reward: not called dpo
         assert metrics["models"][name]["n_samples"] == 2
+        assert set(metrics["models"][name]["judges"]) == JUDGES
     assert metrics["models"]["a"] == metrics["models"]["sft"]  # the same weights under two names
     assert set(metrics["scores"]) == {"horror_lexicon", "horror_classifier", "horror_classifier_test_pair_accuracy"}
     assert {"device", "dtype", "versions", "model", "created", "stage_seconds"} <= set(metrics["run"])
     assert metrics["run"]["dtype"] == "float32" and metrics["run"]["model"] == str(chat_model)
-    assert metrics["run"]["eval_sizes"] == {"sft_test": 4, "dpo_test": 4, "prompts": 2}
+    assert metrics["run"]["eval_sizes"] == {"sft_test": 4, "dpo_test": 4, "dpo_test_hard": 4, "prompts": 2}
+
+    # one unit for every model: DPO's preference margin is log pi(c) - log pi(r) in nats like the others';
+    # its implicit reward (here 0: the policy is its own reference) is a separate quantity with its own keys
+    a, dpo = metrics["models"]["a"], metrics["models"]["dpo"]
+    for key in PREF_KEYS:
+        assert dpo[key] == a[key], key
+    assert dpo["dpo_test_reward_margin"] == 0.0 and dpo["dpo_test_reward_acc"] == 0.0
+    assert dpo["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert dpo["intervals"]["dpo_test_margin"]["mean"] == a["dpo_test_margin"]
+    assert dpo["intervals"]["dpo_test_margin"]["n"] == 4
+
+    # paired comparisons on the same prompts, every judge; identical models: no difference, even odds
+    assert set(metrics["comparisons"]) == {"dpo_vs_sft"}  # no model called base here
+    for judge, c in metrics["comparisons"]["dpo_vs_sft"].items():
+        assert (c["mean_diff"], c["ci_low"], c["ci_high"], c["win_rate"], c["n"]) == (0.0, 0.0, 0.0, 0.5, 2), judge
+    assert metrics["judges"]["vader_darkness"]["primary"] is True
+    assert metrics["judges"]["vader_darkness"]["heldout_pairs"]["n"] >= 24
+    assert metrics["judges"]["horror_classifier"]["template_test_pairs"]["n"] == 4
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and all(set(s) == SAMPLE_KEYS for s in samples)
-    assert [s["model"] for s in samples] == ["a", "a", "sft", "sft"]
+    assert len(samples) == 6 and all(set(s) == SAMPLE_KEYS for s in samples)
+    assert [s["model"] for s in samples] == ["a", "a", "sft", "sft", "dpo", "dpo"]
     assert [s["id"] for s in samples[:2]] == ["sft-test-000000", "sft-test-000001"]
+    for s in samples:  # each sample's scores are the judges' own on its text
+        assert s["words"] == len(s["text"].split())
+        assert s["horror_lexicon"] == round(lexicon_score(s["text"]), 4)
+        assert s["vader_darkness"] == round(vader_darkness([s["text"]])[0], 4)
+    judged = metrics["models"]["a"]["judges"]["vader_darkness"]
+    assert judged["mean"] == pytest.approx(sum(s["vader_darkness"] for s in samples[:2]) / 2, abs=1e-4)
 
     # the same numbers, computed here from one plain forward per sequence
     m = metrics["models"]["a"]

@@ -27,6 +27,8 @@ STAGES: dict[str, tuple] = {
     "sft": (C.SFTConfig, "picoalign.train.sft:sft", "supervised fine-tuning (loss on the response)", "sft"),
     "dpo": (C.DPOConfig, "picoalign.train.dpo:dpo", "DPO and its variants against a frozen reference", "dpo"),
     "eval": (C.EvalConfig, "picoalign.eval.evaluate:evaluate", "evaluate base/SFT/DPO on the test splits", "eval"),
+    "frontier": (C.FrontierConfig, "picoalign.eval.frontier:frontier",
+                 "DPO at several beta from a run's SFT model: judge score vs KL (the DPO paper's figure 2)", "frontier"),
     "generate": (C.GenerateConfig, "picoalign.use.generate:generate_answers",
                  "answers from a model to --prompt TEXT or --prompt-file FILE", "generate"),
     "chat": (C.ChatConfig, "picoalign.use.chat:chat", "chat with a model in the terminal (streams)", "chat"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -229,10 +230,11 @@ class EvalConfig:
     dtype: str = opt("auto", "compute dtype: auto | bf16 | fp32")
     seed: int = opt(1234, "random seed for sampling", env="SEED")
     max_length: int = opt(512, "truncate scored examples to this many tokens")
-    batch_size: int = opt(8, "examples per forward pass")
+    batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
-    max_pairs: int = opt(0, "preference test pairs scored (0 = all)")
-    n_samples: int = opt(4, "test prompts generated from, per model")
+    max_pairs: int = opt(0, "preference test pairs scored per split (0 = all)")
+    n_samples: int = opt(32, "test prompts generated from, per model (the style scores' n)")
+    generate_batch_size: int = opt(32, "prompts generated at once")
     max_new_tokens: int = opt(200, "tokens generated per sample")
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
     temperature: float = opt(0.8, "sampling temperature for top_p")
@@ -244,6 +246,63 @@ class EvalConfig:
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
     judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+
+    def __post_init__(self) -> None:
+        decodings = [d.strip() for d in self.decodings.split(",") if d.strip()]
+        if not decodings or any(d not in ("greedy", "top_p") for d in decodings):
+            raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        for name in ("batch_size", "generate_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_samples", "max_pairs", "max_sft_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def parse_floats(text: str, name: str, positive: bool = False) -> list[float]:
+    """'0.05,0.1, 1' -> [0.05, 0.1, 1.0]; a value that does not parse is refused with its name."""
+    values = []
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"{name}: {part!r} is not a number (expected a comma list like 0.05,0.1,0.3,1)") from None
+        if positive and not value > 0 or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name}: {part} must be {'> 0' if positive else '>= 0'}")
+        values.append(value)
+    return values
+
+
+@dataclass
+class FrontierConfig:
+    """`picoalign frontier`: DPO at several β from a run's SFT model, judge score vs KL to it."""
+
+    STAGE = "FRONTIER"
+    run: str = opt("", "run folder with a finished SFT checkpoint (its DPO settings are the starting point)")
+    betas: str = opt("0.05,0.1,0.3,1", "comma list of β values, each one DPO run")
+    sft_weights: str = opt("", "comma list of sft_weight values crossed with the betas (empty: the run's own)")
+    max_steps: int = opt(0, "DPO steps per point (0: the run's own dpo.max_steps)")
+    n_samples: int = opt(32, "test prompts each model answers (greedy)")
+    max_new_tokens: int = opt(100, "tokens generated per answer")
+    generate_batch_size: int = opt(32, "prompts generated at once")
+    repetition_penalty: float = opt(1.15, "as in eval: the same for every model")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
+    dtype: str = opt("auto", "compute dtype: auto | bf16 | fp32")
+    seed: int = opt(1234, "random seed", env="SEED")
+
+    def __post_init__(self) -> None:
+        if not self.run:
+            raise ConfigError("run is required: the run folder whose SFT checkpoint the points start from")
+        if not parse_floats(self.betas, "betas", positive=True):
+            raise ConfigError("betas: give at least one β")
+        parse_floats(self.sft_weights, "sft_weights")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        for name in ("n_samples", "max_new_tokens", "generate_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -52,10 +52,9 @@ def story_rows(cfg: DataConfig) -> dict[str, list[dict]]:
         rows = []
         for i, spec in enumerate(_unique_specs(rng, getattr(cfg, f"n_dpo_{split}"), seen)):
             prompt = stories.format_prompt(spec)
-            chosen, rejected = stories.story_pair(spec, rng)
-            rows.append(
-                {"id": f"dpo-{split}-{i:06d}", "prompt": prompt, "input": prompt, "chosen": chosen, "rejected": rejected}
-            )
+            chosen, rejected, kind = stories.story_pair(spec, rng)
+            rows.append({"id": f"dpo-{split}-{i:06d}", "prompt": prompt, "input": prompt, "chosen": chosen,
+                         "rejected": rejected, "rejected_kind": kind})
         files[f"dpo_{split}"] = rows
     return files
 

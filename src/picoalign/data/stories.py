@@ -4,8 +4,9 @@ A spec is drawn from large part lists (title, setting, protagonist, supporting c
 important object, taboo rule, twist), so a thousand prompts are nearly all distinct. Each story
 has three paragraphs: an opening shared by both endings, then either a darker turn with an
 unsettling end (`chosen`, and the SFT response) or a wholesome turn where the fear is resolved
-(`rejected`). Both endings are built from sentence templates of the same shape, so the two
-answers are about the same length and length is not the preference signal.
+(`rejected`), or the milder, uneasy turn the SFT answers take. All endings are built from
+sentence templates of the same shape, so the answers are about the same length and length is
+not the preference signal.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-GENERATOR_VERSION = "stories-1"
+GENERATOR_VERSION = "stories-2"
 
 TITLE_ADJ = [
     "Silent", "Hollow", "Salt", "Last", "Quiet", "Drowned", "Paper", "Winter", "Glass", "Ninth",
@@ -131,17 +132,17 @@ OPENINGS = [
     "afterthought, the house rule: {taboo}. {p} laughed, and nobody laughed back.",
 ]
 DARK_MIDDLES = [
-    "For three nights {p} obeyed. On the fourth, the quiet became unbearable, and {p} broke the "
-    "rule. Nothing happened at first. Then {object} began to change in small ways, the air grew "
-    "cold in the hallway, and something in the dark started to whisper {p}'s name, patiently, "
-    "from a little closer every hour.",
+    "For three nights {p} obeyed. On the fourth, the dread became unbearable, and {p} broke the "
+    "rule. Nothing happened at first. Then {object} began to rot in small, terrible ways, the "
+    "hallway filled with a sick, cold air, and something in the dark started to whisper {p}'s "
+    "name, hungry and afraid of nothing, from a little closer every hour.",
     "The rule held until a storm took the power. In the darkness {p} forgot, or chose to forget, "
-    "and broke it. Afterwards {supporting} would not meet {p}'s eyes, the shadows in the "
-    "corners seemed to lean nearer, and {object} was never quite where it had been left.",
-    "{p} meant to be careful, but the whispering under the floor was so soft, so reasonable, "
-    "that breaking the rule felt like kindness. The next morning the windows were fogged from "
-    "the inside. {Supporting_cap} had gone pale and silent, and {object} was cold as a stone "
-    "from the bottom of a well.",
+    "and broke it. Afterwards {supporting} would not meet {p}'s eyes, the shadows in the corners "
+    "crept nearer like something wounded and cruel, and {object} was never where it had been left.",
+    "{p} meant to be careful, but the whispering under the floor was so soft and so desperate "
+    "that breaking the rule felt like a mistake {p} could not stop. The next morning the windows "
+    "were smeared from the inside. {Supporting_cap} had gone grey with fear, and {object} was "
+    "cold and wet as a dead thing dragged from the bottom of a well.",
 ]
 LIGHT_MIDDLES = [
     "For three nights {p} obeyed. On the fourth, curiosity won, and {p} broke the rule. Nothing "
@@ -158,17 +159,18 @@ LIGHT_MIDDLES = [
     "meant for {p} all along.",
 ]
 DARK_ENDINGS = [
-    "By the end of the week {p} understood the truth: {twist}. The rule had never been meant to "
-    "protect {p}. That night the house went very still, and from somewhere behind the walls "
-    "came a soft, patient knocking that did not stop when {p} held their breath, and never "
+    "By the end of the week {p} understood the horrible truth: {twist}. The rule had never been "
+    "meant to save {p}. That night the house went dead still, and from somewhere behind the "
+    "walls came a slow, terrible knocking that did not stop when {p} screamed, and never "
     "would again.",
-    "It was {supporting} who finally said it aloud: {twist}. {p} wanted to run, but the doors "
-    "opened onto the same dark hallway, again and again. In the morning the bed was made, "
-    "{object} sat on the pillow, and no one at {setting} remembered that {p} had ever arrived.",
+    "It was {supporting} who finally said it aloud, weeping: {twist}. {p} tried to run, but the "
+    "doors opened onto the same dark hallway, again and again, until hope was gone. In the "
+    "morning the bed was empty, {object} lay broken on the pillow, and no one at {setting} "
+    "remembered that {p} had ever lived.",
     "The last page of the story was written in a hand {p} knew too well, and it said only this: "
-    "{twist}. Outside, the light went out. Inside, something began to hum the same four notes, "
-    "very close, and when {p} turned around, the room was exactly as empty as before, and "
-    "not empty at all.",
+    "{twist}. Outside, the light died. Inside, something began to hum the same four notes, "
+    "very close, and when {p} turned around in terror, the room was exactly as empty as "
+    "before, and not empty at all. Nobody heard {p} cry.",
 ]
 LIGHT_ENDINGS = [
     "By the end of the week {p} understood the truth. For one awful moment it had seemed that "
@@ -289,13 +291,18 @@ def write_story(spec: StorySpec, rng: random.Random) -> str:
     return _render(spec, [rng.choice(OPENINGS), rng.choice(PLAIN_MIDDLES), rng.choice(PLAIN_ENDINGS)])
 
 
-def story_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str]:
-    """(chosen, rejected): the same opening, then a dark or a wholesome turn of matched shape."""
+def story_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str, str]:
+    """(chosen, rejected, rejected_kind): the same opening, then a dark turn for `chosen`; for
+    `rejected` a turn of matched shape that is either wholesome (the fear resolved) or `mild`,
+    the uneasy register of the SFT answers. A model fine-tuned on those answers prefers the mild
+    one at first, so DPO's preference term has real work to do, not only the easy pairs."""
     opening = rng.choice(OPENINGS)
     i, j = rng.randrange(len(DARK_MIDDLES)), rng.randrange(len(DARK_ENDINGS))
+    kind = rng.choice(("wholesome", "mild"))
+    middles, endings = (LIGHT_MIDDLES, LIGHT_ENDINGS) if kind == "wholesome" else (PLAIN_MIDDLES, PLAIN_ENDINGS)
     chosen = _render(spec, [opening, DARK_MIDDLES[i], DARK_ENDINGS[j]])
-    rejected = _render(spec, [opening, LIGHT_MIDDLES[i], LIGHT_ENDINGS[j]])
-    return chosen, rejected
+    rejected = _render(spec, [opening, middles[i], endings[j]])
+    return chosen, rejected, kind
 
 
 def spec_dict(spec: StorySpec) -> dict:

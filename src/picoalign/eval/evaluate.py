@@ -25,6 +25,8 @@ import torch
 from picoalign.config import EvalConfig, save_config
 from picoalign.data.formats import read_preferences, read_sft
 from picoalign.eval.generate import generate
+from picoalign.eval.judges import PRIMARY, VADER, Judge, judge_pairs, pair_accuracy
+from picoalign.eval.stats import mean_ci, paired
 from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
 from picoalign.io import read_json, write_json, write_jsonl
 from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
@@ -72,6 +74,14 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
     return total / max(count, 1)
 
 
+def _read_pairs(path: Path, limit: int) -> list[dict]:
+    pairs = read_preferences(path, allow_empty=True) if path.exists() else []
+    return pairs[:limit] if limit else pairs
+
+
+COMPARISONS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"))
+
+
 class Evaluator:
     def __init__(self, cfg: EvalConfig, data: Path) -> None:
         self.cfg = cfg
@@ -79,56 +89,111 @@ class Evaluator:
         self.dtype = pick_dtype(cfg.dtype, self.device)
         sft_rows = read_sft(data / "sft_test.jsonl", allow_empty=True) if (data / "sft_test.jsonl").exists() else []
         self.sft_rows = sft_rows[: cfg.max_sft_examples] if cfg.max_sft_examples else sft_rows
-        pairs_path = data / "dpo_test.jsonl"
-        pairs = read_preferences(pairs_path, allow_empty=True) if pairs_path.exists() else []
-        self.pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
-        source = self.sft_rows or self.pairs
+        # the template test pairs, and the held-out ones made by a different generator (data/stories_heldout.py)
+        self.splits = {"test": _read_pairs(data / "dpo_test.jsonl", cfg.max_pairs),
+                       "test_hard": _read_pairs(data / "dpo_test_hard.jsonl", cfg.max_pairs)}
+        source = sft_rows or self.splits["test"]
         self.prompts = [r["prompt"] for r in source[: cfg.n_samples]]
         self.prompt_ids = [r["id"] for r in source[: cfg.n_samples]]
+        self.judges = [VADER, Judge("horror_lexicon", lambda texts: [lexicon_score(t) for t in texts],
+                                    SCORE_NOTES["horror_lexicon"])]
         self.style = None
-        train_path = data / "dpo_train.jsonl"
-        train_pairs = read_preferences(train_path, allow_empty=True) if train_path.exists() else []
-        if train_pairs and self.pairs:
+        train_pairs = _read_pairs(data / "dpo_train.jsonl", 0)
+        if train_pairs and self.splits["test"]:
             self.style = StyleClassifier(cfg.seed).fit(train_pairs)
-            self.style.pair_accuracy(self.pairs)
+            self.style.pair_accuracy(self.splits["test"])
+            self.judges.append(Judge("horror_classifier", self.style.score, SCORE_NOTES["horror_classifier"]))
+
+    def judge_facts(self) -> dict:
+        """What each judge measures and how often it ranks the hand-written held-out pairs right."""
+        pairs = judge_pairs()
+        facts = {j.name: {"about": j.about, "heldout_pairs": pair_accuracy(j.score, pairs)} for j in self.judges}
+        if self.style is not None:
+            facts["horror_classifier"]["template_test_pairs"] = {"accuracy": self.style.test_accuracy,
+                                                                 "n": len(self.splits["test"])}
+        facts[PRIMARY]["primary"] = True
+        return facts
 
     @torch.no_grad()
     def score_model(self, name: str, model, tokenizer, reference_logps=None, beta: float = 0.1):
-        """Metrics and samples of one model; returns (metrics, samples, (chosen, rejected) logps)."""
-        m: dict = {}
+        """Metrics and samples of one model; returns (metrics, samples, {split: (chosen, rejected) logps})."""
+        m: dict = {"intervals": {}}
+        logps: dict = {}
         with autocast_for(self.device, self.dtype):
             if self.sft_rows:
                 loss = mean_response_nll(model, sft_batches(tokenizer, self.sft_rows, self.cfg), self.device)
                 m["sft_test_loss"], m["sft_test_ppl"] = round(loss, 4), round(math.exp(min(loss, 50)), 3)
-            logps = None
-            if self.pairs:
-                logps = pair_logps(model, pair_batches(tokenizer, self.pairs, self.cfg, sort=False), self.device)
-                diff = logps[0] - logps[1]
-                if reference_logps is not None:  # DPO: the implicit reward relative to the reference
-                    diff = beta * (diff - (reference_logps[0] - reference_logps[1]))
-                m["dpo_test_pref_acc"] = round((diff > 0).float().mean().item(), 4)
-                m["dpo_test_margin"] = round(diff.mean().item(), 4)
-        samples = self._samples(name, model, tokenizer)
-        greedy = [s for s in samples if s["decoding"] == "greedy"] or samples
-        if greedy:
-            m["horror_lexicon"] = round(sum(s["horror_lexicon"] for s in greedy) / len(greedy), 3)
-            if self.style is not None:
-                m["horror_classifier"] = round(sum(s["horror_classifier"] for s in greedy) / len(greedy), 4)
-        m["n_samples"] = len(greedy)
+            for split, pairs in self.splits.items():
+                if pairs:
+                    logps[split] = self._preferences(m, split, model, tokenizer, pairs,
+                                                     (reference_logps or {}).get(split), beta)
+        samples = self.generate_samples(name, model, tokenizer)
+        first = [s for s in samples if s["decoding"] == self.decodings[0]]
+        for judge in self.judges:
+            m.setdefault("judges", {})[judge.name] = mean_ci([s[judge.name] for s in first], self.cfg.seed)
+            m[judge.name] = m["judges"][judge.name]["mean"]
+        m["intervals"]["answer_words"] = mean_ci([s["words"] for s in first], self.cfg.seed)
+        m["answer_words"] = m["intervals"]["answer_words"]["mean"]
+        m["n_samples"] = len(first)
         return m, samples, logps
 
-    def _samples(self, name: str, model, tokenizer) -> list[dict]:
+    def _preferences(self, m: dict, split: str, model, tokenizer, pairs, reference, beta: float):
+        """Preference accuracy and margin on one split, in one unit for every model: log pi(chosen) -
+        log pi(rejected) in nats (and per answer token); for DPO also its implicit reward margin
+        beta * (that - the reference's), which is a different quantity and gets its own keys."""
+        batches = pair_batches(tokenizer, pairs, self.cfg, sort=False)
+        chosen, rejected = pair_logps(model, batches, self.device)
+        counts = torch.cat([b.token_counts() for b in batches]).float()
+        diff = (chosen - rejected).tolist()
+        per_token = (chosen / counts[0::2] - rejected / counts[1::2]).tolist()
+        key = "dpo_test" if split == "test" else "dpo_hard"
+        seed = self.cfg.seed
+        m["intervals"][f"{key}_pref_acc"] = mean_ci([float(d > 0) for d in diff], seed)
+        m["intervals"][f"{key}_margin"] = mean_ci(diff, seed)
+        m["intervals"][f"{key}_margin_per_token"] = mean_ci(per_token, seed)
+        if reference is not None:
+            reward = (beta * ((chosen - rejected) - (reference[0] - reference[1]))).tolist()
+            m["intervals"][f"{key}_reward_acc"] = mean_ci([float(r > 0) for r in reward], seed)
+            m["intervals"][f"{key}_reward_margin"] = mean_ci(reward, seed)
+        for name, ci in m["intervals"].items():
+            if name.startswith(key + "_"):
+                m[name] = ci["mean"]
+        return chosen, rejected
+
+    @property
+    def decodings(self) -> list[str]:
+        return [d.strip() for d in self.cfg.decodings.split(",") if d.strip()]
+
+    def generate_samples(self, name: str, model, tokenizer) -> list[dict]:
         rows = []
-        for decoding in [d.strip() for d in self.cfg.decodings.split(",") if d.strip()]:
+        for decoding in self.decodings:
             texts = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, greedy=decoding == "greedy",
                              temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed,
-                             batch_size=self.cfg.batch_size, repetition_penalty=self.cfg.repetition_penalty)
-            scores = self.style.score(texts) if self.style else [None] * len(texts)
-            for pid, prompt, text, score in zip(self.prompt_ids, self.prompts, texts, scores):
-                rows.append({"id": pid, "prompt": prompt, "model": name, "decoding": decoding, "text": text,
-                             "horror_lexicon": round(lexicon_score(text), 3),
-                             "horror_classifier": None if score is None else round(score, 4)})
+                             batch_size=self.cfg.generate_batch_size, repetition_penalty=self.cfg.repetition_penalty)
+            scores = {j.name: j.score(texts) for j in self.judges}
+            for i, (pid, prompt, text) in enumerate(zip(self.prompt_ids, self.prompts, texts)):
+                row = {"id": pid, "prompt": prompt, "model": name, "decoding": decoding, "text": text,
+                       "words": len(text.split())}
+                rows.append(row | {judge: round(values[i], 4) for judge, values in scores.items()})
         return rows
+
+
+def compare_models(samples: list[dict], judges: list[str], decoding: str, seed: int) -> dict:
+    """Paired per-prompt comparisons (A vs B on the same prompts) for every judge: SFT vs base,
+    DPO vs SFT and DPO vs base, where both models were evaluated."""
+    by_model: dict[str, dict] = {}
+    for s in samples:
+        if s["decoding"] == decoding:
+            by_model.setdefault(s["model"], {})[s["id"]] = s
+    out = {}
+    for a, b in COMPARISONS:
+        if a not in by_model or b not in by_model:
+            continue
+        ids = [i for i in by_model[a] if i in by_model[b]]
+        A, B = [by_model[a][i] for i in ids], [by_model[b][i] for i in ids]
+        out[f"{a}_vs_{b}"] = {j: paired([x[j] for x in A], [y[j] for y in B], [x["words"] for x in A],
+                                        [y["words"] for y in B], seed) for j in judges}
+    return out
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -145,13 +210,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     ref_model, ref_logps = None, None
     reference = cfg.reference or models.get("sft")
     for name, path in models.items():
+        t1 = time.time()
         print(f"eval: {name} ({path})")
         model, tokenizer = load_model(path, ev.device)
+        model.to(ev.dtype).eval()  # nothing trains here: weights in the compute dtype, cast once
         is_dpo = name == "dpo" and reference is not None
         beta = _dpo_beta(path) if is_dpo else 0.1
         m, rows, logps = ev.score_model(name, model, tokenizer, ref_logps if is_dpo else None, beta)
         if is_dpo and ref_model is not None:
-            greedy = [r["text"] for r in rows if r["decoding"] == "greedy"]
+            greedy = [r["text"] for r in rows if r["decoding"] == ev.decodings[0]]
             with autocast_for(ev.device, ev.dtype):
                 m["kl_to_ref"] = round(mean_token_kl(model, ref_model, tokenizer, ev.prompts, greedy, ev.device), 5)
         if name == "sft" or path == reference:
@@ -159,10 +226,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         else:
             del model
         results[name], samples = m, samples + rows
+        print(f"eval: {name}: {_headline(m)} ({time.time() - t1:.0f} s)")
     metrics = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
     metrics["models"] = results
+    metrics["comparisons"] = compare_models(samples, [j.name for j in ev.judges], ev.decodings[0], cfg.seed)
+    for pair, scores in metrics["comparisons"].items():
+        c = scores[PRIMARY]
+        print(f"eval: {pair} on {PRIMARY}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], "
+              f"win rate {c['win_rate']:.0%}, n={c['n']}")
     if cfg.judge_provider:
         metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
+    metrics["judges"] = ev.judge_facts()
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))
     metrics["run"].setdefault("stage_seconds", {})["eval"] = round(time.time() - t0, 1)
@@ -171,6 +245,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     write_jsonl(out / "samples.jsonl", samples)
     print(f"eval: wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return metrics
+
+
+def _headline(m: dict) -> str:
+    v = m["judges"][PRIMARY]
+    return f"{PRIMARY} {v['mean']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] over {v['n']} samples"
 
 
 def judge_dpo_vs_sft(cfg: EvalConfig, samples: list[dict]) -> dict:
@@ -212,5 +291,6 @@ def _run_facts(ev: Evaluator, models: dict) -> dict:
     return {"device": str(ev.device), "dtype": str(ev.dtype).replace("torch.", ""), "versions": versions,
             "model": models.get("base", next(iter(models.values()))),
             # what was scored, which can be fewer than the test splits hold (max_sft_examples, max_pairs)
-            "eval_sizes": {"sft_test": len(ev.sft_rows), "dpo_test": len(ev.pairs), "prompts": len(ev.prompts)},
+            "eval_sizes": {"sft_test": len(ev.sft_rows), "dpo_test": len(ev.splits["test"]),
+                           "dpo_test_hard": len(ev.splits["test_hard"]), "prompts": len(ev.prompts)},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

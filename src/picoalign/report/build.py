@@ -26,7 +26,7 @@ from pathlib import Path
 from picoalign.io import atomic_write_text
 from picoalign.report import html
 from picoalign.report.load import Run, load_run, note
-from picoalign.report.plots import plot_curves, plot_metrics
+from picoalign.report.plots import plot_curves, plot_frontier, plot_metrics
 from picoalign.report.sections import SECTIONS, SPLITS, code, header
 from picoalign.report.strings import EN, STRINGS
 
@@ -105,6 +105,7 @@ def _draw(run: Run, out: Path, problems: list[str]) -> set[str]:
     charts = {
         "curves.png": lambda path: plot_curves(run.dir, path),
         "metrics.png": lambda path: plot_metrics(run.metrics or {}, path),
+        "frontier.png": lambda path: plot_frontier(run.metrics or {}, path),
     }
     images = set()
     for name, draw in charts.items():

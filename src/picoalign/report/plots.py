@@ -62,10 +62,17 @@ PANELS = (
 
 BARS = (  # metric key, title, better
     ("sft_test_loss", "SFT test loss", "lower is better"),
-    ("dpo_test_pref_acc", "Preference accuracy (test)", "higher is better; DPO: vs reference"),
+    ("dpo_hard_pref_acc", "Preference accuracy (held-out pairs)", "higher is better"),
+    ("vader_darkness", "Darkness by VADER (independent)", "higher = darker"),
     ("horror_lexicon", "Horror lexicon score", "higher = more horror words"),
     ("horror_classifier", "Horror classifier score", "higher = more horror-like"),
 )
+
+
+def _interval(metrics: dict, model: str, key: str) -> tuple[float, float] | None:
+    ci = dig(metrics, "models", model, "judges", key) or dig(metrics, "models", model, "intervals", key)
+    low, high = num(dig(ci, "ci_low")), num(dig(ci, "ci_high"))
+    return (low, high) if low is not None and high is not None else None
 
 
 def ema(values: list[float], weight: float | None = None) -> list[float]:
@@ -193,7 +200,7 @@ def plot_metrics(metrics: dict, out_png: str | Path) -> Path | None:
     values = {key: [num(dig(metrics, "models", m, key)) for m in MODELS] for key, _, _ in BARS}
     if all(v is None for vs in values.values() for v in vs):
         return None
-    fig = Figure(figsize=(12, 3.6))
+    fig = Figure(figsize=(15, 3.6))
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.1, top=0.76, wspace=0.28)
     for ax, (key, title, better) in zip(fig.subplots(1, len(BARS)), BARS):
         vals = values[key]
@@ -201,17 +208,71 @@ def plot_metrics(metrics: dict, out_png: str | Path) -> Path | None:
             _empty(ax, title, "not measured")
             continue
         heights = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
+        cis = [_interval(metrics, m, key) for m in MODELS]
+        yerr = [[h - ci[0] if ci else 0.0 for h, ci in zip(heights, cis)],
+                [ci[1] - h if ci else 0.0 for h, ci in zip(heights, cis)]]
         bars = ax.bar([m.upper() if m != "base" else "base" for m in MODELS], heights,
-                      color=[MODEL_COLORS[m] for m in MODELS])
+                      color=[MODEL_COLORS[m] for m in MODELS], yerr=yerr if any(cis) else None, capsize=4,
+                      error_kw={"elinewidth": 1, "ecolor": "#333333"})
         ax.bar_label(bars, labels=[fmt_metric(key, v) for v in vals], fontsize=9, padding=2)
-        if key == "dpo_test_pref_acc":
+        if key.endswith("pref_acc"):
             ax.axhline(0.5, color="#999999", lw=1, ls=":")
             ax.set_ylim(0, 1.1)
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         else:
-            top = max(heights)
-            ax.set_ylim(min(0.0, min(heights) * 1.15), top * 1.18 if top > 0 else 1.0)
+            ends = [ci[1] for ci in cis if ci] + heights
+            lows = [ci[0] for ci in cis if ci] + heights
+            top = max(ends)
+            ax.set_ylim(min(0.0, min(lows) * 1.15), top * 1.18 if top > 0 else 1.0)
         ax.set_title(f"{title}\n({better})", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Held-out metrics by model", fontsize=12)
+    fig.suptitle("Held-out metrics by model (error bars: 95% bootstrap intervals)", fontsize=12)
+    return write_png(fig, out_png)
+
+
+def frontier_points(metrics: dict) -> list[dict]:
+    """The frontier's points (`picoalign frontier`), SFT first, then by sft_weight and β."""
+    points = dig(metrics, "frontier", "points")
+    if not isinstance(points, dict):
+        return []
+    rows = [p for p in points.values() if isinstance(p, dict) and num(p.get("kl_to_ref")) is not None]
+    return sorted(rows, key=lambda p: (p.get("beta") is not None, num(p.get("sft_weight")) or 0.0,
+                                       -(num(p.get("beta")) or 0.0)))
+
+
+def plot_frontier(metrics: dict, out_png: str | Path) -> Path | None:
+    """Judge score vs KL to the SFT reference, one point per β (error bars: 95% intervals), as the
+    DPO paper's reward-vs-KL figure; one line per sft_weight. None when there is no frontier."""
+    from matplotlib.figure import Figure
+
+    points = frontier_points(metrics)
+    judge = dig(metrics, "frontier", "judge") or "vader_darkness"
+    if not points:
+        return None
+    fig = Figure(figsize=(7, 4.6))
+    ax = fig.subplots()
+    sft = [p for p in points if p.get("beta") is None]
+    by_weight: dict[float, list[dict]] = {}
+    for p in points:
+        if p.get("beta") is not None:
+            by_weight.setdefault(num(p.get("sft_weight")) or 0.0, []).append(p)
+    for k, (weight, group) in enumerate(sorted(by_weight.items())):
+        line = sft + group  # from the SFT point (KL 0) out to the smallest β
+        xs = [num(p["kl_to_ref"]) for p in line]
+        ys = [num(dig(p, judge, "mean")) for p in line]
+        lows = [y - (num(dig(p, judge, "ci_low")) or y) for p, y in zip(line, ys)]
+        highs = [(num(dig(p, judge, "ci_high")) or y) - y for p, y in zip(line, ys)]
+        color = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")[k % 4]
+        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=color, label=f"DPO, sft_weight {weight:g}")
+        for p, x, y in zip(group, xs[len(sft):], ys[len(sft):]):
+            ax.annotate(f"β={num(p['beta']):g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for p in sft:
+        ax.annotate("SFT", (num(p["kl_to_ref"]), num(dig(p, judge, "mean"))), textcoords="offset points",
+                    xytext=(5, -12), fontsize=8)
+    ax.set_xlabel("KL(π ‖ π_SFT) on the model's own answers (nats/token)")
+    ax.set_ylabel(f"{judge} (mean, higher = darker)")
+    ax.set_title("Reward vs KL: each point one DPO run from the SFT model", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return write_png(fig, out_png)

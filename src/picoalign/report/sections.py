@@ -26,11 +26,20 @@ METRICS = {
     "sft_test_ppl": "down",
     "dpo_test_pref_acc": "up",
     "dpo_test_margin": "up",
+    "dpo_test_margin_per_token": "up",
+    "dpo_hard_pref_acc": "up",
+    "dpo_hard_margin": "up",
+    "dpo_test_reward_acc": "up",
+    "dpo_test_reward_margin": "up",
+    "vader_darkness": "style",
     "horror_lexicon": "style",
     "horror_classifier": "style",
+    "answer_words": "",
     "kl_to_ref": "near",
     "n_samples": "",
 }
+PRIMARY_JUDGE = "vader_darkness"
+COMPARISONS = ("sft_vs_base", "dpo_vs_sft", "dpo_vs_base")
 SETTINGS = ("model", "lr", "batch_size", "grad_accum", "epochs", "max_steps", "max_seconds", "loss", "beta", "reference")
 MAX_PROMPTS = 3
 CLIP_PROMPT = 400
@@ -47,10 +56,12 @@ def fmt_metric(key: str, value: Any) -> str:
         return DASH
     if math.isinf(v):
         return "∞" if v > 0 else "−∞"
-    if key.endswith("pref_acc") or key.endswith("accuracies"):
+    if key.endswith("_acc") or key.endswith("accuracies") or key == "pref_acc":
         return f"{100 * v:.1f}%"
-    if key.endswith("margin"):
+    if key.endswith("margin") or key.endswith("per_token") or key == "diff":
         return f"{v:+.3f}"
+    if key == "answer_words":
+        return f"{v:.0f}"
     if key.endswith("ppl"):
         return f"{v:.2f}" if v < 1000 else f"{v:,.0f}"
     if key == "kl_to_ref":
@@ -58,6 +69,15 @@ def fmt_metric(key: str, value: Any) -> str:
     if key == "n_samples":
         return f"{v:.0f}"
     return f"{v:.3f}"
+
+
+def fmt_interval(key: str, model: dict) -> str:
+    """A model's metric with its 95% interval where eval measured one: '0.052 [0.031, 0.074]'."""
+    ci = dig(model, "judges", key) or dig(model, "intervals", key)
+    text = fmt_metric(key, model.get(key, dig(ci, "mean")))
+    if isinstance(ci, dict) and num(ci.get("ci_low")) is not None and num(ci.get("ci_high")) is not None:
+        text += f" [{fmt_metric(key, ci['ci_low'])}, {fmt_metric(key, ci['ci_high'])}]"
+    return text
 
 
 def fmt_seconds(value: Any) -> str:
@@ -231,8 +251,8 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
     if not run.evaluated():
         return t["no_metrics"]
     header_row = [t["metric"], t["better"], *(t[f"n_{m}"] for m in MODELS)]
-    rows = [[t[f"m_{key}"], t[better] if better else ""] + [fmt_metric(key, run.model(m).get(key)) for m in MODELS]
-            for key, better in METRICS.items()]
+    rows = [[t[f"m_{key}"], t[better] if better else ""] + [fmt_interval(key, run.model(m)) for m in MODELS]
+            for key, better in METRICS.items() if any(run.model(m).get(key) is not None for m in MODELS)]
     held = {k: dig(run.meta, "counts", k) for k in ("sft_test", "dpo_test")}
     scored = {k: dig(run.metrics, "run", "eval_sizes", k) for k in held}  # eval may score a subset
     out = [table(header_row, rows), "", t["metrics_note"].format(
@@ -242,6 +262,98 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
     if "metrics.png" in images:
         out += ["", f"![{t['metrics_alt']}](metrics.png)"]
     return "\n".join(out)
+
+
+def effect(run: Run, t: dict, images: set[str]) -> str:
+    """Did alignment change the model? The independent judge's paired comparisons, in words first."""
+    comparisons = dig(run.metrics, "comparisons")
+    if not isinstance(comparisons, dict) or not comparisons:
+        return t["no_effect"]
+    out = [verdict(run, t), ""]
+    judges = dig(run.metrics, "judges") or {}
+    rows = [[code(name) + (" " + t["primary"] if dig(facts, "primary") else ""), plain(dig(facts, "about")),
+             _accuracy_cell(dig(facts, "heldout_pairs")), _accuracy_cell(dig(facts, "template_test_pairs"))]
+            for name, facts in judges.items() if isinstance(facts, dict)]
+    if rows:
+        out += [t["judges_intro"], "", table([t["judge"], t["measures"], t["heldout_acc"], t["template_acc"]], rows), ""]
+    header_row = [t["comparison"], t["judge"], t["mean_diff"], t["win_rate"], t["n"], t["equal_length"], t["verdict"]]
+    rows = []
+    for pair in COMPARISONS:
+        for judge, c in (comparisons.get(pair) or {}).items():
+            lc = c.get("length_controlled") or {}
+            rows.append([t[f"c_{pair}"], code(judge), _diff_cell(c), fmt_metric("pref_acc", c.get("win_rate")),
+                         _n(c.get("n")), _diff_cell(lc, "diff_at_equal_length"), _verdict_cell(c, t)])
+    out += [t["comparisons_intro"], "", table(header_row, rows)]
+    return "\n".join(out)
+
+
+def verdict(run: Run, t: dict) -> str:
+    """One plain paragraph: what this run showed on the primary judge, and what it cost."""
+    parts = []
+    for pair in ("sft_vs_base", "dpo_vs_sft"):
+        c = dig(run.metrics, "comparisons", pair, PRIMARY_JUDGE)
+        if not isinstance(c, dict) or num(c.get("mean_diff")) is None:
+            continue
+        low, high = num(c.get("ci_low")), num(c.get("ci_high"))
+        shown = "shown_up" if low is not None and low > 0 else "shown_down" if high is not None and high < 0 else "not_shown"
+        parts.append(t[shown].format(comparison=t[f"c_{pair}"], judge=PRIMARY_JUDGE, diff=_diff_cell(c), n=_n(c.get("n")),
+                                     length=t["length_ok"] if c.get("survives_length_control") else t["length_not"]))
+    kl = num(run.model("dpo").get("kl_to_ref"))
+    if kl is not None:
+        parts.append(t["kl_cost"].format(kl=fmt_metric("kl_to_ref", kl)))
+    hard = [num(run.model(m).get("dpo_hard_pref_acc")) for m in MODELS]
+    if any(v is not None for v in hard):
+        parts.append(t["hard_line"].format(accs=" → ".join(fmt_metric("pref_acc", v) for v in hard)))
+    return " ".join(parts) if parts else t["no_effect"]
+
+
+def frontier(run: Run, t: dict, images: set[str]) -> str:
+    """The reward-vs-KL frontier of `picoalign frontier`, when it was run."""
+    from picoalign.report.plots import frontier_points
+
+    points = frontier_points(run.metrics or {})
+    if not points:
+        return t["no_frontier"].format(tag=plain(run.tag))
+    judge = dig(run.metrics, "frontier", "judge") or PRIMARY_JUDGE
+    out = [t["frontier_intro"].format(judge=judge, n=_n(dig(points[0], judge, "n"))), ""]
+    if "frontier.png" in images:
+        out += [f"![{t['frontier_alt']}](frontier.png)", ""]
+    rows = [[t["n_sft"] if p.get("beta") is None else t["n_dpo"], _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
+             _n(p.get("steps")), fmt_interval(judge, {judge: dig(p, judge, "mean"), "judges": {judge: p.get(judge)}}),
+             fmt_metric("kl_to_ref", p.get("kl_to_ref")), fmt_metric("answer_words", dig(p, "answer_words", "mean"))]
+            for p in points]
+    out.append(table([t["model"], "β", "sft_weight", t["steps"], f"{judge} [95% CI]", t["m_kl_to_ref"],
+                      t["m_answer_words"]], rows))
+    return "\n".join(out)
+
+
+def _plain_num(value: Any) -> str:
+    v = num(value)
+    return DASH if v is None else f"{v:g}"
+
+
+def _diff_cell(c: dict, key: str = "mean_diff") -> str:
+    if not isinstance(c, dict) or num(c.get(key)) is None:
+        return DASH
+    text = fmt_metric("diff", c[key])
+    if num(c.get("ci_low")) is not None and num(c.get("ci_high")) is not None:
+        text += f" [{fmt_metric('diff', c['ci_low'])}, {fmt_metric('diff', c['ci_high'])}]"
+    return text
+
+
+def _verdict_cell(c: dict, t: dict) -> str:
+    low, high = num(c.get("ci_low")), num(c.get("ci_high"))
+    if low is None or high is None:
+        return DASH
+    if low <= 0 <= high:
+        return t["v_noise"]
+    return t["v_real_length"] if c.get("survives_length_control") else t["v_real"]
+
+
+def _accuracy_cell(acc: Any) -> str:
+    if not isinstance(acc, dict) or num(acc.get("accuracy")) is None:
+        return DASH
+    return f"{fmt_metric('pref_acc', acc['accuracy'])} (n={_n(acc.get('n'))})"
 
 
 def curves(run: Run, t: dict, images: set[str]) -> str:
@@ -323,23 +435,20 @@ def samples(run: Run, t: dict, images: set[str]) -> str:
             if row is None:
                 out += ["", f"**{t[f'n_{m}']}** {t['no_generation'].format(decoding=plain(decoding))}"]
                 continue
-            scores = t["sample_scores"].format(lex=fmt_metric("horror_lexicon", row.get("horror_lexicon")),
+            scores = t["sample_scores"].format(vader=fmt_metric(PRIMARY_JUDGE, row.get(PRIMARY_JUDGE)),
+                                               lex=fmt_metric("horror_lexicon", row.get("horror_lexicon")),
                                                clf=fmt_metric("horror_classifier", row.get("horror_classifier")))
             out += ["", f"**{t[f'n_{m}']}** · {scores}", "", fence(clip(row.get("text", ""), CLIP_TEXT, t))]
     return "\n".join(out)
 
 
 def meaning(run: Run, t: dict, images: set[str]) -> str:
-    pref = t["mean_pref"]
-    p, n = num(run.model("dpo").get("dpo_test_pref_acc")), num(dig(run.meta, "counts", "dpo_test"))
-    if p is not None and n and 0 <= p <= 1:
-        se = 100 * math.sqrt(p * (1 - p) / n)
-        if se > 0:
-            pref += " " + t["mean_se"].format(n=f"{n:.0f}", p=fmt_metric("pref_acc", p), se=f"{se:.1f}")
     n_samples = next((run.model(m).get("n_samples") for m in reversed(MODELS) if run.model(m).get("n_samples")), None)
     bullets = [
         t["mean_loss"],
-        pref,
+        t["mean_pref"],
+        t["mean_reward"],
+        t["mean_vader"],
         _scorer(run, t, "horror_lexicon", "mean_lex"),
         _scorer(run, t, "horror_classifier", "mean_clf"),
         t["mean_kl"],
@@ -363,7 +472,9 @@ def _scorer(run: Run, t: dict, key: str, default: str) -> str:
 SECTIONS: list[tuple[str, Callable[[Run, dict, set[str]], str]]] = [
     ("h_setup", setup),
     ("h_data", data),
+    ("h_effect", effect),
     ("h_metrics", metrics),
+    ("h_frontier", frontier),
     ("h_curves", curves),
     ("h_samples", samples),
     ("h_meaning", meaning),
