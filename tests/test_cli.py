@@ -20,7 +20,7 @@ from picoalign.config import DataConfig, DPOConfig, SFTConfig, load_config
 from picoalign.io import read_json
 
 HELP_LIMIT_S = 10.0  # coarse (2 shared cores); the strict check is the import test below
-STAGES = ["data", "sft", "dpo", "eval", "run", "report", "check-data", "generate", "chat", "serve", "export"]
+STAGES = ["data", "sft", "dpo", "eval", "frontier", "run", "report", "check-data", "generate", "chat", "serve", "export"]
 ENV_NAMES = ["SEED", "DEVICE", "DATA_PROVIDER", "N_SFT_TRAIN", "N_SFT_VAL", "N_SFT_TEST", "N_DPO_TRAIN",
              "N_DPO_VAL", "N_DPO_TEST", "SFT_MAX_STEPS", "SFT_EPOCHS", "SFT_MAX_SECONDS", "DPO_MAX_STEPS",
              "DPO_EPOCHS", "DPO_MAX_SECONDS", "RUN_TAG", "BASE_CKPT_OVERRIDE", "MLFLOW_TRACKING_URI"]

@@ -183,6 +183,34 @@ def test_mean_token_kl(tiny_llama, chat_tokenizer):
                          torch.device("cpu")) == pytest.approx(kl, rel=1e-6)
 
 
+def test_vader_darkness_is_negative_minus_positive_share():
+    """VADER's own scores for three sentences, by its lexicon: neutral text is 0 (neg = pos = 0);
+    'The dead child screamed in terror.' has only negative words; a happy sentence only positive."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    texts = ["The train leaves at nine.", "The dead child screamed in terror.", "We laughed, happy and safe at home."]
+    raw = [SentimentIntensityAnalyzer().polarity_scores(t) for t in texts]
+    got = vader_darkness(texts)
+    assert got == [r["neg"] - r["pos"] for r in raw]
+    assert got[0] == 0.0 and got[1] > 0.5 and got[2] < -0.5
+
+
+def test_the_judges_accuracy_on_the_hand_written_pairs_is_counted_pair_by_pair():
+    """The accuracy printed beside a judge: each shipped pair scores 1 if its dark story scores
+    darker, 1/2 on a tie, 0 otherwise, over 24+ stories written unlike the training templates."""
+    from picoalign.eval.judges import judge_pairs, pair_accuracy
+
+    pairs = judge_pairs()
+    assert len(pairs) >= 24 and len({p["id"] for p in pairs}) == len(pairs)
+    assert all(set(p) == {"id", "prompt", "dark", "wholesome"} for p in pairs)
+    by_hand = 0.0
+    for p in pairs:
+        dark, light = vader_darkness([p["dark"], p["wholesome"]])
+        by_hand += 1.0 if dark > light else 0.5 if dark == light else 0.0
+    assert pair_accuracy(vader_darkness, pairs) == {"accuracy": round(by_hand / len(pairs), 4), "n": len(pairs)}
+    assert pair_accuracy(lambda texts: [0.0] * len(texts), pairs)["accuracy"] == 0.5  # ties count half
+
+
 # ---------------------------------------------------------------- evaluate
 
 

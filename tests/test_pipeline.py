@@ -59,14 +59,19 @@ def mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def shown(key: str, value) -> str:
-    """How the report prints a metric (report/sections.py `fmt_metric`), written out again here."""
+def shown(key: str, value, ci: dict | None = None) -> str:
+    """How the report prints a metric (report/sections.py `fmt_metric`), written out again here;
+    with `ci` followed by its 95% interval in brackets."""
+    if ci:
+        return f"{shown(key, value)} [{shown(key, ci['ci_low'])}, {shown(key, ci['ci_high'])}]"
     if value is None:
         return "—"
-    if key.endswith("pref_acc"):
+    if key.endswith("_acc"):
         return f"{100 * value:.1f}%"
-    if key.endswith("margin"):
+    if key.endswith("margin") or key.endswith("per_token"):
         return f"{value:+.3f}"
+    if key == "answer_words":
+        return f"{value:.0f}"
     if key.endswith("ppl"):
         return f"{value:.2f}" if value < 1000 else f"{value:,.0f}"
     if key == "kl_to_ref":
@@ -161,15 +166,24 @@ def test_report_shows_the_numbers_of_metrics_json(full_run):
     for name in ("REPORT.md", "REPORT.zh.md", "INDEX.md", "index.html"):
         assert (report / name).stat().st_size > 0, name
     metrics = read_json(root / "metrics.json")["models"]
-    keys = ("sft_test_loss", "sft_test_ppl", "dpo_test_pref_acc", "dpo_test_margin", "horror_lexicon",
-            "horror_classifier", "kl_to_ref", "n_samples")
+    keys = ("sft_test_loss", "sft_test_ppl", "dpo_test_pref_acc", "dpo_test_margin", "dpo_test_margin_per_token",
+            "dpo_hard_pref_acc", "dpo_test_reward_margin", "vader_darkness", "horror_lexicon", "horror_classifier",
+            "answer_words", "kl_to_ref", "n_samples")
+
+    def interval(m: dict, key: str):
+        return (m.get("judges") or {}).get(key) or (m.get("intervals") or {}).get(key)
+
     for file, strings in (("REPORT.md", EN), ("REPORT.zh.md", ZH)):
         text = (report / file).read_text()
         header = table_row(text, strings["metric"])
         assert header[-3:] == [strings["n_base"], strings["n_sft"], strings["n_dpo"]]
         for key in keys:
             cells = table_row(text, strings[f"m_{key}"])
-            assert cells[-3:] == [shown(key, metrics[m].get(key)) for m in MODELS], (file, key)
+            assert cells[-3:] == [shown(key, metrics[m].get(key), interval(metrics[m], key)) for m in MODELS], (file, key)
+        # the paired comparison on the independent judge, in the effect section
+        c = read_json(root / "metrics.json")["comparisons"]["dpo_vs_sft"]["vader_darkness"]
+        row = [r for r in text.splitlines() if r.startswith(f"| {strings['c_dpo_vs_sft']} | `vader_darkness`")]
+        assert len(row) == 1 and f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" in row[0]
     text = (report / "REPORT.md").read_text()
     assert table_row(text, EN["m_kl_to_ref"])[-3:-1] == ["—", "—"]  # only DPO has a reference
     seconds = read_json(root / "metrics.json")["run"]["stage_seconds"]
@@ -352,3 +366,53 @@ def test_output_log_gets_lines_not_progress_bar_frames():
         "sft:  100%|##| 10/10 [00:10]",  # the frame the line ends on
         "done for now",
     ]
+
+
+def test_frontier_trains_one_dpo_per_beta_and_scores_judge_and_kl(full_run, tmp_path):
+    """`picoalign frontier` on a copy of the tiny run: two β, one DPO step each from its SFT model;
+    the SFT point sits at KL 0; a rerun trains nothing; the report draws and tabulates it."""
+    import shutil
+
+    from picoalign.config import FrontierConfig
+    from picoalign.eval.frontier import frontier
+    from picoalign.report.build import build_report
+
+    root = tmp_path / "run"
+    shutil.copytree(full_run[0], root)
+    cfg = FrontierConfig(run=str(root), betas="0.1,1", max_steps=1, n_samples=2, max_new_tokens=4,
+                         device="cpu", dtype="fp32")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = frontier(cfg)
+    points = result["points"]
+    assert list(points) == ["sft", "beta-0.1-sftw-0", "beta-1-sftw-0"]
+    assert points["sft"]["kl_to_ref"] == 0.0 and points["sft"]["beta"] is None
+    for name, beta in (("beta-0.1-sftw-0", 0.1), ("beta-1-sftw-0", 1.0)):
+        p = points[name]
+        assert p["beta"] == beta and p["sft_weight"] == 0.0 and p["steps"] == 1
+        assert p["kl_to_ref"] >= 0.0 and p["vader_darkness"]["n"] == 2
+        assert yaml.safe_load((root / "frontier" / name / "config.yaml").read_text())["beta"] == beta
+        # the run's reference log-probs were reused, not recomputed: β is not part of their key
+        assert (root / "frontier" / name / "ref_logps.pt").read_bytes() == \
+            (root / "checkpoints" / "dpo" / "ref_logps.pt").read_bytes()
+    assert read_json(root / "metrics.json")["frontier"]["points"] == points
+    before = mtimes(root / "frontier")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        frontier(cfg)
+    assert mtimes(root / "frontier") == before and out.getvalue().count("already measured") == 2
+
+    build_report(root)
+    text = (root / "report" / "REPORT.md").read_text()
+    assert (root / "report" / "frontier.png").stat().st_size > 0 and "(frontier.png)" in text
+    assert f"| {EN['n_dpo']} | 1 | 0 | 1 |" in text
+
+
+def test_frontier_refuses_betas_that_do_not_parse_before_any_work(tmp_path):
+    from picoalign.cli import main
+
+    for betas, message in (("0.1,abc", "betas: 'abc' is not a number"), ("0.1,-1", "betas: -1 must be > 0"),
+                           ("0,1", "betas: 0 must be > 0")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+            main(["frontier", "--run", str(tmp_path), "--betas", betas])
+        assert stop.value.code == 2 and message in err.getvalue(), betas
+    assert list(tmp_path.iterdir()) == []

@@ -57,20 +57,34 @@ def _dpo_beta(path: str) -> float:
 
 
 @torch.no_grad()
-def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str], device) -> float:
-    """Mean over answer tokens of KL(π_policy ‖ π_ref) on the full next-token distributions."""
-    total, count = 0.0, 0
+def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str], device,
+                  batch_size: int = 16) -> float:
+    """Mean over answer tokens of KL(π_policy ‖ π_ref) on the full next-token distributions.
+
+    Sequences go `batch_size` at a time, right-padded: under causal attention the padding after
+    a sequence changes nothing before it, and only answer positions are counted."""
+    seqs = []
     for prompt, answer in zip(prompts, answers):
-        p = render_prompt(tokenizer, prompt)
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if not a:
-            continue
-        ids = torch.tensor([p + a], device=device)
-        keep = slice(len(p) - 1, len(p) + len(a) - 1)
-        lp = torch.log_softmax(policy(ids).logits[0, keep].float(), -1)
-        lq = torch.log_softmax(reference(ids).logits[0, keep].float(), -1)
+        if a:
+            seqs.append((render_prompt(tokenizer, prompt), a))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        real = torch.zeros((len(chunk), width), dtype=torch.long)
+        keep = torch.zeros((len(chunk), width), dtype=torch.bool)  # positions that predict an answer token
+        for i, (p, a) in enumerate(chunk):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            real[i, : len(p) + len(a)] = 1
+            keep[i, len(p) - 1 : len(p) + len(a) - 1] = True
+        ids, real, keep = ids.to(device), real.to(device), keep.to(device)
+        lp = torch.log_softmax(policy(ids, attention_mask=real).logits[keep].float(), -1)
+        lq = torch.log_softmax(reference(ids, attention_mask=real).logits[keep].float(), -1)
         total += (lp.exp() * (lp - lq)).sum().item()
-        count += len(a)
+        count += int(keep.sum())
     return total / max(count, 1)
 
 
