@@ -119,7 +119,8 @@ def test_extract_json(reply, expected):
     assert extract_json(reply) == expected
 
 
-@pytest.mark.parametrize("reply", ["", "Sorry, I can't help with that.", '{"stories": [ {"id": 1, '])
+@pytest.mark.parametrize("reply", ["", "Sorry, I can't help with that.", '{"stories": [ {"id": 1, ',
+                                   "[" * 100_000 + "]" * 100_000])  # too deep for Python's reader
 def test_extract_json_rejects(reply):
     with pytest.raises(ValueError, match="no JSON"):
         extract_json(reply)

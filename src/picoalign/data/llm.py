@@ -155,16 +155,19 @@ def extract_json(text: str) -> Any:
     text = (text or "").strip()
     candidates = [m.group(1).strip() for m in FENCE.finditer(text)] + [text]
     decoder = json.JSONDecoder()
+    # RecursionError: a reply nested ~1,000 levels deep is no answer either (not a crash).
     for candidate in candidates:
         try:
             return json.loads(candidate)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
         for start in (i for i, ch in enumerate(candidate) if ch in "{["):
             try:
                 return decoder.raw_decode(candidate, start)[0]
             except json.JSONDecodeError:
                 continue
+            except RecursionError:
+                break  # the later starts are inside the same deep nest: no answer here
     raise ValueError(f"no JSON in the reply: {text[:80]!r}")
 
 
