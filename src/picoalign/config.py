@@ -412,7 +412,7 @@ class ServeConfig(DecodeConfig):
     STAGE = "SERVE"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
     port: int = opt(8000, "TCP port")
-    name: str = opt("", "the model id the API reports (default: --model as given)")
+    name: str = opt("", "the model id the API reports (default: the model folder's name; a hub id as given)")
     api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/* (empty = no key; prefer the "
                        "environment variable: a flag shows in `ps`)", env="PICOALIGN_API_KEY", secret=True)
     max_new_tokens: int = opt(256, "tokens generated when a request does not say")
