@@ -217,7 +217,7 @@ def public_name(model: str) -> str:
     """The id the API reports when `name` is not set: a local folder or file by its last part
     (its whole path would tell any caller about this machine), a hub id or `builtin:` as given."""
     path = Path(model)
-    return path.name if path.exists() else model
+    return path.resolve().name if path.exists() else model  # resolved: `--model .` has a name too
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:

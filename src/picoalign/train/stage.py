@@ -3,7 +3,8 @@
 Nothing here writes into `cfg.out`: a stage reads and checks its data first, then loads the
 model, and the loop (`train/loop.py:fit`) records the config and `picoalign.json` only once
 the data is tokenised and any checkpoint to resume is loaded, so a run that fails on its data
-leaves a finished checkpoint in `--out` as it was.
+leaves a finished checkpoint in `--out` as it was. (DPO's reference log-probs, `ref_logps.pt`,
+may be stored before: a cache keyed by what it was computed from, which no marker depends on.)
 """
 
 from __future__ import annotations
