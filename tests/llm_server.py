@@ -7,7 +7,9 @@
 `n` counts every POST to /v1/chat/completions from 0, the health check included. `writer` is a
 well-behaved model: it answers the health check, the story and pair requests of
 data/llm_rows.py (one item per `### id N` block) and, as a judge, prefers the answer that
-contains `prefer`, with the confidence given.
+contains `prefer`, with the confidence given. `small_teacher` answers as a tiny model behind
+llama.cpp's OpenAI-compatible server does: valid JSON (its grammar for `json_object`) of the
+wrong shape, or cut off at max_tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Reply:
     content: str = ""  # the assistant's message
     usage: tuple[int, int] | None = (10, 20)  # prompt, completion tokens (total = the sum)
     headers: dict = field(default_factory=dict)
+    finish_reason: str = "stop"  # "length": the answer was cut off at max_tokens
 
 
 class ScriptedLLM:
@@ -46,7 +49,7 @@ class ScriptedLLM:
                 if reply.status == 200:
                     payload = {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0,
                                "model": body.get("model", ""),
-                               "choices": [{"index": 0, "finish_reason": "stop",
+                               "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                                             "message": {"role": "assistant", "content": reply.content}}]}
                     if reply.usage:
                         p, c = reply.usage
@@ -126,3 +129,19 @@ def writer(body: dict, prefer: str = "writer-a", confidence: float = 8) -> Reply
                  for i, t in spec_blocks(body)]
         return Reply(content=json.dumps({"pairs": items}))
     return Reply(content=json.dumps({"stories": [{"id": i, "story": story(model, t)} for i, t in spec_blocks(body)]}))
+
+
+def small_teacher(body: dict, n: int, secret: str = "") -> Reply:
+    """A tiny model behind llama.cpp's server (llama-cpp-python), as a teacher that cannot do the
+    task: the health check passes (a short JSON object is within its reach), then each story or
+    pair request gets one of the shapes such a model writes under a JSON grammar, in turn: an
+    object of its own design, a list too short to count, or an answer cut off at max_tokens
+    (finish_reason "length"). `secret` is echoed in the first shape (a model repeating its prompt)."""
+    if kind_of(body) == "health":
+        return Reply(content='{"ok": true}')
+    shapes = [
+        Reply(content=json.dumps({"title": f"The Door {secret}".strip(), "text": "It was dark."})),
+        Reply(content=json.dumps({"stories": [{"id": 1, "story": "Boo."}]})),
+        Reply(content='{"stories": [{"id": 1, "story": "The night was long and the house', finish_reason="length"),
+    ]
+    return shapes[(n - 1) % len(shapes)]

@@ -241,3 +241,27 @@ def test_reference_cache_follows_the_reference(tmp_path, sft_full, chat_model, p
     dpo(cfg)
     base, tokenizer = load_model(str(chat_model))
     torch.testing.assert_close(saved_ref(out), model_logps(base, all_batches(tokenizer, cfg)), atol=1e-4, rtol=0)
+
+
+def test_bad_pairs_leave_a_finished_checkpoint_as_it_was(tmp_path, sft_full, pref_dir, monkeypatch):
+    """`--out` at a copy of a finished DPO checkpoint, a pair with `"prompt": null` in the
+    training file: refused with file:line before any model loads; not a byte of it changes."""
+    import shutil
+
+    import picoalign.train.stage as stage
+    from picoalign.data.formats import DataError
+
+    finished = tmp_path / "finished"
+    dpo(dpo_cfg(finished, sft_full, pref_dir))
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    before = {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+    bad = tmp_path / "bad"
+    shutil.copytree(pref_dir, bad)
+    with (bad / "dpo_train.jsonl").open("a") as f:
+        f.write(json.dumps({"prompt": None, "chosen": "The door opened.", "rejected": "The door stayed shut."}) + "\n")
+    monkeypatch.setattr(stage, "load_model", lambda *a, **k: pytest.fail("a model loaded before the data was read"))
+    with pytest.raises(DataError, match=r"dpo_train.jsonl:9: field 'prompt': missing"):
+        dpo(dpo_cfg(copy, sft_full, bad, max_steps=4))
+    assert {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()} == before
+    assert json.loads((copy / "picoalign.json").read_text())["complete"] is True

@@ -179,6 +179,19 @@ def test_json_file_that_is_not_a_list(tmp_path):
     assert error_of(read_sft, path).startswith(f"{path}:3: broken JSON:")
 
 
+def test_json_nested_too_deeply_names_the_line(tmp_path):
+    """100,000 levels of lists is beyond Python's JSON reader (it recurses once per level): a
+    file:line error, not a RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a", "response": "b"}, deep])
+    assert error_of(read_sft, path) == f"{path}:2: broken JSON: nested too deeply " \
+        "(lists or objects inside each other hundreds of levels deep)"
+    path = tmp_path / "pairs.json"  # brackets inside a string (line 2) are text, not nesting
+    path.write_text('[\n{"prompt": "' + "[" * 600 + '", "chosen": "c", "rejected": "r"},\n'
+                    '{"prompt": "p", "chosen": ' + deep + ', "rejected": "r"}\n]')
+    assert error_of(read_preferences, path).startswith(f"{path}:3: broken JSON: nested too deeply")
+
+
 def test_csv_error_names_physical_line(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text('prompt,response\n"spans\ntwo lines",ok\n\nhello,\n', encoding="utf-8")
@@ -234,11 +247,15 @@ def test_message_transcripts_share_their_prompt(tmp_path):
         # the transcript's own turns win over a prompt field that repeats them
         {"prompt": "Scare me.", "chosen": shared + [{"role": "assistant", "content": "A"}],
          "rejected": shared + [{"role": "assistant", "content": "B"}]},
+        # a null prompt beside full transcripts takes nothing away (a column some rows lack)
+        {"prompt": None, "chosen": shared + [{"role": "assistant", "content": "C"}],
+         "rejected": shared + [{"role": "assistant", "content": "D"}]},
     ]
-    first, second = read_preferences(write_jsonl(tmp_path / "t.jsonl", rows))
+    first, second, third = read_preferences(write_jsonl(tmp_path / "t.jsonl", rows))
     assert first["prompt"] == shared
     assert (first["chosen"], first["rejected"]) == ("Look behind you.", "Boo! Just kidding.")
     assert second["prompt"] == shared and (second["chosen"], second["rejected"]) == ("A", "B")
+    assert third["prompt"] == shared and (third["chosen"], third["rejected"]) == ("C", "D")
 
 
 def test_text_transcripts_share_their_prompt(tmp_path):
@@ -311,6 +328,9 @@ def test_sample_files_read():
         ({"prompt": "p", "chosen": "c", "rejected": "r", "confidence": True}, "confidence", "expected a number"),
         ({"prompt": "p", "chosen": "c", "rejected": "r", "chosen_model": 4}, "chosen_model", "expected text"),
         ({"chosen": "Apples are red.", "rejected": "Bananas are yellow."}, "prompt", "share no beginning"),
+        # a null prompt is missing, not a transcript whose common beginning becomes the prompt
+        ({"prompt": None, "chosen": "The night was dark.", "rejected": "The night was warm."}, "prompt", "missing"),
+        ({"input": None, "chosen": "The night was dark.", "rejected": "The night was warm."}, "input", "missing"),
         ({"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"},
          "rejected", "expected a list of messages, got text"),
         ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q2"}]},

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 
 import pytest
-from llm_server import Reply, ScriptedLLM, closed_port_url, kind_of, spec_blocks, story, writer
+from llm_server import (
+    Reply,
+    ScriptedLLM,
+    closed_port_url,
+    kind_of,
+    small_teacher,
+    spec_blocks,
+    story,
+    writer,
+)
 
 from picoalign.config import ConfigError, DataConfig, DPOConfig, EvalConfig, load_config
 from picoalign.data.formats import read_preferences, read_sft
@@ -119,7 +129,8 @@ def test_extract_json(reply, expected):
     assert extract_json(reply) == expected
 
 
-@pytest.mark.parametrize("reply", ["", "Sorry, I can't help with that.", '{"stories": [ {"id": 1, '])
+@pytest.mark.parametrize("reply", ["", "Sorry, I can't help with that.", '{"stories": [ {"id": 1, ',
+                                   "[" * 100_000 + "]" * 100_000])  # too deep for Python's reader
 def test_extract_json_rejects(reply):
     with pytest.raises(ValueError, match="no JSON"):
         extract_json(reply)
@@ -315,6 +326,72 @@ def test_the_key_is_sent_only_as_the_authorization_header(tmp_path, caplog, caps
     texts = [str(w.message) for w in warned] + [caplog.text, *capsys.readouterr()]
     texts += [p.read_text() for p in (tmp_path / "data").rglob("*") if p.is_file()]
     assert len(texts) > 8 and not any(KEY in t for t in texts)
+
+
+def test_every_configured_secret_is_redacted_whatever_its_length(tmp_path, monkeypatch, capsys):
+    """A 3-character key and a base URL with a password, from the environment and from the
+    config: a server that echoes them in its errors does not get them into the warnings, the
+    output, dataset_meta.json or config.yaml; the key stays readable around them ('abcdef')."""
+    monkeypatch.setenv("LLM_API_KEY", "abc")
+
+    def leaky(body, n):
+        if kind_of(body) == "health":
+            return writer(body)
+        if n == 1:
+            return Reply(status=400, content="key abc rejected by http://user:s3cret@proxy/v1 (s3cret; abcdef)")
+        return writer(body)
+
+    with ScriptedLLM(leaky) as server, pytest.warns(UserWarning) as warned:
+        url = server.url.replace("http://", "http://user:s3cret@")
+        monkeypatch.setenv("LLM_BASE_URL", url)
+        cfg = make_cfg(tmp_path, url, sft=(2, 0, 0))
+        make_data(cfg)
+    texts = [str(w.message) for w in warned] + list(capsys.readouterr())
+    texts += [p.read_text() for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert any("key *** rejected by http://***@proxy/v1 (***; abcdef)" in t for t in texts), texts
+    assert not any(re.search(r"\babc\b", t) or "s3cret" in t for t in texts)
+    assert "http://***@127.0.0.1" in (tmp_path / "data" / "config.yaml").read_text()
+
+
+def test_a_budget_spent_on_the_health_check_keeps_the_real_failure(tmp_path):
+    """LLM_MAX_CALLS=2 and a dead server: both calls go to the health check's first attempt and
+    its retry. The meta names the connection error, counts the failure, and says how many calls
+    the health check took."""
+    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 0, 0), llm_max_calls=2)
+    with pytest.warns(UserWarning, match="not usable"):
+        meta = make_data(cfg)
+    check = meta["llm"]["health_check"]
+    assert check.startswith("failed: LLM_MAX_CALLS=2 reached while retrying a failed request (")
+    assert "APIConnectionError" in check and "APIConnectionError" in meta["llm"]["first_failure"]
+    assert meta["llm"]["health_check_calls"] == 2
+    assert meta["openai_usage"] == usage(2, failures=1, retries=1, tokens_calls=0)
+
+
+def test_unusable_answers_of_a_small_teacher_say_why(tmp_path, capsys):
+    """The answer shapes of a tiny model behind llama.cpp's server (tests/llm_server.py:
+    small_teacher). 8 calls: the health check, then 4 attempts of the first request and 3 of
+    the second, all unusable; every row comes from the templates. The first 5 reasons, with the
+    start of each answer and the key redacted, are in the log and dataset_meta.json."""
+    with ScriptedLLM(lambda body, n: small_teacher(body, n, KEY)) as server, pytest.warns(UserWarning):
+        cfg = make_cfg(tmp_path, server.url, sft=(8, 0, 0), llm_batch_size=4, llm_max_calls=8, llm_max_retries=3)
+        meta = make_data(cfg)
+    assert len(server.requests) == 8
+    assert (meta["llm"]["llm_rows"], meta["llm"]["template_rows"]) == (0, 8)
+    noted = meta["llm"]["unusable_answers"]
+    assert [n["reason"] for n in noted] == [
+        "unusable reply: expected a list under 'stories', got an object with keys 'title', 'text'",
+        "unusable reply: no usable story in the reply (id 1: not a story: 'Boo.')",
+        "unusable reply: no JSON in the reply: '{\"stories\": [{\"id\": 1, \"story\": \"The night was long and the house' "
+        "(the answer was cut off at max_tokens=3600; raise llm_max_output_tokens or lower llm_batch_size)",
+        "unusable reply: expected a list under 'stories', got an object with keys 'title', 'text'",
+        "unusable reply: no usable story in the reply (id 1: not a story: 'Boo.')",
+    ]
+    assert noted[0]["answer_start"] == json.dumps({"title": "The Door ***", "text": "It was dark."})
+    assert meta["llm"]["first_failure"] == noted[0]["reason"]
+    assert meta["llm"]["stopped"].startswith("budget: LLM_MAX_CALLS=8 reached while retrying a failed request")
+    err = capsys.readouterr().err
+    assert err.count("data: default: unusable reply: ") == 5 and "The Door ***" in err
+    assert KEY not in err + json.dumps(meta)
 
 
 # ---------------------------------------------------------------- judged pairs

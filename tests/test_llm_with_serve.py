@@ -85,7 +85,10 @@ def test_cli_health_check_against_serve_then_templates(served, key, tmp_path, mo
                          "total_tokens": 3 * (prompt + completion), "failures": 1, "retries": 2, "fallbacks": 0}
         # ... and the reply quoted in the reason is the model's own greedy answer.
         quoted = " ".join(f"unusable reply: no JSON in the reply: {answer.strip()[:80]!r}".split())
-        assert meta["llm"]["health_check"] == f"failed: tiny at {served} (openai-compatible): {quoted}"
+        cut = (" (the answer was cut off at max_tokens=20; raise llm_max_output_tokens or lower llm_batch_size)"
+               if completion == 20 else "")  # serve said finish_reason "length"
+        assert meta["llm"]["health_check"] == f"failed: tiny at {served} (openai-compatible): {quoted}{cut}"
+        assert meta["llm"]["unusable_answers"] == [{"reason": f"{quoted}{cut}", "answer_start": answer[:200]}] * 3
     else:
         # The server's 401 is final: one call, no retry, no tokens.
         assert usage == {"calls": 1, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,

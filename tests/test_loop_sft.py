@@ -308,3 +308,139 @@ def test_gradient_checkpointing_changes_memory_not_the_curve(tmp_path, chat_mode
     wa, wb = load_file(plain / name), load_file(ckpt / name)
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- what a failure or a signal leaves behind
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def count_model_loads(monkeypatch) -> dict:
+    import picoalign.train.stage as stage
+
+    loads, real_load = {"n": 0}, stage.load_model
+
+    def load(*args, **kwargs):
+        loads["n"] += 1
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "load_model", load)
+    return loads
+
+
+def test_bad_data_leaves_a_finished_checkpoint_as_it_was(tmp_path, chat_model, data_dir, monkeypatch):
+    """`--out` at a copy of a finished checkpoint, a broken row in the training file: the error
+    names the row before any model loads, and not a byte of the checkpoint changes (its
+    picoalign.json still says complete, so `picoalign run` still trusts it)."""
+    import shutil
+
+    from picoalign.data.formats import DataError
+
+    finished = tmp_path / "finished"
+    run_sft(sft_cfg(finished, chat_model, data_dir, lora=True))
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    before = files_of(copy)
+    bad = tmp_path / "bad_data"
+    shutil.copytree(data_dir, bad)
+    with (bad / "sft_train.jsonl").open("a") as f:
+        f.write('{"prompt": "a prompt", "response": ""}\n')
+    loads = count_model_loads(monkeypatch)
+    with pytest.raises(DataError, match=r"sft_train.jsonl:9: field 'response': empty text"):
+        sft(sft_cfg(copy, chat_model, bad, lora=True, max_steps=6, lr=5e-2))
+    assert loads["n"] == 0
+    assert files_of(copy) == before
+    assert read_json(copy / "picoalign.json")["complete"] is True
+
+
+def test_resume_from_last_old_when_a_crash_hit_between_the_renames(tmp_path, chat_model, data_dir, monkeypatch,
+                                                                     capsys):
+    """A crash between `last` -> `last.old` and `last.tmp` -> `last` leaves `last.old` as the one
+    whole checkpoint. `--resume` continues from it (3 steps done, 3 more), keeps the log's first
+    lines, and moves it back to `last/`; the partial `last.tmp` is not used."""
+    from picoalign.train.loop import resumable
+
+    split = tmp_path / "split"
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        sft(resume_cfg(split, chat_model, data_dir))
+    monkeypatch.undo()
+    (split / "last").rename(split / "last.old")
+    (split / "last.tmp").mkdir()
+    (split / "last.tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    log_before = (split / "logs" / "sft.jsonl").read_text()
+    assert resumable(split) == split / "last.old"
+
+    steps = {"n": 0}
+    real_loss = SFTTask.loss
+
+    def counted(self, batch):
+        steps["n"] += 1
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(SFTTask, "loss", counted)
+    capsys.readouterr()
+    summary, _ = run_sft(resume_cfg(split, chat_model, data_dir, resume=True))
+    assert "resumed at step 3" in capsys.readouterr().out
+    assert summary["steps"] == 6 and steps["n"] == 3  # steps 4-6 only
+    log_after = (split / "logs" / "sft.jsonl").read_text()
+    assert log_after.startswith(log_before)
+    assert [r["step"] for r in log_rows(split, "start")] == [0, 3]
+    assert not (split / "last.old").exists()
+    assert torch.load(split / "last" / "trainer_state.pt", weights_only=False)["loop"]["step"] == 6
+
+
+def test_resume_without_any_checkpoint_refuses_and_keeps_the_log(tmp_path, chat_model, data_dir, monkeypatch):
+    out = tmp_path / "sft"
+    run_sft(sft_cfg(out, chat_model, data_dir, lora=True))
+    import shutil
+
+    shutil.rmtree(out / "last")
+    log = (out / "logs" / "sft.jsonl").read_text()
+    with pytest.raises(ValueError, match="--resume, but .* holds no checkpoint"):
+        sft(sft_cfg(out, chat_model, data_dir, lora=True, resume=True))
+    assert (out / "logs" / "sft.jsonl").read_text() == log
+    assert read_json(out / "picoalign.json")["complete"] is True
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, chat_model, data_dir, monkeypatch, capsys):
+    """SIGTERM during step 4 (sent to this very process): `last/` holds step 3, the command says so
+    and exits 143, the handler in place before is back, and a resume finishes the curve."""
+    import os
+    import signal
+
+    from picoalign.cli import main
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: received.append("outside fit"))  # pytest survives
+    try:
+        real_loss = SFTTask.loss
+        calls = {"n": 0}
+
+        def loss(self, batch):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_loss(self, batch)
+
+        monkeypatch.setattr(SFTTask, "loss", loss)
+        out = tmp_path / "sft"
+        flags = ["--data", str(data_dir), "--model", str(chat_model), "--out", str(out), "--device", "cpu",
+                 "--dtype", "fp32", "--seed", "0", "--tensorboard", "false", "--progress", "false",
+                 "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--max-steps", "6", "--epochs", "0",
+                 "--eval-every", "0",
+                 "--set", "lora.r=4", "--set", "lora.alpha=8"]
+        assert main(["sft", *flags]) == 143
+        assert "picoalign sft: terminated (SIGTERM); rerun with --resume" in capsys.readouterr().err
+        assert received == []  # fit's handler took it, not the one in place before
+        state = torch.load(out / "last" / "trainer_state.pt", weights_only=False)
+        assert state["loop"]["step"] == 3 and sorted(losses(out)) == [1, 2, 3]
+        monkeypatch.undo()
+        assert main(["sft", *flags, "--resume", "true"]) == 0
+        assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+        os.kill(os.getpid(), signal.SIGTERM)  # fit gave the handler back
+        assert received == ["outside fit"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -7,6 +7,7 @@ exactly that text and count exactly those tokens, streamed or not.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -237,3 +238,139 @@ def test_the_builtin_model_answers_and_stops_at_end_of_turn():
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 48
+
+
+# ---------------------------------------------------------------- hostile or careless requests
+
+
+def is_openai_error(r: httpx.Response, status: int, type_: str = "invalid_request_error") -> bool:
+    body = r.json()
+    return (r.status_code == status and r.headers["content-type"] == "application/json"
+            and set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+            and body["error"]["type"] == type_ and bool(body["error"]["message"]))
+
+
+LONE_SURROGATE = '"\\ud800"'  # valid JSON, but no UTF-8 text: the tokenizer cannot take it
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}], "seed": 9223372036854775808}', "seed"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}], "seed": -9223372036854775809}', "seed"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e-45}', "temperature"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e-45, '
+                             '"stream": true}', "temperature"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": ' + LONE_SURROGATE + '}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}], "stop": [' + LONE_SURROGATE + ']}',
+     "stop"),
+    ("/v1/completions", '{"prompt": ' + LONE_SURROGATE + ', "stream": true}', "prompt"),
+    ("/v1/generate", '{"prompt": ' + LONE_SURROGATE + '}', "prompt"),
+    ("/v1/generate", '{"prompt": "Hi", "seed": 18446744073709551616}', "seed"),
+])
+def test_values_the_schema_used_to_allow_get_a_400(server, path, body, param):
+    """Each of these crashed the handler with a plain-text 500 (or, streaming, a 200 and then an
+    error event): an out-of-range seed, a temperature so small the softmax overflows, a lone
+    UTF-16 surrogate. Now a 400 in OpenAI's error shape naming the field, before any generation."""
+    url, _ = server
+    r = httpx.post(url + path, content=body.encode(), headers={**AUTH, "Content-Type": "application/json"})
+    assert is_openai_error(r, 400), (r.status_code, r.text)
+    assert r.json()["error"]["param"].startswith(param)
+
+
+def test_the_smallest_temperatures_allowed_still_sample(client):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, temperature=0.01, seed=2**63 - 1)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_failure_inside_a_handler_is_a_json_500(server, monkeypatch):
+    """Whatever slips past the checks (here the model itself fails) is answered in the error shape
+    OpenAI clients read, streaming or not, and the server goes on serving."""
+    url, app = server
+    engine = app.state.handlers.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model fell over")
+
+    monkeypatch.setattr(engine, "encode", broken)
+    for stream in (False, True):
+        r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": HELLO, "stream": stream})
+        assert is_openai_error(r, 500, "server_error"), r.text
+        assert "RuntimeError" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+    assert engine.gate.pending == 0
+
+
+def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeypatch):
+    """A client gives up after 0.5 s on a 64-token answer that takes ~3 s (each decode step made
+    to last 50 ms, end-of-turn tokens masked so the answer cannot end by itself): the generation
+    stops within a few steps of the disconnect instead of running to max_tokens."""
+    from picoalign.eval.generate import end_ids
+
+    url, app = server
+    engine = app.state.handlers.engine
+    model, ends = engine.model, end_ids(engine.model, engine.tokenizer)
+    real_forward, steps = model.forward, []
+
+    def slow_forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        out.logits[..., ends] = -torch.inf
+        steps.append(time.monotonic())
+        time.sleep(0.05)
+        return out
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=0.5,
+                   json={"messages": HELLO, "max_tokens": 64, "temperature": 0})
+    left = time.monotonic()
+    deadline = left + 10
+    while engine.gate.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    monkeypatch.undo()
+    assert engine.gate.pending == 0
+    assert 3 < len(steps) < 40, len(steps)
+    assert steps[-1] - left < 1.0  # the last step began within a second of the disconnect
+
+
+def test_a_key_in_the_query_string_stays_out_of_the_access_log(server):
+    """`?api_key=...` is refused (the key goes in the header) and uvicorn's access log line shows
+    the path without it."""
+    import logging
+
+    url, _ = server
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    access = logging.getLogger("uvicorn.access")
+    handler, level = Keep(), access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        r = httpx.get(url + f"/v1/models?api_key={KEY}&limit=2")
+        r2 = httpx.get(url + f"/v1/models?Token={KEY}", headers=AUTH)
+        r3 = httpx.get(url + f"/v1/models?x={KEY}", headers=AUTH)
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    assert r.status_code == 401 and r2.status_code == r3.status_code == 200
+    assert len(lines) == 3 and not any(KEY in line for line in lines), lines
+    assert "/v1/models?api_key=***&limit=2" in lines[0] and "Token=***" in lines[1] and "x=***" in lines[2]
+
+
+def test_health_shows_the_models_name_and_its_path_only_to_the_key(chat_model):
+    """No `name` set: the API calls the model by its folder's name; /health tells its path only
+    to a request that carries the key (none set: to nobody)."""
+    for key in (KEY, ""):
+        cfg = ServeConfig(model=str(chat_model), device="cpu", dtype="fp32", api_key=key, max_new_tokens=4,
+                          max_tokens=8)
+        with running_server(cfg) as (url, _):
+            health = httpx.get(url + "/health").json()
+            given = httpx.get(url + "/health", headers=AUTH).json()
+            models = httpx.get(url + "/v1/models", headers=AUTH).json()
+        assert health["model"] == given["model"] == chat_model.name == models["data"][0]["id"]
+        assert str(chat_model) not in json.dumps(health)
+        assert given.get("model_path") == (str(chat_model) if key else None)

@@ -23,7 +23,7 @@ from picoalign.io import read_json
 from picoalign.train.batching import render_prompt
 from picoalign.use.chat import chat, fit_messages
 from picoalign.use.export import export, probe_ids
-from picoalign.use.generate import generate_answers
+from picoalign.use.generate import generate_answers, read_prompts
 
 FAST = ["--device", "cpu", "--dtype", "fp32"]
 
@@ -118,6 +118,13 @@ def test_generate_bad_inputs_say_where(chat_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x", "--top-p", "0"])
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_prompt_file_nested_too_deeply_says_where(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:2: not valid JSON: nested too deeply$"):
+        read_prompts(path)
 
 
 # ---------------------------------------------------------------- chat

@@ -123,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (C.ConfigError, ValueError, FileNotFoundError) as e:
         print(f"picoalign {args.stage}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"picoalign {args.stage}: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (train/loop.py:Terminated)
+        print(f"picoalign {args.stage}: {e or 'interrupted'}; rerun with --resume to continue", file=sys.stderr)
+        return getattr(e, "exit_status", 130)
     return 0
 
 

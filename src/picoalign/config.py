@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -471,7 +472,7 @@ class ServeConfig(DecodeConfig):
     STAGE = "SERVE"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
     port: int = opt(8000, "TCP port")
-    name: str = opt("", "the model id the API reports (default: --model as given)")
+    name: str = opt("", "the model id the API reports (default: the model folder's name; a hub id as given)")
     api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/* (empty = no key; prefer the "
                        "environment variable: a flag shows in `ps`)", env="PICOALIGN_API_KEY", secret=True)
     max_new_tokens: int = opt(256, "tokens generated when a request does not say")
@@ -657,12 +658,23 @@ def load_config(
     return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
+# `scheme://user:password@host`: the userinfo is a credential wherever a URL is shown or kept.
+URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s]*@", re.IGNORECASE)
+
+
+def strip_userinfo(text: str) -> str:
+    """`text` with the user:password part of every URL in it replaced by ***."""
+    return URL_USERINFO.sub(r"\1***@", text)
+
+
 def to_dict(cfg: Any) -> dict:
-    """The config as plain data, without its secret fields."""
-    return {
-        f.name: to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else copy.deepcopy(v)
-        for f in dataclasses.fields(cfg) if not f.metadata.get("secret")
-    }
+    """The config as plain data, without its secret fields nor the passwords of its URLs."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return to_dict(v)
+        return strip_userinfo(v) if isinstance(v, str) else copy.deepcopy(v)
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

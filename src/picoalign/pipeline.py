@@ -210,7 +210,9 @@ def _run_training(configs, stage: str) -> bool:
     if stage == "dpo" and not read_marker(cfg.model).get("complete"):
         warnings.warn("dpo: no finished SFT checkpoint to start from; stage skipped", stacklevel=2)
         return False
-    cfg.resume = (out / "last" / "trainer_state.pt").exists()
+    from picoalign.train.loop import resumable
+
+    cfg.resume = resumable(out) is not None  # last/, or the last.old/ a crash mid-swap leaves
     if stage == "pretrain":
         from picoalign.train.pretrain import pretrain as train
     elif stage == "sft":

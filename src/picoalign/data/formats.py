@@ -35,6 +35,12 @@ SFT_FORMATS = ("prompt|input + response|output|completion, instruction (+ input)
 PREFERENCE_FORMATS = "chosen + rejected, with prompt|input or a shared beginning"
 
 
+# Python's JSON reader recurses once per level; past its stack limit (about 1,000 levels) it
+# raises RecursionError. No real row nests that deep, so we name the line where it starts.
+DEEP_LEVELS = 500
+TOO_DEEP = "broken JSON: nested too deeply (lists or objects inside each other hundreds of levels deep)"
+
+
 class DataError(ValueError):
     """A data file or row we cannot use: the message names the file, the line and the field."""
 
@@ -96,21 +102,46 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Where, dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise where.error(None, f"broken JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise where.error(None, TOO_DEEP) from None
         yield where, _as_object(row, where)
 
 
 def _json_rows(path: Path) -> Iterator[tuple[Where, dict]]:
+    text = _read_text(path)
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise Where(path, e.lineno).error(
             None, f"broken JSON: {e.msg} (column {e.colno}); a .json file holds one list of "
             "objects (use .jsonl for one object per line)") from None
+    except RecursionError:
+        raise Where(path, _deep_line(text)).error(None, TOO_DEEP) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {_kind(data)}")
     for i, row in enumerate(data, 1):
         where = Where(path, i, item=True)
         yield where, _as_object(row, where)
+
+
+def _deep_line(text: str, depth: int = DEEP_LEVELS) -> int:
+    """The line on which brackets outside strings first nest `depth` deep (1 if they never do)."""
+    level, line, in_string, escaped = 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        elif in_string:
+            in_string = ch != '"' or escaped
+            escaped = ch == "\\" and not escaped
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            level += 1
+            if level >= depth:
+                return line
+        elif ch in "]}":
+            level -= 1
+    return 1
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[Where, dict]]:
@@ -303,6 +334,11 @@ def _preference_record(row: dict, where: Where) -> dict:
     elif p is not None:
         prompt = _prompt(row[p], p, where)
         chosen, rejected = _text(row["chosen"], "chosen", where), _text(row["rejected"], "rejected", where)
+    elif named := next((k for k in PROMPT_KEYS if k in row), None):
+        # A row that names its prompt is not a transcript: a null there is a missing prompt, not
+        # a cue to take the answers' common beginning as one.
+        raise where.error(named, "missing (null); give the prompt text, or leave the field out "
+                          "when 'chosen' and 'rejected' are full transcripts")
     else:
         prompt, chosen, rejected = _transcript_pair(row, where)
     if chosen.strip() == rejected.strip():

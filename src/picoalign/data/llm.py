@@ -33,17 +33,24 @@ import json
 import os
 import random
 import re
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
+
+from picoalign.config import strip_userinfo
 
 AUTO_ORDER = (("deepseek", "DEEPSEEK_API_KEY"), ("openai", "OPENAI_API_KEY"), ("openai-compatible", "LLM_BASE_URL"))
 ALIASES = {"chatgpt": "openai"}
 NO_KEY = "no-key"  # the client needs a non-empty key; local servers (vLLM, llama.cpp) ignore it
 MAX_BACKOFF_SECONDS = 60.0
 RETRY_STATUS = {408, 409, 429}
+SHORT_SECRET = 8  # secrets shorter than this are redacted as whole tokens only (see `redact`)
+MAX_NOTED_ANSWERS = 5  # unusable answers whose reason and start are logged and kept in the meta
+ANSWER_START_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class Endpoint:
     key_env: str
 
     def __str__(self) -> str:
-        return f"{self.model} at {self.base_url} ({self.provider})"
+        return f"{self.model} at {strip_userinfo(self.base_url)} ({self.provider})"
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         key = _env(environ).get(self.key_env, "")
@@ -132,16 +139,34 @@ def parse_endpoint(text: str, default_provider: str = "auto",
     return endpoint(where or default_provider, model, "", environ)
 
 
-def secrets(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The API keys set in the environment (to scrub them from any text we show or keep)."""
+def url_secrets(url: str) -> set[str]:
+    """The `user:password` of a URL and the password alone (empty set without them)."""
+    userinfo = urlsplit(url).netloc.rpartition("@")[0]
+    return {userinfo, userinfo.partition(":")[2]} - {""}
+
+
+def secrets(environ: Mapping[str, str] | None = None, also: Iterable[str] = ()) -> list[str]:
+    """The API keys set in the environment, the passwords in its base URLs and `also` (to scrub
+    them from any text we show or keep), longest first."""
     env = _env(environ)
-    return [env[p.key_env] for p in PROVIDERS.values() if len(env.get(p.key_env, "")) >= 4]
+    found = {env.get(p.key_env, "") for p in PROVIDERS.values()} | set(also)
+    for p in PROVIDERS.values():
+        found |= url_secrets(env.get(p.url_env, ""))
+    return sorted(found - {""}, key=len, reverse=True)
 
 
-def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
-    for key in secrets(environ):
-        text = text.replace(key, "***")
-    return text
+def redact(text: str, environ: Mapping[str, str] | None = None, also: Iterable[str] = ()) -> str:
+    """`text` with every configured secret, whatever its length, and every URL's userinfo as ***.
+
+    A secret shorter than SHORT_SECRET characters is replaced where it stands as a token of its
+    own: inside a longer word it identifies nothing, and replacing it there (a key "abc" in
+    "abcdef") would make messages unreadable."""
+    for key in secrets(environ, also):
+        if len(key) >= SHORT_SECRET:
+            text = text.replace(key, "***")
+        else:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", "***", text)
+    return strip_userinfo(text)
 
 
 # ---------------------------------------------------------------- JSON replies
@@ -155,16 +180,19 @@ def extract_json(text: str) -> Any:
     text = (text or "").strip()
     candidates = [m.group(1).strip() for m in FENCE.finditer(text)] + [text]
     decoder = json.JSONDecoder()
+    # RecursionError: a reply nested ~1,000 levels deep is no answer either (not a crash).
     for candidate in candidates:
         try:
             return json.loads(candidate)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
         for start in (i for i, ch in enumerate(candidate) if ch in "{["):
             try:
                 return decoder.raw_decode(candidate, start)[0]
             except json.JSONDecodeError:
                 continue
+            except RecursionError:
+                break  # the later starts are inside the same deep nest: no answer here
     raise ValueError(f"no JSON in the reply: {text[:80]!r}")
 
 
@@ -184,12 +212,33 @@ class Usage:
 
 @dataclass
 class Meter:
-    """Usage shared by every client of one run, and the budgets checked before each call."""
+    """Usage shared by every client of one run, the budgets checked before each call, and what
+    went wrong first: the first failed attempt and the first few unusable answers (redacted)."""
 
     max_calls: int = 0
     max_total_tokens: int = 0
     usage: Usage = field(default_factory=Usage)
+    first_failure: str | None = None
+    unusable: list[dict] = field(default_factory=list)  # {"reason", "answer_start"}, MAX_NOTED_ANSWERS at most
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def failed(self, what: str) -> None:
+        with self._lock:
+            self.first_failure = self.first_failure or what
+
+    def note_unusable(self, reason: str, answer: str) -> bool:
+        """Keep the reason and the answer's start while fewer than MAX_NOTED_ANSWERS are kept."""
+        with self._lock:
+            if len(self.unusable) >= MAX_NOTED_ANSWERS:
+                return False
+            self.unusable.append({"reason": reason, "answer_start": answer[:ANSWER_START_CHARS]})
+            return True
+
+    def problems(self) -> dict:
+        """What dataset_meta.json records of the failures (nothing when there were none)."""
+        with self._lock:
+            out = {"first_failure": self.first_failure} if self.first_failure else {}
+            return out | ({"unusable_answers": list(self.unusable)} if self.unusable else {})
 
     def reserve(self) -> None:
         with self._lock:
@@ -244,6 +293,7 @@ class LLMClient:
         import openai
 
         self.endpoint, self.limits, self.meter = ep, limits or Limits(), meter or Meter()
+        self._url_secrets = url_secrets(ep.base_url)  # a base URL from the config, not the environment
         self._openai = openai
         # max_retries=0: retries are ours, so that each attempt is counted against the budget.
         self._client = openai.OpenAI(api_key=ep.api_key(environ), base_url=ep.base_url,
@@ -256,28 +306,68 @@ class LLMClient:
         last, wait = "no attempt", 0.0
         for attempt in range(retries + 1):
             if attempt:
-                self.meter.add(retries=1)
                 time.sleep(wait)
-            self.meter.reserve()
+            self._reserve(last if attempt else None)
             try:
                 reply = self._client.chat.completions.create(**self._request(messages, max_tokens))
             except self._openai.APIStatusError as e:
-                last = f"HTTP {e.status_code}: {_short(e.message)}"
+                last = self._failed(f"HTTP {e.status_code}: {_short(e.message)}")
                 if e.status_code not in RETRY_STATUS and e.status_code < 500:
                     break
                 wait = self._backoff(attempt, e.response.headers.get("retry-after"))
                 continue
             except self._openai.APIConnectionError as e:  # refused, reset, timed out
-                last, wait = f"{type(e).__name__}: {_short(str(e))}", self._backoff(attempt)
+                last, wait = self._failed(f"{type(e).__name__}: {_short(str(e))}"), self._backoff(attempt)
                 continue
             self._count(reply)
             try:
-                obj = extract_json(reply.choices[0].message.content or "")
-                return check(obj) if check else obj
-            except (ValueError, TypeError, KeyError, IndexError) as e:
-                last, wait = f"unusable reply: {_short(str(e))}", 0.0
+                return self._usable(reply, check)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                last, wait = self._unusable(reply, str(e), max_tokens), 0.0
         self.meter.add(failures=1)
-        raise LLMError(redact(f"{self.endpoint}: {last}"))
+        raise LLMError(self._redact(f"{self.endpoint}: {last}"))
+
+    def _reserve(self, retrying_after: str | None) -> None:
+        """A call from the budget (a retry is counted as one once it may be sent). A budget spent
+        before a retry fails the request for good, and the error says what the failed attempt
+        was: else the budget would hide the real problem."""
+        try:
+            self.meter.reserve()
+        except BudgetExhausted as e:
+            if retrying_after is None:
+                raise
+            self.meter.add(failures=1)
+            why = f"{e} while retrying a failed request ({self.endpoint}: {retrying_after})"
+            raise BudgetExhausted(self._redact(why)) from None
+        if retrying_after is not None:
+            self.meter.add(retries=1)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, also=self._url_secrets)
+
+    def _failed(self, what: str) -> str:
+        what = self._redact(what)
+        self.meter.failed(what)
+        return what
+
+    @staticmethod
+    def _usable(reply: Any, check: Callable[[Any], Any] | None) -> Any:
+        obj = extract_json(reply.choices[0].message.content or "")
+        return check(obj) if check else obj
+
+    def _unusable(self, reply: Any, why: str, max_tokens: int) -> str:
+        """Record an answer we cannot use (the first few go to the log and the meta)."""
+        choices = getattr(reply, "choices", None) or []
+        answer = (getattr(getattr(choices[0], "message", None), "content", None) or "") if choices else ""
+        reason = f"unusable reply: {_short(why, 160)}"
+        if choices and getattr(choices[0], "finish_reason", None) == "length":
+            reason += (f" (the answer was cut off at max_tokens={max_tokens or self.limits.max_output_tokens}; "
+                       "raise llm_max_output_tokens or lower llm_batch_size)")
+        reason, answer = self._redact(reason), self._redact(answer)
+        if self.meter.note_unusable(reason, answer):
+            print(f"data: {self.endpoint.model}: {reason}; the answer began: {answer[:120]!r}", file=sys.stderr)
+        self.meter.failed(reason)
+        return reason
 
     def health_check(self) -> None:
         """A tiny JSON request; raises LLMError (or BudgetExhausted) when the endpoint is unusable."""

@@ -80,13 +80,25 @@ def _text(value) -> str:
     return value.strip()
 
 
+def _shape(obj) -> str:
+    """What a reply holds, for the reason an answer was unusable."""
+    if isinstance(obj, dict):
+        return f"an object with keys {', '.join(map(repr, list(obj)[:6])) or '(none)'}"
+    return f"a {type(obj).__name__}" if obj is not None else "null"
+
+
+def _none_usable(what: str, items: dict, problems: list[str]) -> ValueError:
+    detail = "; ".join(problems[:2]) if items else "no items with an id"
+    return ValueError(f"no usable {what} in the reply ({detail})")
+
+
 def _items(obj, key: str, n: int) -> dict[int, dict]:
     """Reply items by their 1-based id (items without ids count in order when all n are there)."""
     items = obj.get(key) if isinstance(obj, dict) else obj
     if isinstance(obj, dict) and items is None and n == 1:
         items = [obj]  # a lone {"story": ...} for a single specification
     if not isinstance(items, list):
-        raise ValueError(f"expected a list under {key!r}")
+        raise ValueError(f"expected a list under {key!r}, got {_shape(obj)}")
     items = [it for it in items if isinstance(it, dict)]
     if all("id" not in it for it in items) and len(items) == n:
         return dict(enumerate(items, 1))
@@ -102,15 +114,16 @@ def _items(obj, key: str, n: int) -> dict[int, dict]:
 def request_stories(client: LLMClient, prompts: list[str], max_tokens: int = 0) -> dict[int, str]:
     """One story per prompt (1-based index -> text); raises LLMError when none is usable."""
     def check(obj):
-        stories = {}
-        for i, it in _items(obj, "stories", len(prompts)).items():
+        stories, problems = {}, []
+        items = _items(obj, "stories", len(prompts))
+        for i, it in items.items():
             try:
                 if 1 <= i <= len(prompts):
                     stories[i] = _text(it.get("story"))
-            except ValueError:
-                continue
+            except ValueError as e:
+                problems.append(f"id {i}: {e}")
         if not stories:
-            raise ValueError("no usable story in the reply")
+            raise _none_usable("story", items, problems or [f"ids {sorted(items)} are not 1..{len(prompts)}"])
         return stories
 
     return client.chat_json(_specs_message(STORIES_ASK, prompts),
@@ -120,16 +133,20 @@ def request_stories(client: LLMClient, prompts: list[str], max_tokens: int = 0) 
 def request_pairs(client: LLMClient, prompts: list[str], max_tokens: int = 0) -> dict[int, tuple[str, str]]:
     """A (chosen, rejected) pair per prompt; raises LLMError when none is usable."""
     def check(obj):
-        pairs = {}
-        for i, it in _items(obj, "pairs", len(prompts)).items():
+        pairs, problems = {}, []
+        items = _items(obj, "pairs", len(prompts))
+        for i, it in items.items():
             try:
                 chosen, rejected = _text(it.get("chosen")), _text(it.get("rejected"))
-            except ValueError:
+            except ValueError as e:
+                problems.append(f"id {i}: {e}")
                 continue
-            if 1 <= i <= len(prompts) and chosen != rejected:
+            if chosen == rejected:
+                problems.append(f"id {i}: chosen and rejected are the same story")
+            elif 1 <= i <= len(prompts):
                 pairs[i] = (chosen, rejected)
         if not pairs:
-            raise ValueError("no usable pair in the reply")
+            raise _none_usable("pair", items, problems or [f"ids {sorted(items)} are not 1..{len(prompts)}"])
         return pairs
 
     return client.chat_json(_specs_message(PAIRS_ASK, prompts),
@@ -276,9 +293,12 @@ def llm_files(cfg: DataConfig, files: dict[str, list[dict]], provider: str, out:
     except (LLMError, BudgetExhausted, ValueError) as e:
         why = redact(str(e))
         warnings.warn(f"data: the LLM endpoint is not usable ({why}); using the offline templates", stacklevel=2)
-        return files, {"provider": "template", "llm": {**info, "health_check": f"failed: {why}"},
-                       "openai_usage": meter.snapshot()}
-    info["health_check"] = "ok"
+        info.update(health_check=f"failed: {why}", health_check_calls=meter.usage.calls, **meter.problems())
+        return files, {"provider": "template", "llm": info, "openai_usage": meter.snapshot()}
+    # The health checks' calls (retries included) count against LLM_MAX_CALLS: say how many.
+    info.update(health_check="ok", health_check_calls=meter.usage.calls)
+    if cfg.llm_max_calls:
+        print(f"data: the health check used {meter.usage.calls} of LLM_MAX_CALLS={cfg.llm_max_calls} calls")
     kinds = (("sft",) if main else ()) + (("dpo",) if main or judge else ())
     maker = RowMaker(cfg, out / PARTIAL, meter, files, kinds)
     info["resumed_rows"] = maker.resume()
@@ -296,7 +316,7 @@ def llm_files(cfg: DataConfig, files: dict[str, list[dict]], provider: str, out:
           f"{info['resumed_rows']} rows resumed")
     maker.run(jobs)
     files, counts = maker.assemble(files)
-    info.update(counts, stopped=maker.stopped)
+    info.update(counts, stopped=maker.stopped, **meter.problems())
     if not counts["missing_rows"]:
         maker.partial.unlink(missing_ok=True)  # complete: a rerun starts afresh
     return files, {"provider": provider if main else "template", "llm": info, "openai_usage": meter.snapshot()}

@@ -8,6 +8,7 @@ or after `max_new_tokens`.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,20 @@ def end_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def cancel_criteria(cancel: threading.Event | None) -> list:
+    """transformers stopping criteria that end every row at the next decode step once `cancel`
+    is set (a client that went away); none without an event."""
+    if cancel is None:
+        return []
+    from transformers import StoppingCriteria
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return [Cancelled()]
+
+
 def encode_prompt(tokenizer, prompt, raw: bool = False) -> list[int]:
     """Prompt ids: through the chat template with the generation prompt, or as plain text."""
     if not raw:
@@ -94,10 +109,11 @@ def finish(tokenizer, new_ids: list[int], ends: list[int], stop, prompt_tokens: 
 
 @torch.no_grad()
 def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_size: int = 8,
-                  raw: bool = False) -> list[Generation]:
+                  raw: bool = False, cancel: threading.Event | None = None) -> list[Generation]:
     """Answers to `prompts` (strings or message lists), generated `batch_size` at a time.
 
     Prompts are left-padded so every row's last token is its own; `raw` skips the template.
+    Once `cancel` is set, generation ends at the next token (the answers then end "length").
     """
     device = next(model.parameters()).device
     model.eval()
@@ -113,7 +129,8 @@ def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_siz
         torch.manual_seed(sampling.seed + start)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=pad, eos_token_id=ends, **sampling.generate_kwargs(), **stop,
+            pad_token_id=pad, eos_token_id=ends, stopping_criteria=cancel_criteria(cancel),
+            **sampling.generate_kwargs(), **stop,
         )
         results += [finish(tokenizer, row[width:].tolist(), ends, sampling.stop, len(e))
                     for row, e in zip(out, encoded)]

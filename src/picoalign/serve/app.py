@@ -10,19 +10,23 @@ prompt through the chat template unless `raw`), and the OpenAI-compatible
 both with `stream: true` as server-sent events. One request generates at a time; `queue_size`
 more may wait, and beyond that a request gets a 503 at once. Limits (`max_tokens`,
 `max_prompt_chars`, `max_body_bytes`) answer 400/413 with the reason; with `PICOALIGN_API_KEY`
-set, /v1/* needs `Authorization: Bearer <key>`.
+set, /v1/* needs `Authorization: Bearer <key>`. Every error, a failure no check foresaw
+included, is JSON in OpenAI's shape; a client that goes away stops its generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import secrets
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,12 +36,22 @@ from starlette.exceptions import HTTPException
 
 from picoalign.config import ServeConfig
 from picoalign.eval.generate import Generation, Sampling
-from picoalign.serve.engine import Engine, Gate, QueueFull, Ticket
-from picoalign.serve.guard import ApiError, Guard, error_body, http_error, validation_error
+from picoalign.serve.engine import ClientGone, Engine, Gate, QueueFull, Ticket
+from picoalign.serve.guard import (
+    ApiError,
+    Guard,
+    authorized,
+    credentials_out_of_access_log,
+    error_body,
+    http_error,
+    server_error,
+    validation_error,
+)
 from picoalign.serve.schemas import ChatRequest, CompletionRequest, GenerateRequest, Sampled
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_PROMPTS = 32  # prompts in one /v1/completions request: one batch, so it bounds the memory
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 PAGE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
 
@@ -91,11 +105,17 @@ class Handlers:
         except QueueFull as e:
             raise ApiError(503, str(e), type_="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
 
-    async def complete(self, prompts: list, sampling: Sampling, raw: bool) -> list[Generation]:
+    async def complete(self, prompts: list, sampling: Sampling, raw: bool, request: Request) -> list[Generation]:
+        """The answers, generated in a worker thread; a client that goes away stops them."""
         ticket = self.reserve()
+        gone = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
-            return await run_in_threadpool(self.engine.complete, ticket, prompts, sampling, raw)
+            return await run_in_threadpool(self.engine.complete, ticket, prompts, sampling, raw, gone)
+        except ClientGone as e:  # no one reads this answer; the access log shows the 499
+            raise ApiError(499, str(e), code="client_closed_request") from None
         finally:
+            watcher.cancel()
             ticket.release()  # no-op when the generation gave it back itself
 
     def stream(self, prompt_ids: list[int], sampling: Sampling, chunk, last_chunk, include_usage: bool,
@@ -128,14 +148,14 @@ class Handlers:
 
     # ------------------------------------------------------------ endpoints
 
-    async def generate(self, req: GenerateRequest) -> dict:
+    async def generate(self, req: GenerateRequest, request: Request) -> dict:
         s = self.sampling(req, req.max_new_tokens, req.greedy)
         self.encode(req.prompt, req.raw, len(req.prompt), s.max_new_tokens)  # the limits
-        (gen,) = await self.complete([req.prompt], s, req.raw)
+        (gen,) = await self.complete([req.prompt], s, req.raw, request)
         return {"output": gen.text, "model": self.engine.name, "finish_reason": gen.finish_reason,
                 "usage": usage([gen])}
 
-    async def chat(self, req: ChatRequest):
+    async def chat(self, req: ChatRequest, request: Request):
         messages = [m.as_dict() for m in req.messages]
         s = self.sampling(req, req.max_completion_tokens or req.max_tokens)
         ids = self.encode(messages, False, sum(len(m["content"]) for m in messages), s.max_new_tokens)
@@ -153,12 +173,12 @@ class Handlers:
                                           "finish_reason": None}]}
             return self.stream(ids, s, piece, last, bool(req.stream_options and req.stream_options.include_usage),
                                first=role)
-        (gen,) = await self.complete([messages], s, raw=False)
+        (gen,) = await self.complete([messages], s, False, request)
         choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
                   "finish_reason": gen.finish_reason, "logprobs": None}
         return {**head, "object": "chat.completion", "choices": [choice], "usage": usage([gen])}
 
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or not all(prompts) or len(prompts) > MAX_PROMPTS:
             raise ApiError(400, f"prompt: give a non-empty string or a list of 1 to {MAX_PROMPTS} of them",
@@ -180,10 +200,24 @@ class Handlers:
                                              "finish_reason": result.finish_reason}]}
 
             return self.stream(ids[0], s, piece, last, bool(req.stream_options and req.stream_options.include_usage))
-        gens = await self.complete(prompts, s, raw=True)
+        gens = await self.complete(prompts, s, True, request)
         choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
                    for i, g in enumerate(gens)]
         return {**head, "choices": choices, "usage": usage(gens)}
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    """Set `gone` once the client has closed the connection (checked every DISCONNECT_POLL_S)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    gone.set()
+
+
+def public_name(model: str) -> str:
+    """The id the API reports when `name` is not set: a local folder or file by its last part
+    (its whole path would tell any caller about this machine), a hub id or `builtin:` as given."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model  # resolved: `--model .` has a name too
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
@@ -195,13 +229,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
         model, tokenizer = await run_in_threadpool(load_for_inference, cfg.model, cfg.device, cfg.dtype,
                                                    cfg.merge_adapter)
-        app.state.handlers = Handlers(cfg, Engine(model, tokenizer, cfg.name or cfg.model, Gate(cfg.queue_size)))
-        yield
+        name = cfg.name or public_name(cfg.model)
+        app.state.handlers = Handlers(cfg, Engine(model, tokenizer, name, Gate(cfg.queue_size)))
+        with credentials_out_of_access_log(cfg.api_key):
+            yield
 
     app = FastAPI(title="picoalign", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)  # what slips through: a JSON 500, not plain text
 
     def handlers(request: Request) -> Handlers:
         return request.app.state.handlers
@@ -214,8 +251,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/health")
     @app.get("/healthz")  # the original server's name
     def health(request: Request) -> dict:
+        """Public: the model's name; its path only to a request with the key (when one is set)."""
         h = handlers(request)
-        return {"status": "ok", "model": h.engine.name, "queue": h.engine.gate.status()}
+        body = {"status": "ok", "model": h.engine.name, "queue": h.engine.gate.status()}
+        if cfg.api_key and authorized(request.headers.get("authorization", ""), cfg.api_key):
+            body["model_path"] = cfg.model
+        return body
 
     @app.get("/v1/models")
     def models(request: Request) -> dict:
@@ -225,15 +266,15 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.post("/v1/generate")
     async def generate(req: GenerateRequest, request: Request):
-        return await handlers(request).generate(req)
+        return await handlers(request).generate(req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        return await handlers(request).chat(req)
+        return await handlers(request).chat(req, request)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await handlers(request).completions(req)
+        return await handlers(request).completions(req, request)
 
     return app
 

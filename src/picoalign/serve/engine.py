@@ -19,6 +19,10 @@ class QueueFull(RuntimeError):
     """The model is busy and `queue_size` requests are already waiting."""
 
 
+class ClientGone(RuntimeError):
+    """The client of a waiting request has gone: nothing to generate for."""
+
+
 class Gate:
     def __init__(self, queue_size: int) -> None:
         self.queue_size = queue_size
@@ -79,10 +83,14 @@ class Engine:
         return encode_prompt(self.tokenizer, prompt, raw)
 
     def complete(self, ticket: Ticket, prompts: list[list[int]] | list, sampling: Sampling,
-                 raw: bool = False) -> list[Generation]:
-        """Blocking: wait for the model, then generate the answers to `prompts` as one batch."""
+                 raw: bool = False, cancel: threading.Event | None = None) -> list[Generation]:
+        """Blocking: wait for the model, then generate the answers to `prompts` as one batch;
+        `cancel` set (the client went away) ends it at the next token, or before it starts."""
         with ticket:
-            return generate_full(self.model, self.tokenizer, prompts, sampling, batch_size=len(prompts), raw=raw)
+            if cancel is not None and cancel.is_set():
+                raise ClientGone("the client closed the connection while the request waited")
+            return generate_full(self.model, self.tokenizer, prompts, sampling, batch_size=len(prompts), raw=raw,
+                                 cancel=cancel)
 
     def stream(self, ticket: Ticket, prompt_ids: list[int], sampling: Sampling) -> Stream:
         """Start generating in a thread (once the model is free); iterate the result for text."""

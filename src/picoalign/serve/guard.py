@@ -1,9 +1,14 @@
-"""What stands in front of the routes: the API key, the body size limit, and errors in the
-shape OpenAI clients read (`{"error": {"message", "type", "param", "code"}}`)."""
+"""What stands in front of the routes: the API key, the body size limit, errors in the shape
+OpenAI clients read (`{"error": {"message", "type", "param", "code"}}`), and an access log
+without credentials."""
 
 from __future__ import annotations
 
 import hmac
+import logging
+import re
+from contextlib import contextmanager
+from urllib.parse import quote, unquote_plus
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +43,13 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything the checks did not catch: a 500 in the error shape. The type only, not the text
+    (it may hold paths of this machine); the traceback goes to the server's log."""
+    return JSONResponse(error_body(f"the server failed on this request ({type(exc).__name__}); see the server log",
+                                   "server_error", code="internal_error"), status_code=500)
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Bad JSON or a bad field: a 400 that says which and why."""
     first = exc.errors()[0]
@@ -53,8 +65,14 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         return JSONResponse(error_body(f"{message}; send a JSON object with Content-Type: application/json",
                                        code="invalid_body"), status_code=400)
     field = ".".join(str(p) for p in loc if p != "body")
-    return JSONResponse(error_body(f"field '{field}': {first.get('msg', 'invalid')}", param=field,
-                                   code="invalid_field"), status_code=400)
+    why = first.get("msg", "invalid").removeprefix("Value error, ")  # pydantic's prefix for our own checks
+    return JSONResponse(error_body(f"field '{field}': {why}", param=field, code="invalid_field"), status_code=400)
+
+
+def authorized(header: str, api_key: str) -> bool:
+    """Whether an Authorization header carries `Bearer <api_key>` (compared in constant time)."""
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
 class Guard:
@@ -71,7 +89,7 @@ class Guard:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and not self._authorized(headers.get("authorization", "")):
+        if self.api_key and not authorized(headers.get("authorization", ""), self.api_key):
             return await self._reply(ApiError(
                 401, "missing or wrong API key: send the header `Authorization: Bearer <key>` "
                 "(the server's PICOALIGN_API_KEY)", code="invalid_api_key"), scope, receive, send)
@@ -91,11 +109,56 @@ class Guard:
 
         await self.app(scope, counted, send)
 
-    def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
     async def _reply(self, exc: ApiError, scope, receive, send) -> None:
         response = JSONResponse(error_body(str(exc.detail), exc.type, exc.param, exc.code),
                                 status_code=exc.status_code)
         await response(scope, receive, send)
+
+
+# ---------------------------------------------------------------- the access log
+
+# Query parameters that clients use for credentials (`?api_key=`, `?token=`, ...).
+CREDENTIAL_PARAM = re.compile(r"(api[-_]?key|key|token|access[-_]?token|auth|authorization|password|secret)",
+                              re.IGNORECASE)
+
+
+def hide_credentials(path: str, api_key: str = "") -> str:
+    """`path?query` with the values of credential parameters, and any parameter holding the
+    server's own key, replaced by ***."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    keys = {api_key, quote(api_key, safe="")} - {""}
+    parts = []
+    for part in query.split("&"):
+        name, eq, value = part.partition("=")
+        secret = CREDENTIAL_PARAM.fullmatch(unquote_plus(name)) or any(k in value for k in keys)
+        parts.append(f"{name}{eq}***" if eq and secret else part)
+    return f"{base}?{'&'.join(parts)}"
+
+
+class AccessLogCredentials(logging.Filter):
+    """uvicorn's access log line shows the path with its query string (`args[2]` of the record):
+    a key sent as `?api_key=...` would be written to the log, so its value is hidden first."""
+
+    def __init__(self, api_key: str) -> None:
+        super().__init__()
+        self.api_key = api_key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], hide_credentials(args[2], self.api_key), *args[3:])
+        return True
+
+
+@contextmanager
+def credentials_out_of_access_log(api_key: str):
+    """While the server runs: the filter on uvicorn's access logger."""
+    access, log_filter = logging.getLogger("uvicorn.access"), AccessLogCredentials(api_key)
+    access.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        access.removeFilter(log_filter)

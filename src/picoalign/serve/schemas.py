@@ -4,19 +4,49 @@ an error, not a silently ignored setting."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+# Below this the logits divided by the temperature overflow to inf and sampling meets NaN
+# probabilities (vLLM raises smaller temperatures to this value); 0 means greedy.
+MIN_TEMPERATURE = 0.01
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as OpenAI documents `seed`
+
+
+def _unicode(value):
+    """Refuse text with a lone UTF-16 surrogate (JSON may carry `"\\ud800"`): no tokenizer can
+    encode it. Checked on the raw value, before a union picks its member, so that the error
+    names the field, not the member."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode text: a lone surrogate {value[e.start]!r} at character "
+                             f"{e.start}") from None
+    elif isinstance(value, (list, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            _unicode(item)
+    return value
+
+
+def _temperature(value: float | None) -> float | None:
+    if value is not None and 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: smaller values overflow the softmax")
+    return value
+
+
+Unicode = BeforeValidator(_unicode)
 
 
 class Sampled(BaseModel):
     """Decoding fields every endpoint takes; None = the server's default."""
 
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Annotated[float | None, AfterValidator(_temperature)] = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: Annotated[str | list[str] | None, Unicode] = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -27,7 +57,7 @@ class GenerateRequest(Sampled):
     """`POST /v1/generate`, the original server's request: `{prompt, max_new_tokens, ...}`."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
+    prompt: Annotated[str, Unicode] = Field(min_length=1)
     max_new_tokens: int | None = Field(None, ge=1)
     greedy: bool = False
     raw: bool = Field(False, description="skip the chat template")
@@ -40,7 +70,7 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Annotated[str | list[TextPart], Unicode]
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -70,4 +100,4 @@ class ChatRequest(OpenAIRequest):
 class CompletionRequest(OpenAIRequest):
     """`POST /v1/completions`: raw text in, no chat template; a list of prompts is one batch."""
 
-    prompt: str | list[str]
+    prompt: Annotated[str | list[str], Unicode]

@@ -81,21 +81,29 @@ def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig) -> str:
     return h.hexdigest()
 
 
+def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
+    """(train, val) pairs above `min_confidence`, read and checked (a bad row raises file:line)
+    before a model loads."""
+    data = Path(cfg.data)
+    train = read_preferences(data / cfg.train_file, min_confidence=cfg.min_confidence)
+    val_path = data / cfg.val_file
+    val = read_preferences(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+    return train, val
+
+
 class DPOTask:
-    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype) -> None:
+    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
+                 rows: tuple[list[dict], list[dict]] | None = None) -> None:
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.loss_fn = DPO_LOSSES[cfg.loss]
         self.normalise = cfg.loss == "ipo"
-        data = Path(cfg.data)
-        rows = read_preferences(data / cfg.train_file, min_confidence=cfg.min_confidence)
-        self.train = pair_batches(tokenizer, rows, cfg, cfg.prefix_sharing)
-        val_path = data / cfg.val_file
-        val_rows = read_preferences(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+        train_rows, val_rows = rows or read_pair_splits(cfg)
+        self.train = pair_batches(tokenizer, train_rows, cfg, cfg.prefix_sharing)
         val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
         self.live_ref = None
         self._attach_reference()
-        print(f"dpo: {len(rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
+        print(f"dpo: {len(train_rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
               f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference}")
 
     def _attach_reference(self) -> None:
@@ -110,7 +118,8 @@ class DPOTask:
             logps = saved["logps"]
         else:
             logps = dist.gather_shards(self._compute_reference, batches)  # each rank its share (torchrun)
-            if dist.world().main:
+            if dist.world().main:  # a cache keyed by its inputs: it leaves the folder's marker alone
+                cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp")
                 torch.save({"key": key, "logps": logps}, tmp)
                 tmp.replace(cache)
@@ -187,6 +196,7 @@ class DPOTask:
 
 def dpo(cfg: DPOConfig) -> dict:
     """Train `cfg.model` (the SFT checkpoint) on preference pairs; returns the training summary."""
+    rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
-    task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype)
-    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir)
+    task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)
+    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)

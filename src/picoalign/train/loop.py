@@ -14,10 +14,17 @@ With `fsdp: true` the model is sharded across the processes instead of replicate
 The phases carry torch.profiler labels (`picoalign/forward`, ...; see bench/profile_step.py).
 
 Checkpoint layout in `out/`:
+    config.yaml             the resolved config, written with the first marker
     last/                   the latest checkpoint: model files + trainer_state.pt (optimizer,
                             scheduler, RNG states, step, data position, elapsed time)
+    last.old/               only after a crash between the two renames that replace last/:
+                            the previous whole checkpoint, which a resume then starts from
     <model files>           the final model (HF folder), written when training ends
-    picoalign.json          written last: {"complete": true, ...} marks a finished stage
+    picoalign.json          {"complete": false} once the batches exist and a resumed checkpoint
+                            has loaded (nothing is written before); written last, at the end,
+                            as {"complete": true, ...}: a finished stage
+
+Ctrl-C and SIGTERM both save `last/` before the exception goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -34,6 +43,7 @@ from typing import Any, Protocol
 import torch
 from torch.autograd import profiler
 
+from picoalign.config import save_config
 from picoalign.io import write_json
 from picoalign.models.load import MARKER, read_marker
 from picoalign.train import dist
@@ -114,8 +124,44 @@ def phase(name: str):
     return profiler.record_function(f"picoalign/{name}") if profiler._is_profiler_enabled else nullcontext()
 
 
-def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, log_dir: Path | None = None) -> dict:
-    """Train `task.model` under `cfg`'s budgets; returns a summary (steps, seconds, last eval)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, systemd and schedulers send), raised where Ctrl-C raises
+    KeyboardInterrupt, so that the loop saves a checkpoint the same way."""
+
+    exit_status = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While inside: SIGTERM raises `Terminated`. Outside (a second signal while the checkpoint
+    is saved) the previous handler is back. Signals reach the main thread only: elsewhere, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _record_start(cfg, out: Path, marker: dict) -> None:
+    """The resolved config and `picoalign.json` (`complete: false`): from here on `out` is this run's."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    write_json(out / MARKER, marker)
+
+
+def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, log_dir: Path | None = None,
+        marker: dict | None = None) -> dict:
+    """Train `task.model` under `cfg`'s budgets; returns a summary (steps, seconds, last eval).
+
+    `marker` is what `picoalign.json` says while training (`complete: false`); it and the
+    config are written only here, once the batches exist and a resumed checkpoint has loaded."""
     out = Path(cfg.out)
     log_dir = Path(log_dir) if log_dir else out / "logs"
     dist.init(device)
@@ -132,11 +178,13 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     sched = make_schedule(opt, cfg, total)
     state = LoopState()
     seed_everything(cfg.seed)
-    if cfg.resume and (out / "last" / STATE_FILE).exists():
-        state = load_checkpoint(out / "last", task.model, opt, sched)  # every rank, the same state
+    if cfg.resume:
+        state = load_checkpoint(checkpoint_to_resume(out, name), task.model, opt, sched)  # every rank, the same
         print(f"{name}: resumed at step {state.step} (micro-batch {state.micro})")
-    elif world.main and (log_dir / f"{name}.jsonl").exists():
-        (log_dir / f"{name}.jsonl").unlink()  # a fresh run starts a fresh log
+    if world.main:
+        _record_start(cfg, out, marker or {"stage": name, "complete": False})
+        if not cfg.resume and (log_dir / f"{name}.jsonl").exists():
+            (log_dir / f"{name}.jsonl").unlink()  # a fresh run starts a fresh log
     sharded = dist.is_sharded(task.model)
     ddp = dist.wrap(task.model, device) if world.distributed and not sharded else None
     effective = cfg.batch_size * cfg.grad_accum * world.size
@@ -150,36 +198,37 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     bar = _progress(cfg, total, state.step, name, world.main)
     started, stop_reason = time.time() - state.elapsed, None
     try:
-        while True:
-            # -- eval (every rank evaluates its identical model; rank 0's verdict counts)
-            due = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
-            if due and state.last_eval.get("step") != state.step:
-                if _evaluate(task, state, cfg, trackers, device, dtype):
-                    stop_reason = "early stop"
-            # -- checkpoint (every rank: a sharded model is gathered first; rank 0 writes)
-            if cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
-                save_checkpoint(out / "last", task, opt, sched, state)
-            # -- budgets
-            state.elapsed = time.time() - started
-            stop_reason = dist.from_main(stop_reason or _budget_reached(cfg, state, total, max_micro, world.size))
-            if stop_reason:
-                break
-            # -- step
-            with phase("step"):
-                t0 = time.time()
-                metrics, tokens = _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp)
-                dt = time.time() - t0
-                state.step += 1
+        with sigterm_as_interrupt():  # kill, systemd, schedulers: saved like Ctrl-C
+            while True:
+                # -- eval (every rank evaluates its identical model; rank 0's verdict counts)
+                due = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
+                if due and state.last_eval.get("step") != state.step:
+                    if _evaluate(task, state, cfg, trackers, device, dtype):
+                        stop_reason = "early stop"
+                # -- checkpoint (every rank: a sharded model is gathered first; rank 0 writes)
+                if cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
+                    save_checkpoint(out / "last", task, opt, sched, state)
+                # -- budgets
                 state.elapsed = time.time() - started
-                # -- log
-                with phase("log"):
-                    if state.step % cfg.log_every == 0:
-                        row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4),
-                               **metrics, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
-                               "elapsed": round(state.elapsed, 2)}
-                        trackers.log(row)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}")
+                stop_reason = dist.from_main(stop_reason or _budget_reached(cfg, state, total, max_micro, world.size))
+                if stop_reason:
+                    break
+                # -- step
+                with phase("step"):
+                    t0 = time.time()
+                    metrics, tokens = _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp)
+                    dt = time.time() - t0
+                    state.step += 1
+                    state.elapsed = time.time() - started
+                    # -- log
+                    with phase("log"):
+                        if state.step % cfg.log_every == 0:
+                            row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4),
+                                   **metrics, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
+                                   "elapsed": round(state.elapsed, 2)}
+                            trackers.log(row)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}")
     except KeyboardInterrupt:
         bar.close()
         if world.main and not sharded:  # a sharded model needs every rank to gather: not on an interrupt
@@ -347,6 +396,30 @@ def _write_checkpoint(tmp: Path, task: Task, opt, sched, state: LoopState, whole
         },
         tmp / STATE_FILE,
     )
+
+
+def resumable(out: Path) -> Path | None:
+    """The checkpoint a resume starts from: `last/`, else `last.old/`, which a crash between the
+    two renames of `save_checkpoint`'s swap leaves as the only whole checkpoint (None: neither)."""
+    return next((p for p in (Path(out) / "last", Path(out) / "last.old") if (p / STATE_FILE).exists()), None)
+
+
+def checkpoint_to_resume(out: Path, name: str) -> Path:
+    """`out/last`, moved back from `last.old/` first where a crash left only that; no checkpoint
+    at all is an error, not a silent start from step 0 that would replace the log."""
+    found = resumable(out)
+    dist.barrier()  # every rank has looked before rank 0 moves anything
+    if found is None:
+        raise ValueError(f"{name}: --resume, but {out} holds no checkpoint (last/{STATE_FILE}); "
+                         "run without --resume to start again from step 0 (that replaces its log)")
+    last = Path(out) / "last"
+    if found != last:
+        if dist.world().main:
+            print(f"{name}: no {last}, but {found} (a crash while a checkpoint was being replaced); "
+                  "resuming from it")
+            found.rename(last)  # so that the next save's swap finds things as it left them
+        dist.barrier()
+    return last
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, opt, sched) -> LoopState:

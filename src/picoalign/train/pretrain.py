@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 from picoalign.config import PretrainConfig, TokenizerConfig
-from picoalign.io import write_json
-from picoalign.models.load import MARKER, pick_device, read_marker
+from picoalign.models.load import pick_device
 from picoalign.models.pico import init_model, parse_spec
 from picoalign.models.tokenizer import (
     ENDOFTEXT,
@@ -213,9 +212,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         cfg = dataclasses.replace(cfg, model=str(start))
     p = prepare(cfg, "pretrain")
     task = PretrainTask(p.model, p.tokenizer, cfg, p.device, docs)
-    if main:
-        write_json(Path(cfg.out) / MARKER, {**read_marker(cfg.out), "unigram_entropy": round(task.entropy, 4)})
-    summary = fit(task, cfg, "pretrain", p.device, p.dtype, p.log_dir)
+    marker = {**p.marker, "unigram_entropy": round(task.entropy, 4)}
+    summary = fit(task, cfg, "pretrain", p.device, p.dtype, p.log_dir, marker)
     val = summary["last_eval"].get("val/loss")
     if val is not None:
         print(f"pretrain: val loss {val:.3f} nats/token vs unigram entropy {task.entropy:.3f} "

@@ -11,6 +11,7 @@ slower on CPU: attention cost grows with the square of the row).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,19 +90,34 @@ def pair_logps(model, batches: list[PackedBatch], device) -> tuple[torch.Tensor,
     return torch.cat(chosen), torch.cat(rejected)
 
 
+@dataclass
+class SFTRows:
+    train: list[dict]
+    val: list[dict]
+    monitor: list[dict]  # preference pairs whose log-probs are logged at each eval
+
+
+def read_sft_splits(cfg: SFTConfig) -> SFTRows:
+    """Every row the stage uses, read and checked (a bad one raises file:line) before a model loads."""
+    data = Path(cfg.data)
+    train = read_sft(data / cfg.train_file)
+    val_path = data / cfg.val_file
+    val = read_sft(val_path, allow_empty=True) if val_path.exists() else []
+    monitor = []
+    if cfg.monitor_file and (data / cfg.monitor_file).exists():
+        monitor = read_preferences(data / cfg.monitor_file, allow_empty=True)
+        monitor = monitor[: cfg.monitor_pairs] if cfg.monitor_pairs else monitor
+    return SFTRows(train, val, monitor)
+
+
 class SFTTask:
-    def __init__(self, model, tokenizer, cfg: SFTConfig, device) -> None:
+    def __init__(self, model, tokenizer, cfg: SFTConfig, device, rows: SFTRows | None = None) -> None:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
-        data = Path(cfg.data)
-        self.train = sft_batches(tokenizer, read_sft(data / cfg.train_file), cfg)
-        val_path = data / cfg.val_file
-        val = sft_batches(tokenizer, read_sft(val_path, allow_empty=True), cfg) if val_path.exists() else []
+        rows = rows or read_sft_splits(cfg)
+        self.train = sft_batches(tokenizer, rows.train, cfg)
+        val = sft_batches(tokenizer, rows.val, cfg)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
-        self.monitor = []
-        if cfg.monitor_file and (data / cfg.monitor_file).exists():
-            rows = read_preferences(data / cfg.monitor_file, allow_empty=True)
-            rows = rows[: cfg.monitor_pairs] if cfg.monitor_pairs else rows
-            self.monitor = pair_batches(tokenizer, rows, cfg)
+        self.monitor = pair_batches(tokenizer, rows.monitor, cfg)
         truncated = sum(b.n_truncated for b in self.train)
         print(f"sft: {sum(b.n_seqs for b in self.train)} training examples in {len(self.train)} batches "
               f"({truncated} truncated at max_length={cfg.max_length}), {len(self.val)} val batches")
@@ -129,6 +145,7 @@ class SFTTask:
 
 def sft(cfg: SFTConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.data`'s SFT split; returns the training summary."""
+    rows = read_sft_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "sft")
-    task = SFTTask(p.model, p.tokenizer, cfg, p.device)
-    return fit(task, cfg, "sft", p.device, p.dtype, p.log_dir)
+    task = SFTTask(p.model, p.tokenizer, cfg, p.device, rows)
+    return fit(task, cfg, "sft", p.device, p.dtype, p.log_dir, p.marker)

@@ -1,4 +1,11 @@
-"""What every training stage does before its loop: device, dtype, model, adapter, config on disk."""
+"""What every training stage does before its loop: device, dtype, model, adapter.
+
+Nothing here writes into `cfg.out`: a stage reads and checks its data first, then loads the
+model, and the loop (`train/loop.py:fit`) records the config and `picoalign.json` only once
+the data is tokenised and any checkpoint to resume is loaded, so a run that fails on its data
+leaves a finished checkpoint in `--out` as it was. (DPO's reference log-probs, `ref_logps.pt`,
+may be stored before: a cache keyed by what it was computed from, which no marker depends on.)
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,7 @@ from pathlib import Path
 
 import torch
 
-from picoalign.config import save_config
-from picoalign.io import write_json
 from picoalign.models.load import (
-    MARKER,
     add_lora,
     load_model,
     model_identity,
@@ -27,11 +31,11 @@ class Prepared:
     device: torch.device
     dtype: torch.dtype
     log_dir: Path
+    marker: dict  # what picoalign.json says while the stage trains (the loop writes it)
 
 
 def prepare(cfg, stage: str) -> Prepared:
-    """Load the model for training (a fresh LoRA adapter unless full fine-tuning) and record
-    the resolved config and the model's origin in `cfg.out`."""
+    """Load the model for training (a fresh LoRA adapter unless full fine-tuning)."""
     device = dist.init(pick_device(cfg.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
@@ -41,18 +45,13 @@ def prepare(cfg, stage: str) -> Prepared:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.world().main:
-        save_config(cfg, out / "config.yaml")
-        write_json(out / MARKER, {"stage": stage, "base_model": model_identity(cfg.model), "complete": False,
-                                  "lora": cfg.lora.enabled})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}), "
           f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
-    log_dir = Path(cfg.logs) if cfg.logs else out / "logs"
-    return Prepared(model, tokenizer, device, dtype, log_dir)
+    log_dir = Path(cfg.logs) if cfg.logs else Path(cfg.out) / "logs"
+    marker = {"stage": stage, "base_model": model_identity(cfg.model), "complete": False, "lora": cfg.lora.enabled}
+    return Prepared(model, tokenizer, device, dtype, log_dir, marker)
 
 
 def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:

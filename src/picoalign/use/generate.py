@@ -38,6 +38,8 @@ def read_prompts(path: str | Path) -> list:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON: {e.msg}") from None
+        except RecursionError:  # Python's reader gives up about 1,000 levels down
+            raise ValueError(f"{path}:{n}: not valid JSON: nested too deeply") from None
         prompt = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
         if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
             raise ValueError(f"{path}:{n}: field 'prompt': expected a non-empty string or a list of "

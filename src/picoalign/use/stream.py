@@ -17,7 +17,14 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from picoalign.eval.generate import Generation, Sampling, cut_at_stop, end_ids, finish
+from picoalign.eval.generate import (
+    Generation,
+    Sampling,
+    cancel_criteria,
+    cut_at_stop,
+    end_ids,
+    finish,
+)
 
 
 def _held_back(text: str, stop) -> int:
@@ -30,7 +37,7 @@ class Stream:
 
     def __init__(self, model, tokenizer, prompt_ids: list[int], sampling: Sampling,
                  hold: AbstractContextManager | None = None) -> None:
-        from transformers import StoppingCriteria, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
         self.hold = hold or nullcontext()  # held while generating: the server's turn at the model
@@ -39,15 +46,7 @@ class Stream:
         self._error: BaseException | None = None
         self._new_ids: list[int] = []
         self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-        cancelled = self._cancelled
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
-
-        self._criteria = [Cancelled()]
+        self._criteria = cancel_criteria(self._cancelled)
         self._thread = threading.Thread(target=self._run, name="picoalign-generate", daemon=True)
         self._thread.start()
 
