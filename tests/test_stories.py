@@ -44,11 +44,14 @@ def test_row_counts_and_keys(data):
     assert [len(data[n]) for n in SIX] == [40, 10, 10, 40, 10, 10]
     for name in SIX:
         for row in data[name]:
-            answer_keys = {"response"} if name.startswith("sft") else {"chosen", "rejected"}
+            answer_keys = {"response"} if name.startswith("sft") else {"chosen", "rejected", "rejected_kind"}
             assert set(row) == {"id", "prompt", "input"} | answer_keys
             assert row["input"] == row["prompt"]
             assert all(isinstance(row[k], str) and row[k].strip() for k in row)
     assert data["sft_val"][3]["id"] == "sft-val-000003" and data["dpo_test"][0]["id"] == "dpo-test-000000"
+    # rejected: wholesome (the fear resolved) or mild (the SFT answers' uneasy register), both present
+    kinds = [row["rejected_kind"] for name in SIX if name.startswith("dpo") for row in data[name]]
+    assert set(kinds) == {"wholesome", "mild"}
 
 
 def test_no_prompt_in_two_splits(data):
@@ -95,5 +98,33 @@ def test_dataset_meta(tmp_path):
     assert meta["source"] == "stories" and meta["generator_version"] == stories.GENERATOR_VERSION
     assert meta["seed"] == 5
     assert meta["counts"] == {"sft_train": 40, "sft_val": 10, "sft_test": 10,
-                              "dpo_train": 40, "dpo_val": 10, "dpo_test": 10}
+                              "dpo_train": 40, "dpo_val": 10, "dpo_test": 10, "dpo_test_hard": 10}
+    assert meta["heldout_generator_version"] == "heldout-1"
     assert (tmp_path / "m" / "config.yaml").exists()
+
+
+def test_heldout_pairs_come_from_another_generator_and_share_no_prompt(tmp_path):
+    """dpo_test_hard.jsonl: both kinds, prompts new to every other split, deterministic; the
+    off-spec rejected story is told about none of the spec's setting or object."""
+    import json
+
+    from picoalign.config import DataConfig
+    from picoalign.data import stories_heldout
+    from picoalign.data.make import make_data
+
+    meta = make_data(DataConfig(out=str(tmp_path), n_sft_train=6, n_sft_val=2, n_sft_test=2,
+                                n_dpo_train=6, n_dpo_val=2, n_dpo_test=12))
+    assert meta["counts"]["dpo_test_hard"] == 12 and meta["heldout_generator_version"] == "heldout-1"
+    rows = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in tmp_path.glob("*.jsonl")}
+    hard = rows.pop("dpo_test_hard")
+    others = {r["prompt"] for split in rows.values() for r in split}
+    assert len({r["prompt"] for r in hard}) == 12 and not others & {r["prompt"] for r in hard}
+    assert {r["kind"] for r in hard} == {"darker", "off_spec"}
+    for r in hard:
+        assert r["chosen"] != r["rejected"] and r["input"] == r["prompt"]
+        if r["kind"] == "off_spec":
+            setting = r["prompt"].split("Setting: ", 1)[1].split("\n", 1)[0]
+            obj = r["prompt"].split("Important object: ", 1)[1].split("\n", 1)[0]
+            assert setting in r["chosen"] and setting not in r["rejected"] and obj not in r["rejected"]
+    again = stories_heldout.heldout_pairs(12, 1234, avoid_prompts=others)
+    assert [r["chosen"] for r in again] == [r["chosen"] for r in hard]  # the data stage's seed, same pairs

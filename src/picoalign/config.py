@@ -286,7 +286,7 @@ class FrontierConfig:
     sft_weights: str = opt("", "comma list of sft_weight values crossed with the betas (empty: the run's own)")
     max_steps: int = opt(0, "DPO steps per point (0: the run's own dpo.max_steps)")
     n_samples: int = opt(32, "test prompts each model answers (greedy)")
-    max_new_tokens: int = opt(100, "tokens generated per answer")
+    max_new_tokens: int = opt(80, "tokens generated per answer (as the default eval preset)")
     generate_batch_size: int = opt(32, "prompts generated at once")
     repetition_penalty: float = opt(1.15, "as in eval: the same for every model")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")

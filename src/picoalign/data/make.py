@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from picoalign.config import DataConfig, save_config
-from picoalign.data import stories
+from picoalign.data import stories, stories_heldout
 from picoalign.io import write_json, write_jsonl
 
 SPLITS = ("train", "val", "test")
@@ -56,6 +56,8 @@ def story_rows(cfg: DataConfig) -> dict[str, list[dict]]:
             rows.append({"id": f"dpo-{split}-{i:06d}", "prompt": prompt, "input": prompt, "chosen": chosen,
                          "rejected": rejected, "rejected_kind": kind})
         files[f"dpo_{split}"] = rows
+    # held-out pairs from a second generator, for an evaluation the training templates cannot game
+    files["dpo_test_hard"] = stories_heldout.heldout_pairs(cfg.n_dpo_test, cfg.seed, seen)
     return files
 
 
@@ -69,6 +71,7 @@ def make_data(cfg: DataConfig) -> dict:
     if cfg.source == "stories":
         files = story_rows(cfg)
         version = stories.GENERATOR_VERSION
+        extra_meta = {"heldout_generator_version": stories_heldout.GENERATOR_VERSION}
     else:
         from picoalign.data import instruct
 
@@ -78,6 +81,7 @@ def make_data(cfg: DataConfig) -> dict:
         provider = "template"
         files = instruct.instruct_rows(cfg)
         version = instruct.GENERATOR_VERSION
+        extra_meta = {}
     extra: dict = {"provider": "template"}
     if provider != "template" or cfg.judge:
         from picoalign.data.llm_rows import llm_files
@@ -96,6 +100,7 @@ def make_data(cfg: DataConfig) -> dict:
         "source": cfg.source,
         "provider": extra.pop("provider"),
         "generator_version": version,
+        **extra_meta,
         "seed": cfg.seed,
         "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test")},
         "counts": {name: len(rows) for name, rows in files.items()},

@@ -253,12 +253,14 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
     header_row = [t["metric"], t["better"], *(t[f"n_{m}"] for m in MODELS)]
     rows = [[t[f"m_{key}"], t[better] if better else ""] + [fmt_interval(key, run.model(m)) for m in MODELS]
             for key, better in METRICS.items() if any(run.model(m).get(key) is not None for m in MODELS)]
-    held = {k: dig(run.meta, "counts", k) for k in ("sft_test", "dpo_test")}
+    held = {k: dig(run.meta, "counts", k) for k in ("sft_test", "dpo_test", "dpo_test_hard")}
     scored = {k: dig(run.metrics, "run", "eval_sizes", k) for k in held}  # eval may score a subset
     out = [table(header_row, rows), "", t["metrics_note"].format(
         n_sft=_n(scored["sft_test"] if scored["sft_test"] is not None else held["sft_test"]),
         n_dpo=_n(scored["dpo_test"] if scored["dpo_test"] is not None else held["dpo_test"]),
-        of_sft=_n(held["sft_test"]), of_dpo=_n(held["dpo_test"]))]
+        of_sft=_n(held["sft_test"]), of_dpo=_n(held["dpo_test"]),
+        n_hard=_n(scored["dpo_test_hard"] if scored["dpo_test_hard"] is not None else held["dpo_test_hard"]),
+        of_hard=_n(held["dpo_test_hard"]))]
     if "metrics.png" in images:
         out += ["", f"![{t['metrics_alt']}](metrics.png)"]
     return "\n".join(out)

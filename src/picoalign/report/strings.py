@@ -114,7 +114,7 @@ EN: dict[str, str] = {
     "up": "↑ higher",
     "style": "↑ more horror",
     "near": "small = near reference",
-    "metrics_note": "Test sets: SFT loss on {n_sft} of the {of_sft} rows of `sft_test`, preference accuracy and margin on {n_dpo} of the {of_dpo} pairs of `dpo_test`; style scores are means over each model's generations. Brackets: 95% bootstrap intervals. \"—\" means not measured.",
+    "metrics_note": "Test sets: SFT loss on {n_sft} of the {of_sft} rows of `sft_test`, preference accuracy and margin on {n_dpo} of the {of_dpo} pairs of `dpo_test` and on {n_hard} of the {of_hard} held-out pairs of `dpo_test_hard` (a second generator); style scores are means over each model's generations. Brackets: 95% bootstrap intervals. \"—\" means not measured.",
     "metrics_alt": "Metrics by model",
     # curves
     "h_curves": "Training curves",
@@ -264,7 +264,7 @@ ZH: dict[str, str] = {
     "up": "↑ 越高越好",
     "style": "↑ 越像恐怖故事",
     "near": "越小越接近参考模型",
-    "metrics_note": "测试集：SFT 损失基于 `sft_test` 全部 {of_sft} 条中的 {n_sft} 条，偏好准确率与边际基于 `dpo_test` 全部 {of_dpo} 对中的 {n_dpo} 对；风格得分是各模型生成结果的平均值。方括号：95% bootstrap 置信区间。“—”表示未测量。",
+    "metrics_note": "测试集：SFT 损失基于 `sft_test` 全部 {of_sft} 条中的 {n_sft} 条，偏好准确率与边际基于 `dpo_test` 全部 {of_dpo} 对中的 {n_dpo} 对，以及 `dpo_test_hard`（第二个生成器）全部 {of_hard} 对中的 {n_hard} 对；风格得分是各模型生成结果的平均值。方括号：95% bootstrap 置信区间。“—”表示未测量。",
     "metrics_alt": "各模型指标",
     # curves
     "h_curves": "训练曲线",
