@@ -151,7 +151,8 @@ def test_success_batched_rows_and_usage(tmp_path):
     assert meta["provider"] == "openai-compatible" and meta["openai_usage"] == usage(6)
     assert meta["llm"]["health_check"] == "ok" and meta["llm"]["llm_rows"] == 9
     assert meta["llm"]["template_rows"] == 0 and meta["llm"]["stopped"] is None
-    assert meta["counts"] == {"sft_train": 3, "sft_val": 1, "sft_test": 1, "dpo_train": 2, "dpo_val": 1, "dpo_test": 1}
+    assert meta["counts"] == {"sft_train": 3, "sft_val": 1, "sft_test": 1, "dpo_train": 2, "dpo_val": 1, "dpo_test": 1,
+                              "dpo_test_hard": 1}  # the held-out generator's pairs, never sent to the LLM
     made, template = rows(cfg), story_rows(cfg)
     for name in FILES:  # the same prompts as the offline generator's, the answers from the model
         assert [r["prompt"] for r in made[name]] == [r["prompt"] for r in template[name]]

@@ -56,8 +56,6 @@ def story_rows(cfg: DataConfig) -> dict[str, list[dict]]:
             rows.append({"id": f"dpo-{split}-{i:06d}", "prompt": prompt, "input": prompt, "chosen": chosen,
                          "rejected": rejected, "rejected_kind": kind})
         files[f"dpo_{split}"] = rows
-    # held-out pairs from a second generator, for an evaluation the training templates cannot game
-    files["dpo_test_hard"] = stories_heldout.heldout_pairs(cfg.n_dpo_test, cfg.seed, seen)
     return files
 
 
@@ -87,6 +85,9 @@ def make_data(cfg: DataConfig) -> dict:
         from picoalign.data.llm_rows import llm_files
 
         files, extra = llm_files(cfg, files, provider, out)
+    if cfg.source == "stories":  # held-out pairs of a second generator, never rewritten by an LLM
+        seen = {row["prompt"] for rows in files.values() for row in rows}
+        files["dpo_test_hard"] = stories_heldout.heldout_pairs(cfg.n_dpo_test, cfg.seed, seen)
     if cfg.deid:
         from picoalign.data.deid import deid_rows
 
