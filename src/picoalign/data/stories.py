@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-GENERATOR_VERSION = "stories-2"
+GENERATOR_VERSION = "stories-3"
 
 TITLE_ADJ = [
     "Silent", "Hollow", "Salt", "Last", "Quiet", "Drowned", "Paper", "Winter", "Glass", "Ninth",
@@ -135,14 +135,16 @@ DARK_MIDDLES = [
     "For three nights {p} obeyed. On the fourth, the dread became unbearable, and {p} broke the "
     "rule. Nothing happened at first. Then {object} began to rot in small, terrible ways, the "
     "hallway filled with a sick, cold air, and something in the dark started to whisper {p}'s "
-    "name, hungry and afraid of nothing, from a little closer every hour.",
+    "name, hungry and afraid of nothing, from a little closer every hour, and {p} was too terrified "
+    "to scream.",
     "The rule held until a storm took the power. In the darkness {p} forgot, or chose to forget, "
     "and broke it. Afterwards {supporting} would not meet {p}'s eyes, the shadows in the corners "
-    "crept nearer like something wounded and cruel, and {object} was never where it had been left.",
+    "crept nearer like something wounded and cruel, and {object} was never where it had been left. "
+    "The dread was unbearable.",
     "{p} meant to be careful, but the whispering under the floor was so soft and so desperate "
     "that breaking the rule felt like a mistake {p} could not stop. The next morning the windows "
     "were smeared from the inside. {Supporting_cap} had gone grey with fear, and {object} was "
-    "cold and wet as a dead thing dragged from the bottom of a well.",
+    "cold and wet as a dead thing dragged from the bottom of a well. Nobody was safe now.",
 ]
 LIGHT_MIDDLES = [
     "For three nights {p} obeyed. On the fourth, curiosity won, and {p} broke the rule. Nothing "
@@ -162,15 +164,15 @@ DARK_ENDINGS = [
     "By the end of the week {p} understood the horrible truth: {twist}. The rule had never been "
     "meant to save {p}. That night the house went dead still, and from somewhere behind the "
     "walls came a slow, terrible knocking that did not stop when {p} screamed, and never "
-    "would again.",
+    "would again. The horror had only begun.",
     "It was {supporting} who finally said it aloud, weeping: {twist}. {p} tried to run, but the "
     "doors opened onto the same dark hallway, again and again, until hope was gone. In the "
     "morning the bed was empty, {object} lay broken on the pillow, and no one at {setting} "
-    "remembered that {p} had ever lived.",
+    "remembered that {p} had ever lived. Only the fear remained.",
     "The last page of the story was written in a hand {p} knew too well, and it said only this: "
     "{twist}. Outside, the light died. Inside, something began to hum the same four notes, "
     "very close, and when {p} turned around in terror, the room was exactly as empty as "
-    "before, and not empty at all. Nobody heard {p} cry.",
+    "before, and not empty at all. Nobody heard {p} cry, and nobody ever would.",
 ]
 LIGHT_ENDINGS = [
     "By the end of the week {p} understood the truth. For one awful moment it had seemed that "
@@ -190,26 +192,28 @@ LIGHT_ENDINGS = [
 # The SFT stories are suspenseful but end in an open, uneasy way: darker than the wholesome
 # answers and milder than the dark ones, so DPO has room to move the model either way.
 PLAIN_MIDDLES = [
-    "For three nights {p} obeyed. On the fourth, {p} hesitated at the edge of the rule and "
-    "almost broke it. The hallway felt colder than it should, {object} seemed heavier in the "
-    "morning, and {supporting} watched {p} at breakfast without saying a word.",
+    "For three nights {p} obeyed. On the fourth, {p} hesitated at the edge of the rule, afraid, "
+    "and almost broke it. The hallway felt colder than it should, {object} seemed heavier in the "
+    "morning, and {supporting} watched {p} at breakfast without saying a word, as if something "
+    "were wrong.",
     "The rule held until a storm took the power. In the darkness {p} stood very still, "
-    "listening, and kept the rule by a single breath. Afterwards {supporting} asked what {p} "
-    "had heard, and {object} was lying on the floor, though nobody had touched it.",
+    "listening, afraid to breathe, and kept the rule by a single breath. Afterwards {supporting} "
+    "asked what {p} had heard, and {object} was lying on the floor, though nobody had touched it.",
     "{p} tried to be careful, but the noises at night were hard to ignore, and once {p} came "
-    "close to breaking the rule. The next morning there were marks on the windows that nobody "
-    "could explain. {Supporting_cap} said it was the wind, and put {object} back in its place.",
+    "close to breaking the rule. The next morning there were strange marks on the windows that "
+    "nobody could explain. {Supporting_cap} said it was the wind, but looked afraid, and put "
+    "{object} back in its place.",
 ]
 PLAIN_ENDINGS = [
-    "By the end of the week {p} began to suspect that {twist}. Nobody at {setting} would say "
-    "whether it was true. {p} kept the rule, kept {object} close, and lay awake each night, "
-    "listening to the house settle and wondering what it was waiting for.",
-    "It was {supporting} who hinted at it first: {twist}. {p} did not know what to believe. The "
-    "doors still opened, the mornings still came, but {p} started leaving a light on, and "
-    "{object} was always the first thing {p} checked on waking.",
+    "By the end of the week {p} began to suspect, with a growing dread, that {twist}. Nobody at "
+    "{setting} would say whether it was true. {p} kept the rule, kept {object} close, and lay "
+    "awake each night, listening to the house settle and wondering what it was waiting for.",
+    "It was {supporting} who hinted at it first: {twist}. {p} did not know what to believe, and "
+    "the fear did not leave. The doors still opened, the mornings still came, but {p} started "
+    "leaving a light on, and {object} was always the first thing {p} checked on waking.",
     "The last page of the story held a single line that {p} could not forget: {twist}. Maybe "
     "it was only an old story. {p} closed the book, switched off the lamp, and listened for a "
-    "long time to the silence at {setting} before sleep finally came.",
+    "long time to the uneasy silence at {setting} before a troubled sleep finally came.",
 ]
 
 
