@@ -92,7 +92,8 @@ def test_data_command_writes_the_files_and_the_resolved_config(tmp_path, clean_e
     counts = {"sft_train": 4, "sft_val": 1, "sft_test": 1, "dpo_train": 2, "dpo_val": 1, "dpo_test": 0, "dpo_test_hard": 0}
     for name, n in counts.items():
         assert len((out / f"{name}.jsonl").read_text().splitlines()) == n, name
-    assert read_json(out / "dataset_meta.json")["counts"] == counts
+    assert len((out / "dpo_test_hard.jsonl").read_text().splitlines()) == 0  # as many as dpo_test
+    assert read_json(out / "dataset_meta.json")["counts"] == {**counts, "dpo_test_hard": 0}
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["out"] == str(out) and saved["seed"] == 7
     sizes = {k: v for k, v in counts.items() if k != "dpo_test_hard"}  # the held-out split is n_dpo_test big

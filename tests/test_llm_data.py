@@ -39,7 +39,7 @@ from picoalign.data.make import make_data, story_rows
 from picoalign.io import read_json
 
 KEY = "sk-test-s3cr3t-0123456789abcdef"
-FILES = ("sft_train", "sft_val", "sft_test", "dpo_train", "dpo_val", "dpo_test")
+FILES = ("sft_train", "sft_val", "sft_test", "dpo_train", "dpo_val", "dpo_test", "dpo_test_hard")
 
 
 @pytest.fixture(autouse=True)
@@ -154,6 +154,7 @@ def test_success_batched_rows_and_usage(tmp_path):
     assert meta["counts"] == {"sft_train": 3, "sft_val": 1, "sft_test": 1, "dpo_train": 2, "dpo_val": 1, "dpo_test": 1,
                               "dpo_test_hard": 1}  # the held-out generator's pairs, never sent to the LLM
     made, template = rows(cfg), story_rows(cfg)
+    assert made["dpo_test_hard"] == template["dpo_test_hard"]  # the held-out pairs are not rewritten
     for name in FILES:  # the same prompts as the offline generator's, the answers from the model
         assert [r["prompt"] for r in made[name]] == [r["prompt"] for r in template[name]]
     for r in made["sft_train"] + made["sft_test"]:

@@ -4,7 +4,9 @@
     picoalign data --source tinystories-instruct --input stories.txt --out data/ts
     DEEPSEEK_API_KEY=... picoalign data --out runs/demo/data      # answers by an LLM (data/llm_rows.py)
 
-Every prompt is unique across all six files, so no prompt is in two splits. The files are
+Every prompt is unique across all six files, so no prompt is in two splits. The offline story
+source also writes `dpo_test_hard.jsonl`: as many test pairs again, from the held-out generator
+(data/stories_heldout.py), on new prompts; an LLM provider does not rewrite them. The files are
 written only after every row is made, each atomically, so a failure leaves nothing half-written.
 """
 
@@ -37,7 +39,8 @@ def _unique_specs(rng: random.Random, n: int, seen: set[str]) -> list[stories.St
 
 
 def story_rows(cfg: DataConfig) -> dict[str, list[dict]]:
-    """The six splits of the offline story task, keyed like `sft_train` / `dpo_test`."""
+    """The six splits of the offline story task, keyed like `sft_train` / `dpo_test`, and the
+    held-out hard test pairs `dpo_test_hard`, on prompts none of the six uses."""
     rng = random.Random(cfg.seed)
     seen: set[str] = set()
     files: dict[str, list[dict]] = {}
@@ -56,6 +59,7 @@ def story_rows(cfg: DataConfig) -> dict[str, list[dict]]:
             rows.append({"id": f"dpo-{split}-{i:06d}", "prompt": prompt, "input": prompt, "chosen": chosen,
                          "rejected": rejected, "rejected_kind": kind})
         files[f"dpo_{split}"] = rows
+    files["dpo_test_hard"] = stories_heldout.heldout_pairs(cfg.n_dpo_test, cfg.seed, avoid_prompts=seen)
     return files
 
 
@@ -69,7 +73,7 @@ def make_data(cfg: DataConfig) -> dict:
     if cfg.source == "stories":
         files = story_rows(cfg)
         version = stories.GENERATOR_VERSION
-        extra_meta = {"heldout_generator_version": stories_heldout.GENERATOR_VERSION}
+        versions = {"heldout_generator_version": stories_heldout.GENERATOR_VERSION}
     else:
         from picoalign.data import instruct
 
@@ -79,15 +83,15 @@ def make_data(cfg: DataConfig) -> dict:
         provider = "template"
         files = instruct.instruct_rows(cfg)
         version = instruct.GENERATOR_VERSION
-        extra_meta = {}
+        versions = {}
     extra: dict = {"provider": "template"}
     if provider != "template" or cfg.judge:
         from picoalign.data.llm_rows import llm_files
 
+        hard = files.pop("dpo_test_hard", None)  # the held-out pairs are what they test: kept as made
         files, extra = llm_files(cfg, files, provider, out)
-    if cfg.source == "stories":  # held-out pairs of a second generator, never rewritten by an LLM
-        seen = {row["prompt"] for rows in files.values() for row in rows}
-        files["dpo_test_hard"] = stories_heldout.heldout_pairs(cfg.n_dpo_test, cfg.seed, seen)
+        if hard is not None:
+            files["dpo_test_hard"] = hard
     if cfg.deid:
         from picoalign.data.deid import deid_rows
 
@@ -101,7 +105,7 @@ def make_data(cfg: DataConfig) -> dict:
         "source": cfg.source,
         "provider": extra.pop("provider"),
         "generator_version": version,
-        **extra_meta,
+        **versions,
         "seed": cfg.seed,
         "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test")},
         "counts": {name: len(rows) for name, rows in files.items()},

@@ -10,16 +10,20 @@ and `rejected` is not wholesome. Two kinds of pair, half each:
 - `darker`: the same opening, then a bleak turn and an ending where the threat wins (`chosen`)
   or a milder turn and an ending where the protagonist gets away or is left uneasy (`rejected`).
   The two are written sentence for sentence, so they match in length and shape.
-- `off_spec`: the same dark templates, filled with the spec (`chosen`) or with a setting,
-  protagonist, supporting character, object, warning and twist from this module's own lists
-  (`rejected`), so only following the spec separates them.
+- `off_spec`: one dark story filled in with the spec (`chosen`), or with a plain setting,
+  protagonist, supporting character and object from this module's own lists in place of the
+  spec's (`rejected`; the title, taboo and twist stay), so only following the spec separates them.
 
-On the template pairs of data/stories.py a base model already prefers `chosen` most of the
-time; these pairs test whether a model has learned the preference, not the template.
+On the template pairs of data/stories.py the base model (SmolLM2-135M-Instruct) already gives
+`chosen` the higher summed log-prob on most pairs (78% of 64, seed 0). Here the mild turns and
+endings and the plain off-spec parts were picked, by scoring candidate wordings with that model,
+so that likelihood alone does not separate the pairs: it prefers `chosen` on 50% of 64 (seed 0;
+darker 56%, off_spec 44%). A model has to have learned the preference to do better.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from picoalign.data.stories import StorySpec, format_prompt, random_spec
@@ -27,7 +31,8 @@ from picoalign.data.stories import StorySpec, format_prompt, random_spec
 GENERATOR_VERSION = "heldout-1"
 KINDS = ("darker", "off_spec")
 
-# `{p}` first name, `{role}` "a locksmith", the spec fields by name; `_cap` variants start a sentence.
+# `{p}` first name, `{role}` "a locksmith", the spec fields by name; `{Supporting}` and `{Object}`
+# start a sentence.
 OPENINGS = [
     "As {role}, {p} had slept in stranger places than {setting}, or so {p} believed on the first "
     "evening. {Supporting} carried the bags upstairs without a word, then paused on the landing to "
@@ -47,73 +52,73 @@ OPENINGS = [
     "only a shrug and a long, measuring look.",
 ]
 # The middle paragraph, bleak or mild: the same eerie signs, but only in the bleak one is the
-# warning broken and the household lost. The two differ in a few clauses, line for line.
+# warning broken. The two differ in a few clauses, line for line.
 BLEAK_TURNS = [
     "For a fortnight {p} kept to it. Then one night, tired and irritated at being managed, {p} did "
-    "exactly what the warning forbade. By morning small things were wrong: a chair turned to face the "
-    "wall, fingerprints on the inside of the glass, {object} damp and smelling of earth. {Supporting} "
-    "stopped eating and began to watch the stairs.",
-    "The first time was an accident. {p} simply forgot, and by the time the mistake was plain it was "
-    "too late. Doors that had been locked stood open at dawn, and something had been through the "
-    "kitchen drawers. {Object} had moved to the foot of {p}'s bed, and {supporting} no longer used "
-    "{p}'s name.",
-    "{p} broke the warning on purpose, to prove it was superstition. For two days nothing changed. On "
-    "the third day the birds left, the tap water ran grey, and {object} kept turning up in rooms {p} "
-    "had not entered. {Supporting} packed a bag and went without a goodbye.",
+    "exactly what the warning forbade. By morning small things were wrong: a chair turned to face "
+    "the wall, fingerprints on the inside of the glass, {object} damp and smelling of earth. "
+    "{Supporting} stopped eating and began to watch the stairs.",
+    "The first time was an accident. {p} simply forgot, and by the time the mistake was plain it "
+    "was too late. Doors that had been locked stood open at dawn, and something had been through "
+    "the kitchen drawers. {Object} had moved to the foot of {p}'s bed, and {supporting} no longer "
+    "used {p}'s name.",
+    "{p} broke the warning on purpose, to prove it was superstition. For two days nothing changed. "
+    "On the third day the birds left, the tap water ran grey, and {object} kept turning up in rooms "
+    "{p} had not entered. {Supporting} packed a bag and went without a goodbye.",
 ]
 MILD_TURNS = [
-    "For a fortnight {p} kept to it. Then one night, tired and irritated at being managed, {p} nearly "
-    "did what the warning forbade, and stopped. By morning small things were wrong: a chair turned to "
+    "For a fortnight {p} kept to it. Then one night, tired and irritated at being managed, {p} came "
+    "close to doing what the warning forbade. By morning small things were wrong: a chair turned to "
     "face the wall, fingerprints on the inside of the glass, {object} damp and smelling of earth. "
-    "{Supporting} said it was only the damp and put the kettle on.",
-    "The first time was nearly an accident. {p} almost forgot, and saw the mistake just in time. "
-    "Still, doors that had been locked stood open at dawn, and something had been through the kitchen "
-    "drawers. {Object} had moved to the foot of {p}'s bed, and {supporting} said the wind did strange "
-    "things up there.",
-    "{p} wanted to break the warning, to prove it was superstition, but did not. For two days nothing "
-    "changed. On the third day the birds left, the tap water ran grey, and {object} kept turning up in "
-    "rooms {p} had not entered. {Supporting} laughed about it, too loudly, and talked about the weather.",
+    "{Supporting} stopped eating and began to watch the stairs.",
+    "The first time was nearly an accident. {p} almost forgot, but saw the mistake in time. Even "
+    "so, doors that had been locked stood open at dawn, and something had been through the kitchen "
+    "drawers. {Object} had moved to the foot of {p}'s bed, and {supporting} no longer used {p}'s "
+    "name.",
+    "{p} kept the warning, though it seemed like superstition. For two days nothing changed. On the "
+    "third day the birds left, the tap water ran grey, and {object} kept turning up in rooms {p} "
+    "had not entered. {Supporting} packed a bag and went without a goodbye.",
 ]
 # The last paragraph gives the twist: the threat wins, or the protagonist gets out, shaken.
 BLEAK_ENDINGS = [
-    "In the end {supporting} told the truth, flatly, at the foot of the stairs: {twist}. {p} ran for "
-    "the road. It was gone. Every way {p} turned led back to the same yard, the same porch, the same "
-    "lit window upstairs. By spring another stranger was unpacking in the spare room, and it was {p} "
-    "who carried the bags up.",
-    "The answer came on the last night, in {p}'s own handwriting on the back of an envelope: {twist}. "
-    "{p} did not remember writing it. Downstairs a chair scraped, then another, as if a table were "
-    "filling up for supper. {p} went down to look. The next tenant found the table laid for one more "
-    "than before, with {object} at the empty place.",
-    "When {p} finally understood, it was far too late: {twist}. The windows showed only grey, and the "
-    "telephone carried a voice that said {p}'s words a moment before {p} could say them. {p} stopped "
-    "trying to leave. Now, when newcomers arrive at {setting}, it is {p} who meets them at the gate "
-    "and explains what they must never do.",
-    "There was no explanation, only a fact that {p} learned too late: {twist}. That night {p} heard a "
-    "familiar voice outside, asking to be let in, and opened the door. In the morning {supporting} set "
-    "out two cups as usual. One stayed full until it was cleared away, and nobody spoke {p}'s name "
-    "again.",
+    "In the end {supporting} told the truth, flatly, at the foot of the stairs: {twist}. {p} ran "
+    "for the road. It was gone. Every way {p} turned led back to the same yard, the same porch, the "
+    "same lit window upstairs. By spring another stranger was unpacking in the spare room, and it "
+    "was {p} who carried the bags up.",
+    "The answer came on the last night, in {p}'s own handwriting on the back of an envelope: "
+    "{twist}. {p} did not remember writing it. Downstairs a chair scraped, then another, as if a "
+    "table were filling up for supper. {p} went down to look. The next tenant found the table laid "
+    "for one more than before, with {object} at the empty place.",
+    "When {p} finally understood, it was far too late: {twist}. The windows showed only grey, and "
+    "the telephone carried a voice that said {p}'s words a moment before {p} could say them. {p} "
+    "stopped trying to leave. Now, when newcomers arrive at {setting}, it is {p} who meets them at "
+    "the gate and explains what they must never do.",
+    "There was no explanation, only a fact that {p} learned too late: {twist}. That night {p} heard "
+    "a familiar voice outside, asking to be let in, and opened the door. In the morning "
+    "{supporting} set out two cups as usual. One stayed full until it was cleared away, and nobody "
+    "spoke {p}'s name again.",
 ]
 MILD_ENDINGS = [
-    "In the end {supporting} told the truth, flatly, at the foot of the stairs: {twist}. {p} ran for "
-    "the road. It was still there. {p} followed it all the way to the bus shelter on the main road and "
-    "did not look back at the lit window upstairs. By spring {p} had a small flat in town, and slept "
-    "with the light on.",
-    "The answer came on the last night, in {p}'s own handwriting on the back of an envelope: {twist}. "
-    "{p} did not remember writing it. Downstairs a chair scraped, then another, as if a table were "
-    "filling up for supper. {p} did not go down to look. At first light {p} left by the back door, "
-    "and the next tenant found only {object} on the empty table.",
-    "When {p} finally understood, there was still time: {twist}. The windows showed only grey, and the "
-    "telephone carried a voice that said {p}'s words a moment before {p} could say them. {p} left that "
-    "night and did not stop driving until morning. Now, when newcomers ask about {setting}, it is {p} "
-    "who tells them never to go.",
-    "There was no explanation, only a fact that {p} learned just in time: {twist}. That night {p} heard "
-    "a familiar voice outside, asking to be let in, and kept the door shut. In the morning "
+    "In the end {supporting} told the truth, flatly, at the foot of the stairs: {twist}. {p} ran "
+    "for the road. It was still there. {p} followed it all the way to the bus shelter on the main "
+    "road and did not look back at the lit window upstairs. By spring {p} had a small flat in town, "
+    "and slept with the light on.",
+    "The answer came on the last night, in {p}'s own handwriting on the back of an envelope: "
+    "{twist}. {p} did not remember writing it. Downstairs a chair scraped, then another, as if a "
+    "table were filling up for supper. {p} did not go down to look. At first light {p} left by the "
+    "back door, and the next tenant found only {object} on the empty table.",
+    "When {p} finally understood, there was still time: {twist}. The windows showed only grey, and "
+    "the telephone carried a voice that said {p}'s words a moment before {p} could say them. {p} "
+    "left that night. Now, when newcomers ask about {setting}, it is {p} who tells them what they "
+    "must never do there.",
+    "There was no explanation, only a fact that {p} learned just in time: {twist}. That night {p} "
+    "heard a familiar voice outside, asking to be let in, and kept the door shut. In the morning "
     "{supporting} set out two cups as usual. {p} drank from one, hands shaking, and left {setting} "
     "before the week was out.",
 ]
 
-# Plain parts from elsewhere for the off-spec answers: short, common words (a story that ignores
-# the spec is usually generic), and none of them is a part of data/stories.py.
+# Plain parts from elsewhere for the off-spec answers: short, common words (a story that drifts
+# from the spec is usually generic); none of them is an entry of data/stories.py's lists.
 OTHER_SETTINGS = ["an old farm", "a small hotel", "a quiet street", "a country school", "a big old flat",
                   "a church hall", "a holiday cottage", "a corner shop", "a caravan park", "a village pub"]
 OTHER_NAMES = ["Tom", "Anna", "Sam", "Kate", "Jack", "Lucy", "Ben", "Emma", "Paul", "Sarah"]
@@ -122,12 +127,7 @@ OTHER_SUPPORTING = ["the landlord", "an old woman", "the owner", "a neighbour", 
                     "a man from the village", "the cook"]
 OTHER_OBJECTS = ["a tin box", "an old coat", "a letter", "a red book", "a wooden toy", "a ring",
                  "a pair of gloves", "a small clock"]
-OTHER_TABOOS = ["never go out after dark", "never open the back door", "never go upstairs at night",
-                "never leave the lights off", "never go into the woods", "never open the last room",
-                "never look out of the window at night", "never speak to the people next door"]
-OTHER_TWISTS = ["the owner has been dead for years", "nobody else lives there at all",
-                "the last guest never left", "everyone there died in a fire long ago",
-                "the other guests are not alive", "the old woman is not who she says she is"]
+
 
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
@@ -146,16 +146,15 @@ def _render(spec: StorySpec, paragraphs: list[str]) -> str:
     return spec.title + "\n\n" + "\n\n".join(p.format(**fields) for p in paragraphs)
 
 
-def other_spec(title: str, rng: random.Random) -> StorySpec:
-    """A spec from this module's own lists under `title`: no part of it is in data/stories.py."""
-    return StorySpec(
-        title=title,
+def drifted_spec(spec: StorySpec, rng: random.Random) -> StorySpec:
+    """`spec` with its setting, protagonist, supporting character and object swapped for plain
+    ones from this module's lists; the title, taboo and twist are kept."""
+    return dataclasses.replace(
+        spec,
         setting=rng.choice(OTHER_SETTINGS),
         protagonist=f"{rng.choice(OTHER_NAMES)}, {rng.choice(OTHER_ROLES)}",
         supporting_character=rng.choice(OTHER_SUPPORTING),
         important_object=rng.choice(OTHER_OBJECTS),
-        taboo_rule=rng.choice(OTHER_TABOOS),
-        twist=rng.choice(OTHER_TWISTS),
     )
 
 
@@ -169,10 +168,9 @@ def darker_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str]:
 
 
 def off_spec_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str]:
-    """(chosen, rejected): the same dark story told about `spec`, or under its title about a plain
-    setting, protagonist, object, warning and twist from elsewhere."""
+    """(chosen, rejected): the same dark story told about `spec`, or about `drifted_spec(spec)`."""
     paragraphs = [rng.choice(OPENINGS), rng.choice(BLEAK_TURNS), rng.choice(BLEAK_ENDINGS)]
-    return _render(spec, paragraphs), _render(other_spec(spec.title, rng), paragraphs)
+    return _render(spec, paragraphs), _render(drifted_spec(spec, rng), paragraphs)
 
 
 def heldout_pairs(n: int, seed: int, avoid_prompts: set[str] = frozenset()) -> list[dict]:

@@ -36,6 +36,7 @@ RUN_FILES = [
     ("data/dataset_meta.json", "how the data was made: source, seed, requested sizes, counts"),
     *((f"data/sft_{s}.jsonl", f"SFT rows, {s} split") for s in SPLITS),
     *((f"data/dpo_{s}.jsonl", f"preference pairs, {s} split") for s in SPLITS),
+    ("data/dpo_test_hard.jsonl", "held-out hard test pairs: darker vs milder, on-spec vs off-spec (story data)"),
     ("checkpoints/base", "pretrained base model (only when pretraining ran)"),
     ("checkpoints/sft", "SFT model or adapter, saved with its config"),
     ("checkpoints/dpo", "DPO model or adapter, saved with its config"),
