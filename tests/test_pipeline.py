@@ -418,3 +418,15 @@ def test_frontier_refuses_betas_that_do_not_parse_before_any_work(tmp_path):
             main(["frontier", "--run", str(tmp_path), "--betas", betas])
         assert stop.value.code == 2 and message in err.getvalue(), betas
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mlflow_store_is_inside_the_run_folder_unless_chosen(tmp_path):
+    """No URI chosen: every training stage of a run logs to runs/<tag>/mlruns, not ./mlruns of the
+    working directory; MLFLOW_TRACKING_URI or a stage's mlflow_uri still win."""
+    settings = ["tag=x", f"runs_dir={tmp_path}"]
+    c = resolve_configs(None, settings, environ={})
+    assert {c[s].mlflow_uri for s in ("pretrain", "sft", "dpo")} == {str(tmp_path / "x" / "mlruns")}
+    c = resolve_configs(None, settings, environ={"MLFLOW_TRACKING_URI": "http://mlflow.local:5000"})
+    assert {c[s].mlflow_uri for s in ("pretrain", "sft", "dpo")} == {"http://mlflow.local:5000"}
+    c = resolve_configs(None, [*settings, "sft.mlflow_uri=/shared/mlruns"], environ={})
+    assert (c["sft"].mlflow_uri, c["dpo"].mlflow_uri) == ("/shared/mlruns", str(tmp_path / "x" / "mlruns"))

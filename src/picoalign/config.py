@@ -184,7 +184,8 @@ class TrainConfig:
     log_every: int = opt(1, "write a log line every N steps")
     tensorboard: bool = opt(True, "write TensorBoard event files to <out>/logs/tb")
     mlflow: bool = opt(False, "log to MLflow (the presets turn it on)")
-    mlflow_uri: str = opt("./mlruns", "MLflow tracking URI", env="MLFLOW_TRACKING_URI")
+    mlflow_uri: str = opt("", "MLflow tracking URI (empty: ./mlruns; under `picoalign run`, runs/<tag>/mlruns)",
+                          env="MLFLOW_TRACKING_URI")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:

@@ -127,6 +127,8 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
         base = {k: v for k, v in shared.items() if k in names}
         extra = C.deep_merge(tree.get(name, {}) or {}, forced[name])
         configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base, name=name)
+        if getattr(configs[name], "mlflow_uri", None) == "":  # not chosen: the run keeps its own store
+            configs[name].mlflow_uri = str(root / "mlruns")
     return configs
 
 
