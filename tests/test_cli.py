@@ -106,7 +106,12 @@ def test_data_command_writes_the_files_and_the_resolved_config(tmp_path, clean_e
     (["data", "--set", "nope=1"], r"unknown setting (data\.)?nope"),  # (the section may be named)
     (["sft", "--set", "lora.nope=1"], r"unknown setting (sft\.)?lora\.nope"),
     (["data", "--set", "n_sft_train=many"], r"n_sft_train: cannot read 'many' as int"),
-    (["dpo", "--loss", "kto"], r"loss must be sigmoid"),
+    (["dpo", "--loss", "kto"], r"loss must be one of sigmoid, cdpo, ipo, hinge, robust; got 'kto'"),
+    (["sft", "--dtype", "fp16"], r"dtype=fp16 cannot train.*no gradient scaler.*use dtype=bf16"),
+    (["dpo", "--dtype", "float16"], r"dtype must be one of auto, bf16, fp32; got 'float16'"),
+    (["eval", "--dtype", "half"], r"dtype must be one of auto, bf16, fp32; got 'half'"),
+    (["generate", "--prompt", "hi", "--dtype", "bf32"], r"dtype must be one of auto, bf16, fp16, fp32; got 'bf32'"),
+    (["sft", "--device", "gpu"], r"device must be auto, cpu, mps, cuda or cuda:N; got 'gpu'"),
 ])
 def test_bad_settings_exit_2_with_the_reason(tmp_path, clean_env, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -122,6 +127,23 @@ def test_run_with_a_bad_setting_fails_before_doing_anything(tmp_path, clean_env,
     assert main(["run", "--set", "sft.nope=1", "--tag", "x"]) == 2  # a config error, like the stage commands
     assert "unknown setting sft.nope" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# Each bad setting rides with stages that need no model, so the old code (which started the
+# stages before seeing the mistake) ran quickly and offline and this test failed on it.
+@pytest.mark.parametrize(("settings", "message"), [
+    (["stages=report,sfft"], r"stages: unknown stage 'sfft' in 'report,sfft' \(known: data, tokenizer, pretrain, sft"),
+    (["stages=report,evl"], r"unknown stage 'evl'"),
+    (["stages=report", "dtype=fp16"], r"dtype=fp16 cannot train.*use dtype=bf16"),
+    (["stages=report", "dtype=f32"], r"dtype must be one of auto, bf16, fp32; got 'f32'"),
+    (["stages=report", "device=gpu"], r"device must be auto, cpu, mps, cuda or cuda:N; got 'gpu'"),
+])
+def test_run_refuses_a_bad_run_setting_before_the_first_stage(tmp_path, clean_env, capsys, monkeypatch,
+                                                              settings, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", *[a for s in settings for a in ("--set", s)], "--tag", "x"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()  # no stage started
 
 
 def test_environment_variables_fill_settings_and_set_beats_them():

@@ -143,6 +143,9 @@ def test_top_p_generation_is_seeded(tiny_llama, chat_tokenizer):
     torch.manual_seed(123)  # the global RNG state before the call does not matter
     again = generate(tiny_llama, chat_tokenizer, PROMPTS, seed=5, **kw)
     assert first == again and len(first) == 3
+    # ... and it samples: another seed gives other answers, and none of it is the greedy decoding
+    assert generate(tiny_llama, chat_tokenizer, PROMPTS, seed=6, **kw) != first
+    assert generate(tiny_llama, chat_tokenizer, PROMPTS, seed=5, **{**kw, "greedy": True}) != first
 
 
 # ---------------------------------------------------------------- KL to the reference

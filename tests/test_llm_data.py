@@ -86,7 +86,7 @@ def test_settings_from_the_original_environment_variables():
     assert Limits.from_config(cfg) == Limits(temperature=0.5, max_output_tokens=1200, max_retries=4,
                                              retry_base_seconds=1.0, timeout=120.0, json_mode=True)
     assert DataConfig().provider == "auto" and DPOConfig().min_confidence == 6.0
-    with pytest.raises(ConfigError, match="llm_fallback must be template or stop"):
+    with pytest.raises(ConfigError, match="llm_fallback must be one of template, stop; got 'retry'"):
         DataConfig(llm_fallback="retry")
     with pytest.raises(ConfigError, match="two or more different"):
         DataConfig(judge=True, answer_models="a@openai,a@openai")

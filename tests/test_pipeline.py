@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import yaml
 from picoalign.config import ConfigError, deep_merge
 from picoalign.io import read_json, read_jsonl_lenient
 from picoalign.pipeline import StageFailed, resolve_configs, run_pipeline
+from picoalign.report.sections import fmt_interval, fmt_metric
 from picoalign.report.strings import EN, ZH
 from picoalign.train.sft import SFTTask
 
@@ -57,28 +59,6 @@ def train_steps(root: Path, stage: str) -> list[int]:
 
 def mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def shown(key: str, value, ci: dict | None = None) -> str:
-    """How the report prints a metric (report/sections.py `fmt_metric`), written out again here;
-    with `ci` followed by its 95% interval in brackets."""
-    if ci:
-        return f"{shown(key, value)} [{shown(key, ci['ci_low'])}, {shown(key, ci['ci_high'])}]"
-    if value is None:
-        return "—"
-    if key.endswith("_acc"):
-        return f"{100 * value:.1f}%"
-    if key.endswith("margin") or key.endswith("per_token"):
-        return f"{value:+.3f}"
-    if key == "answer_words":
-        return f"{value:.0f}"
-    if key.endswith("ppl"):
-        return f"{value:.2f}" if value < 1000 else f"{value:,.0f}"
-    if key == "kl_to_ref":
-        return f"{value:.4f}"
-    if key == "n_samples":
-        return f"{value:.0f}"
-    return f"{value:.3f}"
 
 
 def table_row(markdown: str, label: str) -> list[str]:
@@ -170,16 +150,13 @@ def test_report_shows_the_numbers_of_metrics_json(full_run):
             "dpo_hard_pref_acc", "dpo_test_reward_margin", "vader_darkness", "horror_lexicon", "horror_classifier",
             "answer_words", "kl_to_ref", "n_samples")
 
-    def interval(m: dict, key: str):
-        return (m.get("judges") or {}).get(key) or (m.get("intervals") or {}).get(key)
-
     for file, strings in (("REPORT.md", EN), ("REPORT.zh.md", ZH)):
         text = (report / file).read_text()
         header = table_row(text, strings["metric"])
         assert header[-3:] == [strings["n_base"], strings["n_sft"], strings["n_dpo"]]
         for key in keys:
             cells = table_row(text, strings[f"m_{key}"])
-            assert cells[-3:] == [shown(key, metrics[m].get(key), interval(metrics[m], key)) for m in MODELS], (file, key)
+            assert cells[-3:] == [fmt_interval(key, metrics[m]) for m in MODELS], (file, key)
         # the paired comparison on the independent judge, in the effect section
         c = read_json(root / "metrics.json")["comparisons"]["dpo_vs_sft"]["vader_darkness"]
         row = [r for r in text.splitlines() if r.startswith(f"| {strings['c_dpo_vs_sft']} | `vader_darkness`")]
@@ -190,7 +167,7 @@ def test_report_shows_the_numbers_of_metrics_json(full_run):
     for stage, label in (("sft", EN["st_sft"]), ("dpo", EN["st_dpo"])):
         assert table_row(text, label)[-1] == f"{seconds[stage]:.1f} s"
     html = (report / "index.html").read_text()
-    assert "data:image/png;base64," in html and shown("sft_test_loss", metrics["dpo"]["sft_test_loss"]) in html
+    assert "data:image/png;base64," in html and fmt_metric("sft_test_loss", metrics["dpo"]["sft_test_loss"]) in html
     assert "[metrics.json](../metrics.json)" in (report / "INDEX.md").read_text()
 
 
@@ -418,3 +395,41 @@ def test_frontier_refuses_betas_that_do_not_parse_before_any_work(tmp_path):
             main(["frontier", "--run", str(tmp_path), "--betas", betas])
         assert stop.value.code == 2 and message in err.getvalue(), betas
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mlflow_store_is_inside_the_run_folder_unless_chosen(tmp_path):
+    """No URI chosen: every training stage of a run logs to runs/<tag>/mlruns, not ./mlruns of the
+    working directory; MLFLOW_TRACKING_URI or a stage's mlflow_uri still win."""
+    settings = ["tag=x", f"runs_dir={tmp_path}"]
+    c = resolve_configs(None, settings, environ={})
+    assert {c[s].mlflow_uri for s in ("pretrain", "sft", "dpo")} == {str(tmp_path / "x" / "mlruns")}
+    c = resolve_configs(None, settings, environ={"MLFLOW_TRACKING_URI": "http://mlflow.local:5000"})
+    assert {c[s].mlflow_uri for s in ("pretrain", "sft", "dpo")} == {"http://mlflow.local:5000"}
+    c = resolve_configs(None, [*settings, "sft.mlflow_uri=/shared/mlruns"], environ={})
+    assert (c["sft"].mlflow_uri, c["dpo"].mlflow_uri) == ("/shared/mlruns", str(tmp_path / "x" / "mlruns"))
+
+
+@pytest.mark.parametrize(("key", "value", "text"), [
+    ("sft_test_loss", 1.23456, "1.235"),
+    ("pref_acc", 0.8126, "81.3%"),
+    ("rewards/accuracies", 0.5, "50.0%"),
+    ("pref_margin", 0.5, "+0.500"),
+    ("diff", -0.25, "-0.250"),
+    ("sft_test_ppl", 3.14159, "3.14"),
+    ("sft_test_ppl", 12345.6, "12,346"),
+    ("kl_to_ref", 0.012345, "0.0123"),
+    ("answer_words", 87.6, "88"),
+    ("sft_test_loss", None, "—"),
+    ("sft_test_ppl", math.inf, "∞"),
+])
+def test_report_shows_metrics_as_written_here(key, value, text):
+    """The report's cells, as literal strings (the pipeline test above compares the report with these functions)."""
+    assert fmt_metric(key, value) == text
+
+
+def test_report_shows_an_interval_in_brackets():
+    model = {"judges": {"judge_score": {"mean": 0.052, "ci_low": 0.031, "ci_high": 0.074}}, "pref_acc": 0.75,
+             "intervals": {"pref_acc": {"ci_low": 0.5, "ci_high": 0.875}}}
+    assert fmt_interval("judge_score", model) == "0.052 [0.031, 0.074]"
+    assert fmt_interval("pref_acc", model) == "75.0% [50.0%, 87.5%]"
+    assert fmt_interval("kl_to_ref", {}) == "—"

@@ -223,9 +223,11 @@ def test_a_full_queue_answers_503_at_once(server):
     assert gate.pending == 0
 
 
-def test_dtype_setting_reaches_the_served_model(server):
-    _, app = server
-    assert next(app.state.handlers.engine.model.parameters()).dtype == torch.float32
+def test_dtype_setting_reaches_the_served_model(chat_model):
+    """bf16, not the loader's fp32: a server that ignored `dtype` would serve fp32 and fail here."""
+    cfg = ServeConfig(model=str(chat_model), device="cpu", dtype="bf16", max_new_tokens=4)
+    with running_server(cfg) as (_, app):
+        assert {p.dtype for p in app.state.handlers.engine.model.parameters()} == {torch.bfloat16}
 
 
 @pytest.mark.slow

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from picoalign.cli import main
-from picoalign.config import ChatConfig, ExportConfig, GenerateConfig
+from picoalign.config import ChatConfig, ConfigError, ExportConfig, GenerateConfig
 from picoalign.eval.generate import END_OF_TURN, Sampling, end_ids, generate_full
 from picoalign.io import read_json
+from picoalign.models.load import pick_dtype
 from picoalign.train.batching import render_prompt
 from picoalign.use.chat import chat, fit_messages
 from picoalign.use.export import export, probe_ids
@@ -276,3 +277,12 @@ def test_export_command_refuses_to_overwrite(adapter_dir, tmp_path, capsys):
     assert record["max_abs_logit_diff_merged"] < 1e-4
     assert main(["export", "--model", str(adapter_dir), "--out", str(out)]) == 1
     assert "exists and is not empty (--overwrite replaces it)" in capsys.readouterr().err
+
+
+def test_pick_dtype_refuses_an_unknown_setting_instead_of_reading_it_as_auto():
+    cpu = torch.device("cpu")
+    assert (pick_dtype("fp32", cpu), pick_dtype("bf16", cpu), pick_dtype("fp16", cpu)) == (
+        torch.float32, torch.bfloat16, torch.float16)
+    for typo in ("float32", "bfloat16", "fp64", ""):
+        with pytest.raises(ConfigError, match=f"dtype must be one of auto, bf16, fp16, fp32; got {typo!r}"):
+            pick_dtype(typo, cpu)

@@ -33,6 +33,34 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and the source."""
 
 
+# Compute dtypes a stage accepts. Training has no gradient scaler, so fp16 is for inference only.
+DTYPES = ("auto", "bf16", "fp32")
+INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+# The stages `picoalign run` chains, in their usual order (pipeline.py runs them).
+RUN_STAGES = ("data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def one_of(name: str, value: Any, choices: Iterable) -> None:
+    """Refuse `value` unless it is one of `choices`; the message names the setting and the choices."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def check_dtype(value: str, training: bool = False) -> None:
+    """A compute dtype; fp16 in training is refused with the way out (the loop has no grad scaler)."""
+    if training and value == "fp16":
+        raise ConfigError("dtype=fp16 cannot train here: the training loop has no gradient scaler, so fp16 "
+                          "gradients underflow; use dtype=bf16 (or fp32)")
+    one_of("dtype", value, DTYPES if training else INFERENCE_DTYPES)
+
+
+def check_device(value: str) -> None:
+    if not DEVICE.fullmatch(value):
+        raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
+
+
 def opt(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:
     """A config field with its help text and optional environment variable.
 
@@ -94,8 +122,7 @@ class DataConfig:
     deid: bool = opt(False, "replace names, emails, phone numbers... with placeholders (Presidio)")
 
     def __post_init__(self) -> None:
-        if self.llm_fallback not in ("template", "stop"):
-            raise ConfigError(f"llm_fallback must be template or stop, got {self.llm_fallback!r}")
+        one_of("llm_fallback", self.llm_fallback, ("template", "stop"))
         if min(self.llm_batch_size, self.llm_concurrency) < 1 or self.llm_max_retries < 0:
             raise ConfigError("llm_batch_size and llm_concurrency must be >= 1, llm_max_retries >= 0")
         answers = [a.strip() for a in self.answer_models.split(",") if a.strip()]
@@ -104,8 +131,7 @@ class DataConfig:
         for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.source not in ("stories", "tinystories-instruct"):
-            raise ConfigError(f"source must be 'stories' or 'tinystories-instruct', got {self.source!r}")
+        one_of("source", self.source, ("stories", "tinystories-instruct"))
         if self.source == "tinystories-instruct" and not self.input:
             raise ConfigError("source=tinystories-instruct needs input=FILE (--input)")
 
@@ -158,18 +184,17 @@ class TrainConfig:
     log_every: int = opt(1, "write a log line every N steps")
     tensorboard: bool = opt(True, "write TensorBoard event files to <out>/logs/tb")
     mlflow: bool = opt(False, "log to MLflow (the presets turn it on)")
-    mlflow_uri: str = opt("./mlruns", "MLflow tracking URI", env="MLFLOW_TRACKING_URI")
+    mlflow_uri: str = opt("", "MLflow tracking URI (empty: ./mlruns; under `picoalign run`, runs/<tag>/mlruns)",
+                          env="MLFLOW_TRACKING_URI")
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
-            raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.load_in not in ("none", "4bit", "8bit"):
-            raise ConfigError(f"load_in must be none, 4bit or 8bit, got {self.load_in!r}")
+        one_of("schedule", self.schedule, ("cosine", "constant"))
+        check_dtype(self.dtype, training=True)
+        check_device(self.device)
+        one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
 
@@ -209,8 +234,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss not in ("sigmoid", "cdpo", "ipo", "hinge", "robust"):
-            raise ConfigError(f"loss must be sigmoid, cdpo, ipo, hinge or robust, got {self.loss!r}")
+        one_of("loss", self.loss, ("sigmoid", "cdpo", "ipo", "hinge", "robust"))
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("label_smoothing must be in [0, 0.5)")
         if self.beta <= 0:
@@ -252,8 +276,8 @@ class EvalConfig:
         decodings = [d.strip() for d in self.decodings.split(",") if d.strip()]
         if not decodings or any(d not in ("greedy", "top_p") for d in decodings):
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        one_of("dtype", self.dtype, DTYPES)
+        check_device(self.device)
         for name in ("batch_size", "generate_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -299,8 +323,8 @@ class FrontierConfig:
         if not parse_floats(self.betas, "betas", positive=True):
             raise ConfigError("betas: give at least one β")
         parse_floats(self.sft_weights, "sft_weights")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        check_dtype(self.dtype, training=True)  # it trains DPO points
+        check_device(self.device)
         for name in ("n_samples", "max_new_tokens", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -317,7 +341,22 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
-    stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order")
+    stages: str = opt("data,sft,dpo,eval,report", f"the stages to run, in order: any of {', '.join(RUN_STAGES)}")
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_dtype(self.dtype, training=True)  # shared with the training stages
+        names = self.stage_names()
+        if not names:
+            raise ConfigError(f"stages: name at least one of {', '.join(RUN_STAGES)}")
+        unknown = [s for s in names if s not in RUN_STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage {unknown[0]!r} in {self.stages!r} "
+                              f"(known: {', '.join(RUN_STAGES)})")
+
+    def stage_names(self) -> list[str]:
+        """`stages` as a list: 'data, sft' -> ['data', 'sft']."""
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
 
 
 @dataclass
@@ -417,8 +456,8 @@ class DecodeConfig:
     seed: int = opt(1234, "random seed for sampling", env="SEED")
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
-            raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        check_dtype(self.dtype)
+        check_device(self.device)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -507,8 +546,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not self.model or not self.out:
             raise ConfigError("export needs --model (the adapter or model) and --out (the new folder)")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        one_of("dtype", self.dtype, ("fp32", "bf16", "fp16"))
         if self.tolerance <= 0:
             raise ConfigError("tolerance must be > 0")
 

@@ -109,7 +109,7 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
     shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
-    pretrained = "pretrain" in stage_names(run)
+    pretrained = "pretrain" in run.stage_names()
     forced = {
         "data": {"out": str(root / "data"), "seed": run.seed},
         "tokenizer": {"data": str(root / "data"), "out": str(root / "tokenizer")},
@@ -127,11 +127,9 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
         base = {k: v for k, v in shared.items() if k in names}
         extra = C.deep_merge(tree.get(name, {}) or {}, forced[name])
         configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base, name=name)
+        if getattr(configs[name], "mlflow_uri", None) == "":  # not chosen: the run keeps its own store
+            configs[name].mlflow_uri = str(root / "mlruns")
     return configs
-
-
-def stage_names(run: C.RunConfig) -> list[str]:
-    return [s.strip() for s in run.stages.split(",") if s.strip()]
 
 
 def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (), environ=None) -> Path:
@@ -140,7 +138,7 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
 
     configs = resolve_configs(path, overrides, environ)
     root: Path = configs["root"]
-    if "sft" in stage_names(configs["run"]):
+    if "sft" in configs["run"].stage_names():
         ensure_builtin_file(configs["sft"].model)  # before any work: no file, no run
     root.mkdir(parents=True, exist_ok=True)
     resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in SECTIONS}}
@@ -151,7 +149,7 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
         sys.stdout, sys.stderr = _Tee(out, logs[0]), _Tee(err, logs[1])
         try:
             print(f"run: {root} (stages {configs['run'].stages})")
-            for stage in stage_names(configs["run"]):
+            for stage in configs["run"].stage_names():
                 _timed(root, stage, lambda stage=stage: STAGE_RUNNERS[stage](configs))
             print(f"run: finished; report at {root / 'report' / 'index.html'}")
         finally:

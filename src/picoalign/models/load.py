@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from picoalign.config import INFERENCE_DTYPES, ConfigError
 from picoalign.models.builtin import builtin_file
 
 MARKER = "picoalign.json"  # written into every folder picoalign saves: base model, stage, completeness
@@ -126,7 +127,12 @@ def pick_device(setting: str = "auto") -> torch.device:
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """Compute dtype for autocast: bf16 where the hardware runs it fast, else fp32."""
+    """Compute dtype for autocast: bf16 where the hardware runs it fast, else fp32.
+
+    An unknown setting is refused, never read as auto (a typo would silently change the numerics).
+    """
+    if setting not in INFERENCE_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}; got {setting!r}")
     if setting == "fp32":
         return torch.float32
     if setting == "bf16":

@@ -105,12 +105,16 @@ def make_schedule(opt, cfg, total_steps: int | None):
 
 
 def planned_steps(cfg, n_batches: int, world_size: int = 1) -> int | None:
-    """Optimiser steps the step/epoch budgets allow (None when only time limits the run)."""
+    """Optimiser steps the step/epoch budgets allow (None when only time limits the run).
+
+    Only whole steps run (`_budget_reached` stops before a step the epochs cannot fill), so the
+    epoch limit is floored: 10 batches at grad_accum 3 are 3 steps, and the cosine ends on the 3rd.
+    """
     limits = []
     if cfg.max_steps > 0:
         limits.append(cfg.max_steps)
     if cfg.epochs > 0:
-        limits.append(math.ceil(math.ceil(cfg.epochs * n_batches) / (cfg.grad_accum * world_size)))
+        limits.append(math.ceil(cfg.epochs * n_batches) // (cfg.grad_accum * world_size))
     return min(limits) if limits else None
 
 

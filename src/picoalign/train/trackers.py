@@ -30,13 +30,15 @@ class Trackers:
 
                 import mlflow
 
-                if "://" not in cfg.mlflow_uri:  # a plain folder: MLflow 3 wants an explicit opt-in
+                uri = mlflow_uri(cfg)
+                if "://" not in uri:  # a plain folder: MLflow 3 wants an explicit opt-in
                     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                mlflow.set_tracking_uri(cfg.mlflow_uri)
+                mlflow.set_tracking_uri(uri)
                 mlflow.set_experiment("picoalign")
                 mlflow.start_run(run_name=f"{name}-{Path(cfg.out).name}")
                 mlflow.log_params(_flat(run_params))
                 self.mlflow = mlflow
+                print(f"{name}: MLflow run in {uri} (mlflow ui --backend-store-uri {uri})")
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"MLflow is off: {e}", stacklevel=2)
 
@@ -60,6 +62,11 @@ class Trackers:
             self.tb.close()
         if self.mlflow is not None:
             self.mlflow.end_run()
+
+
+def mlflow_uri(cfg) -> str:
+    """The MLflow store: the config's (or MLFLOW_TRACKING_URI's) value, else ./mlruns."""
+    return cfg.mlflow_uri or "./mlruns"
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
