@@ -16,7 +16,6 @@ import torch
 
 from picoalign.train.losses import (
     DPO_LOSSES,
-    cdpo_loss,
     dpo_stats,
     hinge_loss,
     ipo_loss,
@@ -33,7 +32,7 @@ def t(*values: float) -> torch.Tensor:
 
 
 def test_registry_names_every_loss():
-    assert DPO_LOSSES == {"sigmoid": sigmoid_loss, "cdpo": cdpo_loss, "ipo": ipo_loss,
+    assert DPO_LOSSES == {"sigmoid": sigmoid_loss, "cdpo": sigmoid_loss, "ipo": ipo_loss,
                           "hinge": hinge_loss, "robust": robust_loss}
 
 
@@ -50,10 +49,10 @@ def test_cdpo_loss_by_hand():
     βΔ = 1, ε = 0.1: 0.9·0.3132617 + 0.1·1.3132617 = 0.2819355 + 0.1313262 = 0.4132617.
     βΔ = 2, ε = 0.2: 0.8·0.1269280 + 0.2·2.1269280 = 0.1015424 + 0.4253856 = 0.5269280.
     ε = 0 is plain DPO; `sigmoid` with ε gives the same numbers (one formula)."""
-    torch.testing.assert_close(cdpo_loss(t(10.0), 0.1, 0.1), t(0.4132617), atol=1e-6, rtol=0)
-    torch.testing.assert_close(cdpo_loss(t(20.0), 0.1, 0.2), t(0.5269280), atol=1e-6, rtol=0)
+    torch.testing.assert_close(DPO_LOSSES["cdpo"](t(10.0), 0.1, 0.1), t(0.4132617), atol=1e-6, rtol=0)
+    torch.testing.assert_close(DPO_LOSSES["cdpo"](t(20.0), 0.1, 0.2), t(0.5269280), atol=1e-6, rtol=0)
     torch.testing.assert_close(sigmoid_loss(t(20.0), 0.1, 0.2), t(0.5269280), atol=1e-6, rtol=0)
-    torch.testing.assert_close(cdpo_loss(t(10.0), 0.1, 0.0), t(0.3132617), atol=1e-6, rtol=0)
+    torch.testing.assert_close(DPO_LOSSES["cdpo"](t(10.0), 0.1, 0.0), t(0.3132617), atol=1e-6, rtol=0)
 
 
 def test_ipo_loss_by_hand():
@@ -162,3 +161,17 @@ def test_token_logps_gradient_equals_autograd_through_log_softmax():
         (want * weights).sum().backward()
         assert a.grad.dtype == dtype
         torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=1e-6, rtol=0)
+
+
+def test_the_loss_names_are_listed_once_and_the_cli_offers_exactly_them():
+    """config.DPO_LOSS_NAMES is the one list: the registry, the config check and the --help agree."""
+    from picoalign.cli import build_parser
+    from picoalign.config import DPO_LOSS_NAMES, ConfigError, DPOConfig
+
+    assert tuple(DPO_LOSSES) == DPO_LOSS_NAMES
+    for name in DPO_LOSS_NAMES:
+        assert DPOConfig(loss=name).loss == name
+    with pytest.raises(ConfigError, match="loss"):
+        DPOConfig(loss="kto")
+    dpo_help = build_parser()._subparsers._group_actions[0].choices["dpo"].format_help()
+    assert " | ".join(DPO_LOSS_NAMES) in " ".join(dpo_help.split())

@@ -35,6 +35,9 @@ class ConfigError(ValueError):
 
 # Compute dtypes a stage accepts. Training has no gradient scaler, so fp16 is for inference only.
 DTYPES = ("auto", "bf16", "fp32")
+# The DPO losses by name, listed here once: train/losses.py:DPO_LOSSES must have exactly these
+# keys (tested); config stays free of torch imports, so the names live on this side.
+DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 # The stages `picoalign run` chains, in their usual order (pipeline.py runs them).
 RUN_STAGES = ("data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report")
@@ -223,7 +226,7 @@ class DPOConfig(TrainConfig):
     lr: float = opt(5e-5, "peak learning rate")
     train_file: str = opt("dpo_train.jsonl", "training pairs (relative to --data)")
     val_file: str = opt("dpo_val.jsonl", "validation pairs (relative to --data)")
-    loss: str = opt("sigmoid", "sigmoid | cdpo | ipo | hinge | robust")
+    loss: str = opt("sigmoid", " | ".join(DPO_LOSS_NAMES))
     beta: float = opt(0.1, "strength of the pull toward the reference")
     label_smoothing: float = opt(0.0, "ε for cdpo / robust")
     sft_weight: float = opt(0.0, "weight of an extra SFT loss on the chosen answer")
@@ -234,7 +237,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("loss", self.loss, ("sigmoid", "cdpo", "ipo", "hinge", "robust"))
+        one_of("loss", self.loss, DPO_LOSS_NAMES)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("label_smoothing must be in [0, 0.5)")
         if self.beta <= 0:

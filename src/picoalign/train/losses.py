@@ -69,18 +69,12 @@ def sigmoid_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
     """DPO (Rafailov et al. 2023): −log σ(βΔ); with ε > 0 it is cDPO (label smoothing).
 
     By hand: Δ = 0 gives log 2 = 0.693147; βΔ = 1 gives −log σ(1) = 0.313262;
-    βΔ = 1, ε = 0.1 gives 0.9·0.313262 + 0.1·1.313262 = 0.413262.
+    βΔ = 1, ε = 0.1 gives 0.9·0.313262 + 0.1·1.313262 = 0.413262;
+    βΔ = 2, ε = 0.2 gives 0.8·0.126928 + 0.2·2.126928 = 0.526928.
+    Users know it by two names, `sigmoid` and `cdpo` (Mitchell 2023): one function serves both.
     """
     z = beta * delta
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-
-
-def cdpo_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
-    """Conservative DPO: −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ), the same formula as `sigmoid`.
-
-    By hand: βΔ = 2, ε = 0.2 gives 0.8·0.126928 + 0.2·2.126928 = 0.526928.
-    """
-    return sigmoid_loss(delta, beta, eps)
 
 
 def ipo_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
@@ -110,7 +104,7 @@ def robust_loss(delta: Tensor, beta: float, eps: float = 0.0) -> Tensor:
 
 DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
     "sigmoid": sigmoid_loss,
-    "cdpo": cdpo_loss,
+    "cdpo": sigmoid_loss,  # conservative DPO: the same formula with label_smoothing ε > 0
     "ipo": ipo_loss,
     "hinge": hinge_loss,
     "robust": robust_loss,
