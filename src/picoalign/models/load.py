@@ -51,15 +51,21 @@ def ensure_builtin_file(spec: str) -> None:
     run without it stops before any work with the message that says how to fix it."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
-        if not (cache_dir() / "models" / name / "config.json").exists():
+        if not _materialised(name):
             builtin_gguf(name)
+
+
+def _materialised(name: str) -> Path | None:
+    """The built-in model's dequantised HF folder in the cache, once it has been made."""
+    target = cache_dir() / "models" / name
+    return target if (target / "config.json").exists() else None
 
 
 def _materialise_builtin(name: str) -> Path:
     """Dequantise the built-in GGUF once into a plain HF folder in the cache (atomically)."""
+    if done := _materialised(name):
+        return done
     target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
-        return target
     gguf = builtin_gguf(name)
     model, tokenizer = _load_gguf(str(gguf.parent), gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
