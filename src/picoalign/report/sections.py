@@ -74,7 +74,12 @@ def fmt_metric(key: str, value: Any) -> str:
 def fmt_interval(key: str, model: dict) -> str:
     """A model's metric with its 95% interval where eval measured one: '0.052 [0.031, 0.074]'."""
     ci = dig(model, "judges", key) or dig(model, "intervals", key)
-    text = fmt_metric(key, model.get(key, dig(ci, "mean")))
+    return fmt_ci(key, ci, model.get(key, dig(ci, "mean")))
+
+
+def fmt_ci(key: str, ci: Any, value: Any = None) -> str:
+    """`value` (default: the interval's own mean) and, where `ci` has its ends, '[low, high]'."""
+    text = fmt_metric(key, dig(ci, "mean") if value is None else value)
     if isinstance(ci, dict) and num(ci.get("ci_low")) is not None and num(ci.get("ci_high")) is not None:
         text += f" [{fmt_metric(key, ci['ci_low'])}, {fmt_metric(key, ci['ci_high'])}]"
     return text
@@ -321,7 +326,7 @@ def frontier(run: Run, t: dict, images: set[str]) -> str:
     if "frontier.png" in images:
         out += [f"![{t['frontier_alt']}](frontier.png)", ""]
     rows = [[t["n_sft"] if p.get("beta") is None else t["n_dpo"], _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
-             _n(p.get("steps")), fmt_interval(judge, {judge: dig(p, judge, "mean"), "judges": {judge: p.get(judge)}}),
+             _n(p.get("steps")), fmt_ci(judge, p.get(judge)),
              fmt_metric("kl_to_ref", p.get("kl_to_ref")), fmt_metric("answer_words", dig(p, "answer_words", "mean"))]
             for p in points]
     out.append(table([t["model"], "β", "sft_weight", t["steps"], f"{judge} [95% CI]", t["m_kl_to_ref"],
