@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from picoalign.train.attention import SpanLayout, spans_attention
-from picoalign.train.batching import PackedBatch, RowBuilder, encode, forward_logps, pack_examples, pack_pairs
+from picoalign.train.batching import (
+    PackedBatch,
+    RowBuilder,
+    encode,
+    forward_logps,
+    pack_examples,
+    pack_pairs,
+)
 from picoalign.train.losses import sequence_logps
 
 PROMPT = "Write a horror story about a lighthouse."

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 CHUNK_ROWS = 256  # logit rows per fp32 block: 256 x 49k x 4 bytes = 50 MB, reused by the allocator
 
 
