@@ -104,6 +104,7 @@ class DPOTask:
         val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
         self.live_ref = None
+        self.reference_forward = cfg.reference == "live"  # a second forward per step (for the FLOPs count)
         self._attach_reference()
         print(f"dpo: {len(train_rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
               f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference}")
@@ -177,7 +178,7 @@ class DPOTask:
 
     def loss(self, batch: PackedBatch):
         loss, stats, _ = self.pair_loss(batch)
-        return loss, {k: v.item() for k, v in stats.items()}
+        return loss, stats  # tensors: the loop reads them once per logged step
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss, preference accuracy (reward of chosen > rejected) and mean margin."""
