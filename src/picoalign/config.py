@@ -400,12 +400,6 @@ class PicoConfig:
             raise ConfigError(f"pico: n_heads ({self.n_heads}) must divide d_model ({self.d_model}) "
                               f"and be a multiple of n_kv_heads ({self.n_kv_heads})")
 
-    def to_hf(self):
-        """The equivalent `transformers.LlamaConfig` (vocab_size must be set)."""
-        from picoalign.models.pico import llama_config
-
-        return llama_config(self)
-
 
 @dataclass
 class PretrainConfig(TrainConfig):
