@@ -187,7 +187,7 @@ def test_rows_predict_every_token_of_the_stream_once(tok):
     assert all(len(r) <= 8 for r in rows) and targets == stream[1:]
     batch = lm_batch(rows, tok.pad_token_id)
     assert batch.labels.tolist() == stream[1:] and batch.keep.sum() == len(stream) - 1
-    assert batch.attention_mask is None and batch.n_seqs == len(rows)
+    assert batch.dense_mask() is None and batch.n_seqs == len(rows)
 
 
 def test_unigram_entropy_by_hand(tok):

@@ -71,10 +71,12 @@ def _weights_stamp(spec: str) -> str:
     return stamp + ("|" + _weights_stamp(marker["base_model"]) if marker.get("base_model") else "")
 
 
-def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig) -> str:
-    """What the stored reference log-probs depend on: reference weights, loss, the exact batches."""
+def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig, dtype: torch.dtype) -> str:
+    """What the stored reference log-probs depend on: reference weights and the dtype they ran in
+    (a bf16 run keeps its frozen weights in bf16), loss, the exact batches."""
     reference = cfg.model if cfg.reference in ("precompute", "live") else cfg.reference
-    h = hashlib.sha256(f"{reference}|{_weights_stamp(reference)}|{cfg.loss}|{cfg.max_length}|{cfg.batch_size}".encode())
+    h = hashlib.sha256(f"{reference}|{_weights_stamp(reference)}|{dtype}|{cfg.loss}|{cfg.max_length}|"
+                       f"{cfg.batch_size}".encode())
     for b in batches:
         h.update(b.input_ids.numpy().tobytes())
     return h.hexdigest()
@@ -112,7 +114,7 @@ class DPOTask:
                 self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             return
         cache = Path(cfg.out) / "ref_logps.pt"
-        key = _fingerprint(batches, cfg)
+        key = _fingerprint(batches, cfg, self.dtype)
         if cache.exists() and (saved := torch.load(cache, weights_only=False)).get("key") == key:
             logps = saved["logps"]
         else:

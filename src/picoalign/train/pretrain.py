@@ -113,7 +113,8 @@ def lm_batch(rows: list[list[int]], pad_id: int) -> PackedBatch:
     return PackedBatch(
         input_ids=input_ids,
         position_ids=torch.arange(L).expand(B, L).clone(),
-        attention_mask=None,
+        group=None,
+        branch=None,
         keep=keep,
         rows=torch.arange(len(labels)),
         labels=labels,

@@ -20,6 +20,7 @@ from picoalign.models.load import (
     model_identity,
     pick_device,
     pick_dtype,
+    store_frozen_in,
 )
 from picoalign.train import dist
 
@@ -45,6 +46,8 @@ def prepare(cfg, stage: str) -> Prepared:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
+        if dtype != torch.float32 and cfg.load_in == "none" and not cfg.fsdp:
+            store_frozen_in(model, dtype)  # the base is frozen: its weights live in the compute dtype
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}), "
