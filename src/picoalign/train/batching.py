@@ -300,6 +300,49 @@ def pack_pairs(pairs: list[Encoded], share_prefix: bool = True, pad_id: int = 0)
     return stack_rows(rows, pad_id, sum(p.truncated for p in pairs))
 
 
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def encode_sft_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list, int]:
+    """Tokenise SFT records; returns (examples, number dropped because the prompt fills max_length)."""
+    examples, dropped = [], 0
+    for row in rows:
+        if row.get("messages"):
+            ex = encode_conversation(tokenizer, row["messages"], max_length)
+        else:
+            ex = encode(tokenizer, row["prompt"], [row["response"]], max_length)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    return examples, dropped
+
+
+def _length(ex) -> int:
+    return sum(len(ids) for ids, _ in ex.segments) if hasattr(ex, "segments") else len(ex.prompt) + sum(map(len, ex.answers))
+
+
+def sft_batches(tokenizer, rows: list[dict], cfg) -> list[PackedBatch]:
+    """Micro-batches of `batch_size` examples of similar length (the loop shuffles their order)."""
+    examples, dropped = encode_sft_rows(tokenizer, rows, cfg.max_length)
+    if dropped:
+        print(f"sft: {dropped} examples dropped: their prompt alone fills max_length={cfg.max_length}")
+    examples.sort(key=_length)
+    return [pack_examples(group, tokenizer.pad_token_id) for group in chunks(examples, cfg.batch_size)]
+
+
+def pair_batches(tokenizer, rows: list[dict], cfg, share_prefix: bool = True, sort: bool = True) -> list[PackedBatch]:
+    """Preference pairs, `batch_size` per micro-batch (chosen = even sequences, rejected = odd).
+
+    Without `sort` the pairs keep their file order (for scoring that is matched to rows)."""
+    pairs = [encode(tokenizer, r["prompt"], [r["chosen"], r["rejected"]], cfg.max_length) for r in rows]
+    pairs = [p for p in pairs if p is not None]
+    if sort:
+        pairs.sort(key=_length)
+    return [pack_pairs(group, share_prefix, tokenizer.pad_token_id) for group in chunks(pairs, cfg.batch_size)]
+
+
 def forward_logps(model, batch: PackedBatch) -> Tensor:
     """Per-target-token log-probs (N,) in fp32: one forward over the packed row."""
     from picoalign.train.attention import span_attention

@@ -25,10 +25,9 @@ from picoalign.config import DPOConfig
 from picoalign.data.formats import read_preferences
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
-from picoalign.train.batching import PackedBatch, forward_logps
+from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
 from picoalign.train.loop import autocast_for, fit
 from picoalign.train.losses import DPO_LOSSES, dpo_stats, sequence_logps
-from picoalign.train.sft import pair_batches
 from picoalign.train.stage import prepare, save_model
 
 

@@ -65,7 +65,3 @@ def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -
     gen = getattr(model, "generation_config", None)
     if gen is not None and not (Path(folder) / "generation_config.json").exists():
         gen.save_pretrained(folder)
-
-
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
