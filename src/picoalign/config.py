@@ -188,10 +188,16 @@ class TrainConfig:
     mlflow_uri: str = opt("", "MLflow tracking URI (empty: ./mlruns; under `picoalign run`, runs/<tag>/mlruns)",
                           env="MLFLOW_TRACKING_URI")
     progress: bool = opt(True, "show a progress bar")
+    threads: int = opt(0, "torch threads on a CPU (0 = torch's default: one per physical core; on a box "
+                       "shared with another torch process, 1: see README)", env="PICOALIGN_THREADS")
+    compile: bool = opt(False, "torch.compile the decoder (its compile time shows in step 1; measured slower "
+                        "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = one per physical core); got {self.threads}")
         one_of("schedule", self.schedule, ("cosine", "constant"))
         check_dtype(self.dtype, training=True)
         check_device(self.device)

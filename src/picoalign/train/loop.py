@@ -249,6 +249,8 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
                             row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4),
                                    **metrics, "tokens": tokens, **speed, "elapsed": round(state.elapsed, 2)}
                             trackers.log(row)
+                            if cfg.compile and state.step == 1 and world.main:
+                                print(f"{name}: step 1 took {dt:.1f}s, torch.compile's compilation included")
                             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}",
                                             **({"mfu": f"{speed['mfu']:.0%}"} if "mfu" in speed else {}))
                         bar.update(1)
