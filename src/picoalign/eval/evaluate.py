@@ -81,9 +81,13 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
             real[i, : len(p) + len(a)] = 1
             keep[i, len(p) - 1 : len(p) + len(a) - 1] = True
         ids, real, keep = ids.to(device), real.to(device), keep.to(device)
-        lp = torch.log_softmax(policy(ids, attention_mask=real).logits[keep].float(), -1)
-        lq = torch.log_softmax(reference(ids, attention_mask=real).logits[keep].float(), -1)
-        total += (lp.exp() * (lp - lq)).sum().item()
+        # the output layer runs only where an answer token is predicted (logits_to_keep), and the
+        # fp32 log-softmax over the vocabulary a block of those rows at a time
+        lp_rows = policy(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        lq_rows = reference(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        for a, b in zip(lp_rows.split(256), lq_rows.split(256)):
+            lp, lq = a.float().log_softmax(-1), b.float().log_softmax(-1)
+            total += (lp.exp() * (lp - lq)).sum().item()
         count += int(keep.sum())
     return total / max(count, 1)
 
