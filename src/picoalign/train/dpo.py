@@ -33,7 +33,14 @@ from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
 from picoalign.train.batching import PackedBatch, forward_logps
 from picoalign.train.loop import autocast_for, fit
-from picoalign.train.losses import DPO_LOSSES, dpo_stats, orpo_loss, orpo_odds_ratio_loss, sequence_logps, simpo_loss
+from picoalign.train.losses import (
+    DPO_LOSSES,
+    dpo_stats,
+    orpo_loss,
+    orpo_odds_ratio_loss,
+    sequence_logps,
+    simpo_loss,
+)
 from picoalign.train.sft import pair_batches
 from picoalign.train.stage import prepare, save_model
 
