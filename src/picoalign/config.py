@@ -379,8 +379,10 @@ class RunConfig:
                               f"(known: {', '.join(RUN_STAGES)})")
 
     def stage_names(self) -> list[str]:
-        """`stages` as a list: 'data, sft' -> ['data', 'sft']."""
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
+        """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
+        dpo stage starts from the base model)."""
+        names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        return [s for s in names if not (self.method == "orpo" and s == "sft")]
 
 
 @dataclass

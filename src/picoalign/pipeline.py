@@ -4,10 +4,14 @@
     picoalign run --config configs/gpu.yaml --set sft.max_seconds=600 --tag big
     picoalign run --config configs/pico.yaml        # a tiny GPT pretrained from scratch, then SFT, DPO
     RUN_TAG=demo SFT_MAX_SECONDS=60 picoalign run   # the original script's variables work too
+    picoalign run --set run.method=orpo             # one ORPO stage from the base model instead of SFT + DPO
+    picoalign run --set dpo.loss=simpo              # SFT, then SimPO (no reference) in the dpo stage
 
 Everything lands in `runs/<tag>/`: config.yaml (resolved), output.log (stdout + stderr), data/,
 tokenizer/ and checkpoints/base/ (when pretraining; SFT then starts from checkpoints/base),
-checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. Rerunning with the
+checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. With
+`run.method=orpo` the sft stage is left out and the dpo stage trains ORPO from the base model
+(its checkpoint is still checkpoints/dpo: the run's preference-trained model). Rerunning with the
 same tag skips finished stages and resumes an interrupted one from its last checkpoint. A stage
 whose input is empty is skipped with a warning; the report never fails the run; a failing core
 stage stops it with the reason and the path of the log.
@@ -110,15 +114,16 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     root = Path(run.runs_dir) / run.tag
     shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
     pretrained = "pretrain" in run.stage_names()
+    base = str(root / "checkpoints" / "base") if pretrained else run.model
     forced = {
         "data": {"out": str(root / "data"), "seed": run.seed},
         "tokenizer": {"data": str(root / "data"), "out": str(root / "tokenizer")},
         "pretrain": {"data": str(root / "data"), "out": str(root / "checkpoints" / "base"), "logs": str(root / "logs"),
                      "tokenizer": str(root / "tokenizer")},
         "sft": {"data": str(root / "data"), "out": str(root / "checkpoints" / "sft"), "logs": str(root / "logs"),
-                "model": str(root / "checkpoints" / "base") if pretrained else run.model},
+                "model": base},
         "dpo": {"data": str(root / "data"), "out": str(root / "checkpoints" / "dpo"), "logs": str(root / "logs"),
-                "model": str(root / "checkpoints" / "sft")},
+                "model": str(root / "checkpoints" / "sft")} | _orpo_settings(run, tree, base),
         "eval": {"run": str(root), "data": str(root / "data"), "out": str(root)},
     }
     configs = {"run": run, "root": root}
@@ -132,14 +137,27 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     return configs
 
 
+def _orpo_settings(run: C.RunConfig, tree: Mapping, base: str) -> dict:
+    """With run.method=orpo the dpo stage is ORPO from the base model: ORPO's NLL term does SFT's work,
+    so no sft_weight on top; a dpo.loss other than orpo asks for two different things."""
+    if run.method != "orpo":
+        return {}
+    asked = (tree.get("dpo") or {}).get("loss")
+    if asked not in (None, "orpo"):
+        raise C.ConfigError(f"run.method=orpo trains the dpo stage with loss=orpo; drop dpo.loss={asked} "
+                            "(or use run.method=sft+dpo for SFT, then that loss)")
+    return {"loss": "orpo", "model": base, "sft_weight": 0.0}
+
+
 def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (), environ=None) -> Path:
     """Run the stages of the pipeline; returns the run folder."""
     from picoalign.models.load import ensure_builtin_file
 
     configs = resolve_configs(path, overrides, environ)
     root: Path = configs["root"]
-    if "sft" in configs["run"].stage_names():
-        ensure_builtin_file(configs["sft"].model)  # before any work: no file, no run
+    first_trained = "sft" if configs["run"].method == "sft+dpo" else "dpo"
+    if first_trained in configs["run"].stage_names():
+        ensure_builtin_file(configs[first_trained].model)  # before any work: no file, no run
     root.mkdir(parents=True, exist_ok=True)
     resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in SECTIONS}}
     atomic_write_text(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
@@ -148,8 +166,9 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
         logs = LogLines(file), LogLines(file)  # one each: a bar on stderr does not swallow a print's line
         sys.stdout, sys.stderr = _Tee(out, logs[0]), _Tee(err, logs[1])
         try:
-            print(f"run: {root} (stages {configs['run'].stages})")
-            for stage in configs["run"].stage_names():
+            run = configs["run"]
+            print(f"run: {root} (stages {','.join(run.stage_names())}; method {run.method})")
+            for stage in run.stage_names():
                 _timed(root, stage, lambda stage=stage: STAGE_RUNNERS[stage](configs))
             print(f"run: finished; report at {root / 'report' / 'index.html'}")
         finally:
@@ -205,7 +224,7 @@ def _run_training(configs, stage: str) -> bool:
     if hasattr(cfg, "train_file") and _rows(Path(cfg.data) / cfg.train_file) == 0:
         warnings.warn(f"{stage}: {Path(cfg.data) / cfg.train_file} is empty; stage skipped", stacklevel=2)
         return False
-    if stage == "dpo" and not read_marker(cfg.model).get("complete"):
+    if stage == "dpo" and configs["run"].method == "sft+dpo" and not read_marker(cfg.model).get("complete"):
         warnings.warn("dpo: no finished SFT checkpoint to start from; stage skipped", stacklevel=2)
         return False
     from picoalign.train.loop import resumable
