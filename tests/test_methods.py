@@ -206,3 +206,21 @@ def test_run_method_orpo_replaces_sft_and_dpo_and_eval_compares_it_with_the_base
     report = (root / "report" / "REPORT.md").read_text()
     assert "**Method**: ORPO (`loss=orpo`): one stage from the base model" in report
     assert "stages data,dpo,eval,report; method orpo" in stdout
+
+
+# ---------------------------------------------------------------- the frontier
+
+
+def test_frontier_crosses_losses_with_betas(tmp_path):
+    """`--losses sigmoid,simpo` plans one point per loss and β; the run's own loss keeps the plain name."""
+    from picoalign.config import FrontierConfig
+    from picoalign.eval.frontier import _dpo_config
+
+    cfg = FrontierConfig(run=str(tmp_path), losses="sigmoid, simpo", betas="0.1,2")
+    assert cfg.loss_names() == ["sigmoid", "simpo"]
+    own = {"loss": "sigmoid", "batch_size": 2}
+    point = _dpo_config(cfg, tmp_path, own, 2.0, 0.0, "simpo")
+    assert (point.loss, point.beta, point.out) == ("simpo", 2.0, str(tmp_path / "frontier" / "simpo-beta-2-sftw-0"))
+    assert _dpo_config(cfg, tmp_path, own, 0.1, 0.0, "sigmoid").out == str(tmp_path / "frontier" / "beta-0.1-sftw-0")
+    with pytest.raises(ConfigError, match="losses must be one of sigmoid, cdpo, ipo, hinge, robust, simpo, kto; got 'orpo'"):
+        FrontierConfig(run=str(tmp_path), losses="orpo")

@@ -329,6 +329,8 @@ class FrontierConfig:
     run: str = opt("", "run folder with a finished SFT checkpoint (its DPO settings are the starting point)")
     betas: str = opt("0.05,0.1,0.3,1", "comma list of β values, each one DPO run")
     sft_weights: str = opt("", "comma list of sft_weight values crossed with the betas (empty: the run's own)")
+    losses: str = opt("", "comma list of dpo losses crossed with the betas, e.g. sigmoid,simpo,kto (empty: the "
+                      "run's own); not orpo, which starts from the base model rather than the SFT model")
     max_steps: int = opt(0, "DPO steps per point (0: the run's own dpo.max_steps)")
     n_samples: int = opt(32, "test prompts each model answers (greedy)")
     max_new_tokens: int = opt(80, "tokens generated per answer (as the default eval preset)")
@@ -344,11 +346,17 @@ class FrontierConfig:
         if not parse_floats(self.betas, "betas", positive=True):
             raise ConfigError("betas: give at least one β")
         parse_floats(self.sft_weights, "sft_weights")
+        for loss in self.loss_names():
+            one_of("losses", loss, tuple(n for n in DPO_LOSS_NAMES + METHOD_NAMES if n != "orpo"))
         check_dtype(self.dtype, training=True)  # it trains DPO points
         check_device(self.device)
         for name in ("n_samples", "max_new_tokens", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def loss_names(self) -> list[str]:
+        """`losses` as a list: 'sigmoid, simpo' -> ['sigmoid', 'simpo']."""
+        return [s.strip() for s in self.losses.split(",") if s.strip()]
 
 
 @dataclass

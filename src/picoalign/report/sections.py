@@ -334,7 +334,7 @@ def frontier(run: Run, t: dict, images: set[str]) -> str:
     out = [t["frontier_intro"].format(judge=judge, n=_n(dig(points[0], judge, "n"))), ""]
     if "frontier.png" in images:
         out += [f"![{t['frontier_alt']}](frontier.png)", ""]
-    rows = [[t["n_sft"] if p.get("beta") is None else t["n_dpo"], _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
+    rows = [[t["n_sft"] if p.get("beta") is None else f"{t['n_dpo']} ({p.get('loss') or 'sigmoid'})", _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
              _n(p.get("steps")), fmt_ci(judge, p.get(judge)),
              fmt_metric("kl_to_ref", p.get("kl_to_ref")), fmt_metric("answer_words", dig(p, "answer_words", "mean"))]
             for p in points]
