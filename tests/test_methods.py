@@ -12,7 +12,7 @@ import torch
 from test_dpo import dpo_cfg, log_rows
 from test_pipeline import run_quiet, settings
 
-from picoalign.config import ConfigError, DPOConfig, RunConfig
+from picoalign.config import ConfigError, DPOConfig, LoraConfig, RunConfig
 from picoalign.data.check import describe
 from picoalign.data.formats import DataError, read_unpaired, split_pairs
 from picoalign.io import read_json, write_jsonl
@@ -224,3 +224,15 @@ def test_frontier_crosses_losses_with_betas(tmp_path):
     assert _dpo_config(cfg, tmp_path, own, 0.1, 0.0, "sigmoid").out == str(tmp_path / "frontier" / "beta-0.1-sftw-0")
     with pytest.raises(ConfigError, match="losses must be one of sigmoid, cdpo, ipo, hinge, robust, simpo, kto; got 'orpo'"):
         FrontierConfig(run=str(tmp_path), losses="orpo")
+
+
+def test_kto_warns_when_the_weights_do_not_balance_the_labels(chat_model, chat_tokenizer):
+    """3 desirable, 1 undesirable, weights 1 and 1: λ_D·n_D / (λ_U·n_U) = 3, outside [1, 4/3];
+    desirable_weight 1/3 brings it to 1."""
+    from picoalign.train.kto import KTOTask
+
+    rows = [{"prompt": f"Prompt {i}", "completion": f"Answer {i}.", "label": i != 0} for i in range(4)]
+    model = torch.nn.Module()
+    cfg = DPOConfig(max_length=64, batch_size=2, reference="live", lora=LoraConfig(enabled=False))
+    with pytest.warns(UserWarning, match=r"= 3.00, the paper recommends 1 to 1.33 \(e.g. desirable_weight=0.33\)"):
+        KTOTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32, rows=(rows, []))

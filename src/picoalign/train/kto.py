@@ -13,6 +13,7 @@ log-probs of both answers are precomputed as in DPO (`reference: live | PATH` wo
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,6 +82,13 @@ class KTOTask(DPOTask):
         self.live_ref = None
         self._attach_reference()
         good = sum(r["label"] for r in train_rows)
+        bad = len(train_rows) - good
+        ratio = cfg.desirable_weight * good / max(cfg.undesirable_weight * bad, 1e-9)
+        if good and bad and not 1.0 <= ratio <= 4 / 3:  # the range of the KTO paper's eq. 8, as TRL warns
+            warnings.warn(f"kto: {good} desirable and {bad} undesirable examples with desirable_weight="
+                          f"{cfg.desirable_weight} and undesirable_weight={cfg.undesirable_weight}: "
+                          f"λ_D·n_D / (λ_U·n_U) = {ratio:.2f}, the paper recommends 1 to 1.33 "
+                          f"(e.g. desirable_weight={bad * cfg.undesirable_weight / good:.2f})", stacklevel=2)
         print(f"kto: {len(train_rows)} training examples ({good} desirable, {len(train_rows) - good} undesirable) "
               f"in {len(self.train)} batches, {len(self.val)} val batches, beta={cfg.beta} "
               f"weights D={cfg.desirable_weight} U={cfg.undesirable_weight} reference={cfg.reference}")
