@@ -236,3 +236,20 @@ def test_kto_warns_when_the_weights_do_not_balance_the_labels(chat_model, chat_t
     cfg = DPOConfig(max_length=64, batch_size=2, reference="live", lora=LoraConfig(enabled=False))
     with pytest.warns(UserWarning, match=r"= 3.00, the paper recommends 1 to 1.33 \(e.g. desirable_weight=0.33\)"):
         KTOTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32, rows=(rows, []))
+
+
+@pytest.mark.parametrize(("config", "en", "zh"), [
+    ({"run": {"method": "sft+dpo"}, "dpo": {"loss": "simpo"}},
+     "SFT, then SimPO, without a reference model (`loss=simpo`) in the DPO stage", "先 SFT，再在 DPO 阶段训练 SimPO"),
+    ({"run": {"method": "sft+dpo"}, "dpo": {"loss": "kto"}}, "SFT, then KTO, on unpaired answers", "KTO，使用非成对回答"),
+    ({"dpo": {}}, "SFT, then DPO (`loss=sigmoid`) in the DPO stage", "训练 DPO（`loss=sigmoid`）"),
+    ({"run": {"method": "orpo"}, "dpo": {"loss": "orpo"}}, "ORPO (`loss=orpo`): one stage from the base model",
+     "ORPO（`loss=orpo`）：从基座模型出发的单一阶段"),
+])
+def test_report_names_the_method(tmp_path, config, en, zh):
+    from picoalign.report.load import Run
+    from picoalign.report.sections import _method
+    from picoalign.report.strings import EN, ZH
+
+    run = Run(tmp_path, config=config)
+    assert en in _method(run, EN) and zh in _method(run, ZH)

@@ -9,6 +9,7 @@ row [prompt, its answer, a mismatched answer]: the mismatched answer is another 
 same micro-batch (the one before it with a different prompt), and the mean log-ratio of those
 mismatched pairs is KTO's reference point z₀, the policy's KL from the reference. The reference
 log-probs of both answers are precomputed as in DPO (`reference: live | PATH` work the same).
+Under torchrun each process estimates z₀ from its own micro-batch (TRL averages it over them).
 """
 
 from __future__ import annotations
