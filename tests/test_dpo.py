@@ -18,12 +18,13 @@ import torch
 from picoalign.config import DPOConfig, LoraConfig, SFTConfig
 from picoalign.io import read_jsonl_lenient, write_jsonl
 from picoalign.models.load import load_model
+from picoalign.train.batching import pair_batches
 from picoalign.train.dpo import DPOTask, batch_sequence_logps, dpo
-from picoalign.train.sft import pair_batches, sft
+from picoalign.train.sft import sft
 
 MAX_LENGTH = 240
 LN2 = round(math.log(2), 6)  # 0.693147
-STEP_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed",
+STEP_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops", "mfu", "elapsed",
              "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"}
 

@@ -102,9 +102,13 @@ def test_kto_stats_by_hand():
         "logps/rejected": -14.0, "rewards/margins": 1.0}
 
 
-def test_kto_stats_of_a_batch_of_one_kind_leave_the_other_out():
-    stats = kto_stats(t(-1.0), t(-1.0), torch.tensor([False]), torch.tensor(0.0), beta=0.1)
-    assert set(stats) == {"kl", "rewards/rejected", "logps/rejected"}
+def test_kto_stats_of_a_batch_of_one_kind_are_nan_for_the_other():
+    """The same keys every batch (the loop stacks them); what the batch cannot measure is NaN."""
+    stats = kto_stats(t(-1.0), t(-3.0), torch.tensor([False]), torch.tensor(0.0), beta=0.1)
+    assert set(stats) == {"kl", "rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected",
+                          "rewards/margins"}
+    assert stats["rewards/rejected"].item() == pytest.approx(0.2)
+    assert all(math.isnan(stats[k].item()) for k in ("rewards/chosen", "logps/chosen", "rewards/margins"))
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])

@@ -19,7 +19,7 @@ from picoalign.io import read_json, write_jsonl
 from picoalign.models.load import read_marker
 from picoalign.pipeline import resolve_configs
 from picoalign.train.dpo import dpo
-from picoalign.train.kto import mismatched, unpaired_batches
+from picoalign.train.kto import mismatched, spread_labels, unpaired_batches
 
 pref_dir, sft_full = test_dpo.pref_dir, test_dpo.sft_full  # test_dpo's fixtures: its pairs, its SFT model
 
@@ -91,23 +91,34 @@ def test_mismatched_answer_is_the_nearest_earlier_one_of_another_prompt():
     assert [mismatched(["a", "a"], i) for i in range(2)] == [1, 0]
 
 
+def test_spread_labels_by_hand():
+    """desirable lengths [5, 1] sit at ¾ and ¼, undesirable [3] at ½: [d1, u3, d5]."""
+    rows = [{"id": "d5", "label": True}, {"id": "d1", "label": True}, {"id": "u3", "label": False}]
+    assert [r["id"] for r in spread_labels(rows, [5, 1, 3])] == ["d1", "u3", "d5"]
+
+
 def test_unpaired_batches_hold_each_answer_and_another_prompts(chat_tokenizer):
     """Sequences 2i / 2i+1: example i's answer and a mismatched one, both rendered after prompt i;
-    the labels ride along. Split pairs never stand in for each other."""
+    the labels ride along, each micro-batch has both kinds, and a split pair's two answers never
+    stand in for each other when another prompt is in the batch."""
     from picoalign.train.batching import encode, pack_pairs
 
     rows = split_pairs([{"id": "1", "prompt": "Hi", "chosen": "Hello there.", "rejected": "No."},
-                        {"id": "2", "prompt": "Tell me a story.", "chosen": "Once a ghost sang.", "rejected": "Bye."}])
-    cfg = DPOConfig(max_length=200, batch_size=4)
-    (batch,) = unpaired_batches(chat_tokenizer, rows, cfg)
-    order = sorted(rows, key=lambda r: sum(map(len, [encode(chat_tokenizer, r["prompt"], [r["completion"]], 200).prompt,
-                                                      encode(chat_tokenizer, r["prompt"], [r["completion"]], 200).answers[0]])))
-    assert batch.desirable.tolist() == [r["label"] for r in order]
-    prompts = [r["prompt"] for r in order]
-    expected = [encode(chat_tokenizer, r["prompt"], [r["completion"], order[mismatched(prompts, i)]["completion"]], 200)
-                for i, r in enumerate(order)]
-    assert all(order[mismatched(prompts, i)]["prompt"] != r["prompt"] for i, r in enumerate(order))
-    assert torch.equal(batch.input_ids, pack_pairs(expected, True, chat_tokenizer.pad_token_id).input_ids)
+                        {"id": "2", "prompt": "Tell me a story.", "chosen": "Once a ghost sang.", "rejected": "Bye."},
+                        {"id": "3", "prompt": "Why?", "chosen": "Because the night is long.", "rejected": "..."}])
+    cfg = DPOConfig(max_length=200, batch_size=3)
+    batches = unpaired_batches(chat_tokenizer, rows, cfg)
+    assert [b.desirable.sum().item() for b in batches] == [1, 2] or [b.desirable.sum().item() for b in batches] == [2, 1]
+    lengths = [sum(map(len, (e.prompt, e.answers[0]))) for e in
+               (encode(chat_tokenizer, r["prompt"], [r["completion"]], 200) for r in rows)]
+    order = spread_labels(rows, lengths)
+    for batch, group in zip(batches, (order[:3], order[3:])):
+        assert batch.desirable.tolist() == [r["label"] for r in group]
+        prompts = [r["prompt"] for r in group]
+        assert all(group[mismatched(prompts, i)]["prompt"] != r["prompt"] for i, r in enumerate(group))
+        expected = [encode(chat_tokenizer, r["prompt"], [r["completion"], group[mismatched(prompts, i)]["completion"]],
+                           200) for i, r in enumerate(group)]
+        assert torch.equal(batch.input_ids, pack_pairs(expected, True, chat_tokenizer.pad_token_id).input_ids)
 
 
 # ---------------------------------------------------------------- config

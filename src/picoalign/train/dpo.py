@@ -31,7 +31,7 @@ from picoalign.config import REFERENCE_FREE, DPOConfig
 from picoalign.data.formats import read_preferences
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
-from picoalign.train.batching import PackedBatch, forward_logps
+from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
 from picoalign.train.loop import autocast_for, fit
 from picoalign.train.losses import (
     DPO_LOSSES,
@@ -41,7 +41,6 @@ from picoalign.train.losses import (
     sequence_logps,
     simpo_loss,
 )
-from picoalign.train.sft import pair_batches
 from picoalign.train.stage import prepare, save_model
 
 
@@ -85,10 +84,12 @@ def _weights_stamp(spec: str) -> str:
     return stamp + ("|" + _weights_stamp(marker["base_model"]) if marker.get("base_model") else "")
 
 
-def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig) -> str:
-    """What the stored reference log-probs depend on: reference weights, loss, the exact batches."""
+def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig, dtype: torch.dtype) -> str:
+    """What the stored reference log-probs depend on: reference weights and the dtype they ran in
+    (a bf16 run keeps its frozen weights in bf16), loss, the exact batches."""
     reference = cfg.model if cfg.reference in ("precompute", "live") else cfg.reference
-    h = hashlib.sha256(f"{reference}|{_weights_stamp(reference)}|{cfg.loss}|{cfg.max_length}|{cfg.batch_size}".encode())
+    h = hashlib.sha256(f"{reference}|{_weights_stamp(reference)}|{dtype}|{cfg.loss}|{cfg.max_length}|"
+                       f"{cfg.batch_size}".encode())
     for b in batches:
         h.update(b.input_ids.numpy().tobytes())
     return h.hexdigest()
@@ -115,6 +116,7 @@ class DPOTask:
         val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
         self.live_ref = None
+        self.reference_forward = cfg.reference == "live" and cfg.loss not in REFERENCE_FREE  # FLOPs count
         if cfg.loss not in REFERENCE_FREE:
             self._attach_reference()
         print(f"dpo: {len(train_rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
@@ -127,7 +129,7 @@ class DPOTask:
                 self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             return
         cache = Path(cfg.out) / "ref_logps.pt"
-        key = _fingerprint(batches, cfg)
+        key = _fingerprint(batches, cfg, self.dtype)
         if cache.exists() and (saved := torch.load(cache, weights_only=False)).get("key") == key:
             logps = saved["logps"]
         else:
@@ -191,7 +193,7 @@ class DPOTask:
 
     def loss(self, batch: PackedBatch):
         loss, stats, _ = self.pair_loss(batch)
-        return loss, {k: v.item() for k, v in stats.items()}
+        return loss, stats  # tensors: the loop reads them once per logged step
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss, preference accuracy (reward of chosen > rejected) and mean margin."""

@@ -21,11 +21,11 @@ import torch
 
 from picoalign.config import DPOConfig
 from picoalign.data.formats import read_unpaired
-from picoalign.train.batching import Encoded, PackedBatch, encode, pack_pairs
+from picoalign.train.batching import Encoded, PackedBatch, chunks, encode, pack_pairs
 from picoalign.train.dpo import DPOTask, batch_sequence_logps
 from picoalign.train.loop import fit
 from picoalign.train.losses import kto_loss, kto_reference_point, kto_stats
-from picoalign.train.stage import chunks, prepare
+from picoalign.train.stage import prepare
 
 
 def read_unpaired_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
@@ -48,13 +48,27 @@ def mismatched(prompts: list, i: int) -> int:
     return (i - 1) % n
 
 
+def spread_labels(rows: list[dict], lengths: list[int]) -> list[dict]:
+    """The rows in an order whose every stretch holds both kinds in their overall proportion, each
+    kind by length: row i of a kind of n sits at (i + ½)/n. So a micro-batch has desirable and
+    undesirable answers whenever the data has enough of both (KTO's metrics of a kind a batch
+    lacks are NaN), and similar lengths. By hand: desirable lengths [5, 1], undesirable [3] →
+    positions ¾, ¼ and ½ → [desirable 1, undesirable 3, desirable 5]."""
+    keyed = []
+    for label in (False, True):
+        kind = sorted((n, i) for i, n in enumerate(lengths) if rows[i]["label"] == label)
+        keyed += [((rank + 0.5) / len(kind), label, i) for rank, (_, i) in enumerate(kind)]
+    return [rows[i] for _, _, i in sorted(keyed)]
+
+
 def unpaired_batches(tokenizer, rows: list[dict], cfg) -> list[PackedBatch]:
-    """KTO micro-batches of `batch_size` examples sorted by length: sequence 2i is example i's answer,
-    2i+1 its mismatched answer (`mismatched`); `desirable` holds the labels."""
+    """KTO micro-batches of `batch_size` examples (`spread_labels` order): sequence 2i is example i's
+    answer, 2i+1 its mismatched answer (`mismatched`); `desirable` holds the labels."""
     alone = [(encode(tokenizer, r["prompt"], [r["completion"]], cfg.max_length), r) for r in rows]
-    kept = sorted(((e, r) for e, r in alone if e is not None), key=lambda er: len(er[0].prompt) + len(er[0].answers[0]))
+    kept = [(e, r) for e, r in alone if e is not None]
+    ordered = spread_labels([r for _, r in kept], [len(e.prompt) + len(e.answers[0]) for e, _ in kept])
     batches = []
-    for group in chunks([r for _, r in kept], cfg.batch_size):
+    for group in chunks(ordered, cfg.batch_size):
         prompts = [r["prompt"] for r in group]
         encoded = [encode(tokenizer, r["prompt"], [r["completion"], group[mismatched(prompts, i)]["completion"]],
                           cfg.max_length) for i, r in enumerate(group)]

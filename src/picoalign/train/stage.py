@@ -20,6 +20,7 @@ from picoalign.models.load import (
     model_identity,
     pick_device,
     pick_dtype,
+    store_frozen_in,
 )
 from picoalign.train import dist
 
@@ -45,6 +46,8 @@ def prepare(cfg, stage: str) -> Prepared:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
+        if dtype != torch.float32 and cfg.load_in == "none" and not cfg.fsdp:
+            store_frozen_in(model, dtype)  # the base is frozen: its weights live in the compute dtype
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}), "
@@ -62,7 +65,3 @@ def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -
     gen = getattr(model, "generation_config", None)
     if gen is not None and not (Path(folder) / "generation_config.json").exists():
         gen.save_pretrained(folder)
-
-
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
