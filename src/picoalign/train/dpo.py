@@ -5,7 +5,7 @@ and the methods beside it: ORPO and SimPO without a reference, KTO on unpaired e
     picoalign dpo ... --beta 0.1 --label_smoothing 0.1     # cDPO
     picoalign dpo ... --ipo                                # IPO
     picoalign dpo ... --loss simpo --beta 2 --simpo_gamma 1    # SimPO: no reference, no precompute
-    picoalign dpo ... --model builtin --loss orpo          # ORPO: from the base model, SFT included
+    picoalign dpo ... --model builtin:smollm2-135m-instruct --loss orpo   # ORPO: from the base, SFT included
     picoalign dpo ... --loss kto --train_file kto_train.jsonl  # KTO: {"prompt", "completion", "label"}
 
 The starting model is the SFT checkpoint (an SFT adapter is merged into its base first); the
