@@ -36,11 +36,13 @@ from picoalign.train.scoring import mean_response_nll, pair_logps
 
 
 def run_models(run: Path) -> dict[str, str]:
-    """The models of a run folder, in order: base (what SFT started from), sft, dpo."""
+    """The models of a run folder, in order: base (what SFT started from, or ORPO where it replaced
+    SFT + DPO), sft, dpo."""
     models = {}
-    sft_marker = read_marker(run / "checkpoints" / "sft")
-    if sft_marker.get("base_model"):
-        models["base"] = sft_marker["base_model"]
+    first = "sft" if (run / "checkpoints" / "sft").exists() else "dpo"  # run.method=orpo: no sft
+    base = read_marker(run / "checkpoints" / first).get("base_model")
+    if base:
+        models["base"] = base
     for stage in ("sft", "dpo"):
         if read_marker(run / "checkpoints" / stage).get("complete"):
             models[stage] = str(run / "checkpoints" / stage)
