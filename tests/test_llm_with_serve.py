@@ -20,7 +20,7 @@ from picoalign.config import DataConfig, ServeConfig
 from picoalign.data.llm import LLMClient
 from picoalign.data.llm_rows import PAIRS_ASK, PARTIAL, STORIES_ASK, _specs_message
 from picoalign.data.make import make_data
-from picoalign.eval.generate import Sampling, generate_full
+from picoalign.generation.batched import Sampling, generate_full
 from picoalign.io import read_json
 from picoalign.train.batching import render_prompt
 

@@ -19,7 +19,7 @@ import torch
 from serving import running_server
 
 from picoalign.config import ServeConfig
-from picoalign.eval.generate import Sampling, generate_full
+from picoalign.generation.batched import Sampling, generate_full
 from picoalign.train.batching import render_prompt
 
 KEY = "test-key-123"
@@ -307,7 +307,7 @@ def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeyp
     """A client gives up after 0.5 s on a 64-token answer that takes ~3 s (each decode step made
     to last 50 ms, end-of-turn tokens masked so the answer cannot end by itself): the generation
     stops within a few steps of the disconnect instead of running to max_tokens."""
-    from picoalign.eval.generate import end_ids
+    from picoalign.generation.batched import end_ids
 
     url, app = server
     engine = app.state.handlers.engine

@@ -35,7 +35,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from picoalign.config import ServeConfig
-from picoalign.eval.generate import Generation, Sampling
+from picoalign.generation.batched import Generation, Sampling
 from picoalign.serve.engine import ClientGone, Engine, Gate, QueueFull, Ticket
 from picoalign.serve.guard import (
     ApiError,

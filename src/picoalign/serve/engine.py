@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from picoalign.eval.generate import Generation, Sampling, encode_prompt, generate_full
-from picoalign.use.stream import Stream
+from picoalign.generation.batched import Generation, Sampling, encode_prompt, generate_full
+from picoalign.generation.stream import Stream
 
 
 class QueueFull(RuntimeError):

@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from picoalign.eval.generate import (
+from picoalign.generation.batched import (
     Generation,
     Sampling,
     cancel_criteria,
