@@ -31,7 +31,7 @@ HELLO = [{"role": "user", "content": "Hello there."}]
 def server(chat_model):
     cfg = ServeConfig(model=str(chat_model), name="tiny", device="cpu", dtype="fp32", api_key=KEY,
                       max_new_tokens=16, max_tokens=64, max_prompt_chars=2000, max_body_bytes=4096,
-                      queue_size=1)
+                      queue_size=1, max_batch=2)
     with running_server(cfg) as (url, app):
         yield url, app
 
@@ -52,7 +52,8 @@ def test_server_binds_loopback_by_default():
 def test_health_and_models(server, client):
     url, _ = server
     health = httpx.get(url + "/health").json()  # no key needed
-    assert health == {"status": "ok", "model": "tiny", "queue": {"running": 0, "waiting": 0, "queue_size": 1}}
+    assert health == {"status": "ok", "model": "tiny", "queue": {"running": 0, "waiting": 0, "max_batch": 2,
+                                                                 "queue_size": 1, "tokens_per_s": 0.0}}
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
@@ -195,32 +196,37 @@ def test_bad_chat_and_completion_fields(server):
         assert r.status_code == 400 and message in r.json()["error"]["message"], message
 
 
-def test_a_full_queue_answers_503_at_once(server):
-    """Hold the model busy from here (queue_size=1): one request may wait, the next gets a 503
-    without waiting; once the model is free the waiting one is answered."""
+def test_a_full_queue_answers_503_at_once(server, monkeypatch):
+    """Hold the batcher still (max_batch=2, queue_size=1): three requests may wait, the fourth
+    gets a 503 with Retry-After without waiting; once the batcher moves the three are answered."""
     url, app = server
-    gate = app.state.handlers.engine.gate
-    waiting: dict = {}
+    batcher = app.state.handlers.engine.batcher
+    real_step, go = batcher.step, threading.Event()
+    monkeypatch.setattr(batcher, "step", lambda: (go.wait(), real_step()))
+    answers: list = []
 
     def ask():
-        waiting["response"] = httpx.post(url + "/v1/generate", headers=AUTH, timeout=60,
-                                         json={"prompt": "Hello there.", "max_new_tokens": 4})
+        answers.append(httpx.post(url + "/v1/generate", headers=AUTH, timeout=60,
+                                  json={"prompt": "Hello there.", "max_new_tokens": 4}))
 
-    with gate.reserve():  # the model is busy
-        thread = threading.Thread(target=ask)
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
         thread.start()
-        deadline = time.monotonic() + 30
-        while gate.pending < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert httpx.get(url + "/health").json()["queue"] == {"running": 1, "waiting": 1, "queue_size": 1}
-        t0 = time.monotonic()
-        r = httpx.post(url + "/v1/generate", headers=AUTH, json={"prompt": "x", "max_new_tokens": 4})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
-        assert r.headers["retry-after"] == "1" and time.monotonic() - t0 < 5
-        assert "response" not in waiting  # still waiting for the model
-    thread.join(timeout=60)
-    assert waiting["response"].status_code == 200
-    assert gate.pending == 0
+    deadline = time.monotonic() + 30
+    while batcher.status()["waiting"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    queue = httpx.get(url + "/health").json()["queue"]
+    assert (queue["running"], queue["waiting"]) == (0, 3)
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/generate", headers=AUTH, json={"prompt": "x", "max_new_tokens": 4})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+    assert r.headers["retry-after"] == "1" and time.monotonic() - t0 < 5
+    assert answers == []  # still waiting for the model
+    go.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert batcher.status()["waiting"] == batcher.status()["running"] == 0
 
 
 def test_dtype_setting_reaches_the_served_model(chat_model):
@@ -300,7 +306,7 @@ def test_a_failure_inside_a_handler_is_a_json_500(server, monkeypatch):
         assert "RuntimeError" in r.json()["error"]["message"]
     monkeypatch.undo()
     assert httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": HELLO, "max_tokens": 2}).status_code == 200
-    assert engine.gate.pending == 0
+    assert (engine.batcher.status()["running"], engine.batcher.status()["waiting"]) == (0, 0)
 
 
 def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeypatch):
@@ -327,10 +333,10 @@ def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeyp
                    json={"messages": HELLO, "max_tokens": 64, "temperature": 0})
     left = time.monotonic()
     deadline = left + 10
-    while engine.gate.pending and time.monotonic() < deadline:
+    while engine.batcher.running and time.monotonic() < deadline:
         time.sleep(0.02)
     monkeypatch.undo()
-    assert engine.gate.pending == 0
+    assert (engine.batcher.status()["running"], engine.batcher.status()["waiting"]) == (0, 0)
     assert 3 < len(steps) < 40, len(steps)
     assert steps[-1] - left < 1.0  # the last step began within a second of the disconnect
 

@@ -120,14 +120,17 @@ class Batcher:
     def submit(self, prompt_ids: list[int], sampling: Sampling, emit, wants: Wants | None = None) -> Job:
         """Queue a request; it joins the batch at the next step with a free row. QueueFull when
         the batch and the queue are both full."""
-        job = Job(list(prompt_ids), sampling, emit, wants or Wants())
+        return self.submit_all([Job(list(prompt_ids), sampling, emit, wants or Wants())])[0]
+
+    def submit_all(self, jobs: list[Job]) -> list[Job]:
+        """Queue all of `jobs` or, when they do not all fit, none (QueueFull)."""
         with self._wake:
-            if len(self.running) + len(self.waiting) >= self.max_batch + self.queue_size:
+            if len(self.running) + len(self.waiting) + len(jobs) > self.max_batch + self.queue_size:
                 raise QueueFull(f"{self.max_batch} requests are generating and {self.queue_size} are already "
                                 "waiting; try again shortly")
-            self.waiting.append(job)
+            self.waiting.extend(jobs)
             self._wake.notify()
-        return job
+        return jobs
 
     def status(self) -> dict:
         now = time.monotonic()
@@ -283,6 +286,9 @@ class Batcher:
         """Pick the request's next token from its logits (V,), record it, and finish the request
         if it ended; returns the token (a finished row's is never fed back). Fails the job alone."""
         if job.done:
+            return self.pad
+        if job.sampling.max_new_tokens == 0:  # only the prompt's log-probs were asked for
+            self._finish(job, "length")
             return self.pad
         try:
             token = pick_token(logits, job.sampling, job.generator, job.prompt_ids + job.new_ids)
