@@ -382,3 +382,172 @@ def test_health_shows_the_models_name_and_its_path_only_to_the_key(chat_model):
         assert health["model"] == given["model"] == chat_model.name == models["data"][0]["id"]
         assert str(chat_model) not in json.dumps(health)
         assert given.get("model_path") == (str(chat_model) if key else None)
+
+
+# ---------------------------------------------------------------- continuous batching and log-probs
+
+
+def slowed(model, monkeypatch, seconds: float, masked: list[int] = ()) -> list[float]:
+    """Make each forward of `model` last `seconds` longer (and give the `masked` tokens no
+    chance, e.g. end-of-turn so that an answer cannot end by itself), so that requests overlap
+    in time; returns the list of the steps' start times."""
+    real_forward, steps = model.forward, []
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if masked:
+            out.logits[..., list(masked)] = -torch.inf
+        steps.append(time.monotonic())
+        time.sleep(seconds)
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+    return steps
+
+
+def test_concurrent_requests_run_as_one_batch_and_answer_as_alone(server, client, tiny_llama, chat_tokenizer,
+                                                                   monkeypatch):
+    """Three chat requests at once (max_batch=2): two decode together while the third waits,
+    then joins as soon as a row is free; each answer equals the greedy answer alone."""
+    url, app = server
+    prompts = [[{"role": "user", "content": c}] for c in ("Hello there.", "What is the capital of France?",
+                                                         "A story, please.")]
+    lengths = [6, 16, 10]
+    refs = [greedy(tiny_llama, chat_tokenizer, [p], n)[0] for p, n in zip(prompts, lengths)]
+    slowed(app.state.handlers.engine.model, monkeypatch, 0.03)
+    answers, seen = {}, []
+
+    def ask(i):
+        answers[i] = client.chat.completions.create(model="tiny", messages=prompts[i], max_tokens=lengths[i],
+                                                    temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        queue = httpx.get(url + "/health").json()["queue"]
+        seen.append((queue["running"], queue["waiting"]))
+        time.sleep(0.01)
+    assert max(r for r, _ in seen) == 2 and max(w for _, w in seen) >= 1  # batched, bounded, queued
+    for i, ref in enumerate(refs):
+        assert answers[i].choices[0].message.content == ref.text
+        assert answers[i].usage.completion_tokens == ref.completion_tokens
+    assert httpx.get(url + "/health").json()["queue"]["tokens_per_s"] > 0
+
+
+def test_a_stream_whose_client_leaves_frees_its_row(server, monkeypatch):
+    """A streaming client reads two pieces of a 60-token answer and closes the connection: its
+    row leaves the batch within a few steps, long before the answer would have ended."""
+    from picoalign.generation.batched import end_ids
+
+    url, app = server
+    engine = app.state.handlers.engine
+    steps = slowed(engine.model, monkeypatch, 0.03, end_ids(engine.model, engine.tokenizer))
+    body = {"messages": HELLO, "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+    left = time.monotonic()
+    assert any('"content"' in line for line in got)
+    while engine.batcher.running and time.monotonic() < left + 10:
+        time.sleep(0.02)
+    assert engine.batcher.running == [] and len(steps) < 40, len(steps)
+    assert steps[-1] - left < 1.0
+
+
+def test_a_request_past_the_deadline_ends_with_finish_reason_deadline(server, client, monkeypatch):
+    """A 60-token answer at 50 ms a step (it cannot end by itself) against a 0.4 s deadline."""
+    from picoalign.generation.batched import end_ids
+
+    url, app = server
+    engine = app.state.handlers.engine
+    slowed(engine.model, monkeypatch, 0.05, end_ids(engine.model, engine.tokenizer))
+    monkeypatch.setattr(app.state.handlers.cfg, "deadline_s", 0.4)
+    t0 = time.monotonic()
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=60, temperature=0)
+    assert r.choices[0].finish_reason == "deadline" and 2 <= r.usage.completion_tokens < 20
+    assert time.monotonic() - t0 < 2
+
+
+def model_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def greedy_path(model, ids: list[int], n: int) -> list[int]:
+    """`ids` and the `n` tokens greedy decoding adds, by argmax over full forwards (no cache)."""
+    path = list(ids)
+    for _ in range(n):
+        path.append(int(model_logprobs(model, path)[-1].argmax()))
+    return path
+
+
+def test_echo_gives_the_prompts_logprobs_as_lm_eval_reads_them(client, tiny_llama, chat_tokenizer):
+    """lm-evaluation-harness's local-completions request (token ids, max_tokens 1, logprobs 1,
+    echo) and its reading of the answer: token_logprobs[ctxlen:-1] is the continuation's
+    log-likelihood, equal to the model's own; top_logprobs says whether it is the greedy one."""
+    context, continuation = "Once upon a time", " there was a"
+    ctx = chat_tokenizer(context)["input_ids"]
+    full = chat_tokenizer(context + continuation)["input_ids"]
+    assert full[: len(ctx)] == ctx
+    logp = model_logprobs(tiny_llama, full)
+    r = client.completions.create(model="tiny", prompt=[full, ctx], max_tokens=1, logprobs=1, echo=True,
+                                  temperature=0, seed=1234)
+    choice = sorted(r.choices, key=lambda c: c.index)[0]
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(full) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [float(logp[i - 1, full[i]]) for i in range(1, len(full))]
+    assert lp.token_logprobs[1:len(full)] == pytest.approx(expected, abs=1e-5)
+    assert sum(lp.token_logprobs[len(ctx):-1]) == pytest.approx(sum(expected[len(ctx) - 1:]), abs=1e-4)
+    greedy_here = [int(logp[i - 1].argmax()) == full[i] for i in range(len(ctx), len(full))]
+    lm_eval_greedy = [tok == max(top.values()) for tok, top in zip(lp.token_logprobs[len(ctx):-1],
+                                                                   lp.top_logprobs[len(ctx):-1])]
+    assert lm_eval_greedy == greedy_here
+    assert lp.tokens == [chat_tokenizer.decode([t]) for t in full] + [lp.tokens[-1]]
+    assert choice.text.startswith(context + continuation) and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    scored = client.completions.create(model="tiny", prompt=context, max_tokens=0, logprobs=0, echo=True)
+    only = scored.choices[0]
+    assert only.text == context and only.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert only.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ctx)], abs=1e-5)
+
+
+def test_answer_logprobs_of_completions_and_chat_are_the_models_own(client, tiny_llama, chat_tokenizer):
+    prompt = "The door creaked open and"
+    ids = chat_tokenizer(prompt)["input_ids"]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, logprobs=3, temperature=0)
+    lp = r.choices[0].logprobs
+    path = greedy_path(tiny_llama, ids, 5)
+    logp = model_logprobs(tiny_llama, path)
+    assert lp.tokens == [chat_tokenizer.decode([t]) for t in path[len(ids):]]
+    assert lp.text_offset[0] == len(prompt) and lp.text_offset[1] == len(prompt) + len(lp.tokens[0])
+    for n, (token_lp, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+        assert token_lp == pytest.approx(float(logp[len(ids) - 1 + n, path[len(ids) + n]]), abs=1e-5)
+        best = logp[len(ids) - 1 + n].topk(3)
+        expected: dict = {}
+        for t, v in zip(best.indices.tolist(), best.values.tolist()):
+            expected.setdefault(chat_tokenizer.decode([t]), v)  # the likelier of two that read the same
+        assert top == pytest.approx(expected, abs=1e-5) and max(top.values()) == token_lp  # greedy: the top one
+    chat = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    ids = render_prompt(chat_tokenizer, HELLO)
+    path = greedy_path(tiny_llama, ids, len(content))
+    logp = model_logprobs(tiny_llama, path)
+    assert [t.token for t in content] == [chat_tokenizer.decode([t]) for t in path[len(ids):]]
+    assert [t.logprob for t in content] == pytest.approx(
+        [float(logp[len(ids) - 1 + n, t]) for n, t in enumerate(path[len(ids):])], abs=1e-5)
+    assert [len(t.top_logprobs) for t in content] == [2] * len(content)
+    assert content[0].top_logprobs[0].logprob == content[0].logprob and bytes(content[0].bytes).decode() == content[0].token
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": [5, 10**9]}, "prompt"),
+    ({"prompt": "Hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "Hi", "echo": True, "stream": True}, "stream"),
+])
+def test_bad_logprob_requests_get_a_400(server, body, param):
+    url, _ = server
+    r = httpx.post(url + "/v1/completions", headers=AUTH, json=body)
+    assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, r.text

@@ -245,10 +245,10 @@ class Handlers:
         tokenizer = self.engine.tokenizer
         choices = []
         for i, (job, gen) in enumerate(answers):
-            prompt_text = tokenizer.decode(job.prompt_ids) if req.echo else ""
+            prompt_text = tokenizer.decode(job.prompt_ids) if req.echo or req.logprobs is not None else ""
             logprobs = (completion_logprobs(tokenizer, job, req.echo, prompt_text)
                         if req.logprobs is not None else None)
-            choices.append({"index": i, "text": prompt_text + gen.text, "logprobs": logprobs,
+            choices.append({"index": i, "text": (prompt_text if req.echo else "") + gen.text, "logprobs": logprobs,
                             "finish_reason": gen.finish_reason})
         return {**head, "choices": choices, "usage": usage([gen for _, gen in answers])}
 

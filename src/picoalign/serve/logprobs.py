@@ -4,7 +4,8 @@
 `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, one entry per token; with `echo`
 the prompt's tokens come first, the very first with `null` log-prob and alternatives (nothing
 comes before it). `top_logprobs` maps each of the top-k tokens' text to its log-prob, and holds
-the chosen token too (so up to k+1 entries, as OpenAI documents).
+the chosen token too (so up to k+1 entries, as OpenAI documents; fewer where two tokens read
+the same).
 
 `/v1/chat/completions`: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}],
 "refusal": null}`, the answer's tokens only.
@@ -27,8 +28,7 @@ def completion_logprobs(tokenizer, job: Job, echo: bool, prompt_text: str) -> di
     return {
         "tokens": tokens,
         "token_logprobs": [None if r is None else r.logprob for r in rows],
-        "top_logprobs": [None if r is None else {**{text_of(t): lp for t, lp in r.top}, text_of(r.token_id): r.logprob}
-                         for r in rows],
+        "top_logprobs": [None if r is None else _by_text(text_of, [*r.top, (r.token_id, r.logprob)]) for r in rows],
         "text_offset": offsets,
     }
 
@@ -43,6 +43,16 @@ def chat_logprobs(tokenizer, job: Job, top: int) -> dict:
     content = [{**entry(r.token_id, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top[:top]]}
                for r in job.logprobs]
     return {"content": content, "refusal": None}
+
+
+def _by_text(text_of, pairs: list[tuple[int, float]]) -> dict[str, float]:
+    """{token text: log-prob}; where two tokens read the same (byte pieces of one character
+    both read U+FFFD) the likelier one's."""
+    out: dict[str, float] = {}
+    for token_id, logprob in pairs:
+        text = text_of(token_id)
+        out[text] = max(logprob, out.get(text, -float("inf")))
+    return out
 
 
 def _token_texts(tokenizer):
