@@ -551,3 +551,26 @@ def test_bad_logprob_requests_get_a_400(server, body, param):
     url, _ = server
     r = httpx.post(url + "/v1/completions", headers=AUTH, json=body)
     assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_load_benchmark_counts_answers_tokens_and_refusals(server, monkeypatch):
+    """bench/serve_load.py's round against this server (max_batch 2, queue 1, each step slowed
+    so that all five requests arrive before any ends): three answered with 4 tokens each, two
+    refused with a 503."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    from picoalign.generation.batched import end_ids
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import serve_load
+
+    url, app = server
+    engine = app.state.handlers.engine
+    slowed(engine.model, monkeypatch, 0.1, end_ids(engine.model, engine.tokenizer))
+    result = asyncio.run(serve_load.load_round(url, 5, 4, api_key=KEY))
+    assert (result["refused"], result["tokens"], len(result["latencies"])) == (2, 12, 3)
+    summary = serve_load.summarise([result])
+    assert summary["tokens_per_s"] == round(12 / result["wall_s"], 2) and summary["p95_s"] >= summary["p50_s"] > 0
+    assert "serve_load" in sys.modules

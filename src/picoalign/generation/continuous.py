@@ -106,6 +106,7 @@ class Batcher:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []  # row i of the cache is running[i]
+        self.joining: list[Job] = []  # taken from the queue, being prefilled
         self.cache = None  # DynamicCache of the running rows
         self.mask = None  # (rows, columns) 1 where a cache column is a real token of that row
         self.positions = None  # (rows,) the position of each row's next token
@@ -125,7 +126,7 @@ class Batcher:
     def submit_all(self, jobs: list[Job]) -> list[Job]:
         """Queue all of `jobs` or, when they do not all fit, none (QueueFull)."""
         with self._wake:
-            if len(self.running) + len(self.waiting) + len(jobs) > self.max_batch + self.queue_size:
+            if len(self.running) + len(self.joining) + len(self.waiting) + len(jobs) > self.max_batch + self.queue_size:
                 raise QueueFull(f"{self.max_batch} requests are generating and {self.queue_size} are already "
                                 "waiting; try again shortly")
             self.waiting.extend(jobs)
@@ -135,7 +136,7 @@ class Batcher:
     def status(self) -> dict:
         now = time.monotonic()
         recent = sum(n for t, n in list(self._written) if now - t <= TOKENS_PER_S_WINDOW_S)
-        return {"running": len(self.running), "waiting": len(self.waiting), "max_batch": self.max_batch,
+        return {"running": len(self.running) + len(self.joining), "waiting": len(self.waiting), "max_batch": self.max_batch,
                 "queue_size": self.queue_size, "tokens_per_s": round(recent / TOKENS_PER_S_WINDOW_S, 2)}
 
     def start(self) -> None:
@@ -162,7 +163,7 @@ class Batcher:
 
     # ------------------------------------------------------------ one step
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> None:
         """End cancelled and late requests, let waiting ones join (prefilled), decode one token
         for every row, and drop the rows that finished."""
@@ -177,12 +178,15 @@ class Batcher:
                 self._reset()
         if joining:
             self._prefill(joining)
+        with self._wake:
+            self.joining = []
         self._drop_finished()
 
     def _take_joining(self) -> list[Job]:
         with self._wake:
             free = self.max_batch - len(self.running)
-            return [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            self.joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            return self.joining
 
     def _end_cancelled_and_late(self) -> None:
         now = time.monotonic()
@@ -291,7 +295,7 @@ class Batcher:
             self._finish(job, "length")
             return self.pad
         try:
-            token = pick_token(logits, job.sampling, job.generator, job.prompt_ids + job.new_ids)
+            token = pick_token(logits, job.sampling, job.generator, seen=(job.prompt_ids, job.new_ids))
             if job.wants.logprobs is not None:
                 job.logprobs.append(token_logprob(logits, token, job.wants.logprobs))
             self._accept(job, token)
@@ -363,12 +367,14 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def pick_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None, seen: list[int]) -> int:
+def pick_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None,
+               seen: tuple[list[int], ...] = ()) -> int:
     """The next token from one row's logits (V,): argmax when greedy, else sampled after the
-    repetition penalty, temperature, top-k and top-p (as transformers applies them)."""
+    repetition penalty (over the tokens in `seen`), temperature, top-k and top-p (in the order
+    transformers applies them)."""
     scores = logits
-    if s.repetition_penalty != 1 and seen:
-        ids = torch.tensor(sorted(set(seen)), device=logits.device)
+    if s.repetition_penalty != 1 and any(seen):
+        ids = torch.tensor(sorted({t for part in seen for t in part}), device=logits.device)
         picked = scores[ids]
         scores = scores.clone()
         scores[ids] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
