@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picoalign.generation.batched import Generation, Sampling, cut_at_stop, end_ids
+from picoalign.generation.batched import Generation, Sampling, cut_at_stop, end_ids, held_back
 
 TOKENS_PER_S_WINDOW_S = 10.0  # /health's tokens/s: tokens written over the last this many seconds
 
@@ -58,14 +58,6 @@ class Wants:
     logprobs: int | None = None  # alternatives per token (0: the chosen token's log-prob only); None: none
     echo: bool = False  # the prompt's own token log-probs too (the first token has none)
     deadline: float | None = None  # time.monotonic() past which the answer ends with finish_reason "deadline"
-
-
-def held_back(text: str, stop) -> int:
-    """Characters at the end of `text` not to show yet: a stop string that may be starting, or
-    a character whose bytes are not all decoded yet (U+FFFD)."""
-    partial = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    undecoded = len(text) - len(text.rstrip("\ufffd"))
-    return max(partial, undecoded)
 
 
 @dataclass
@@ -157,7 +149,13 @@ class Batcher:
                     self._wake.wait()
                 if self._stopping:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug of ours in a step: fail what it held, keep serving the rest
+                for job in [*self.running, *self.joining]:
+                    self._fail(job, e)
+                self._reset()
+                self.joining = []
         for job in [*self.running, *self.waiting]:
             self._fail(job, RuntimeError("the server is shutting down"))
 
