@@ -49,6 +49,17 @@ def test_server_binds_loopback_by_default():
     assert ServeConfig().host == "127.0.0.1"
 
 
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("max_batch", 0, "max_batch must be >= 1, got 0"),
+    ("deadline_s", -1.0, "deadline_s must be >= 0 (0 = no limit), got -1.0"),
+])
+def test_batch_settings_are_checked_at_load(setting, value, message):
+    from picoalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServeConfig(**{setting: value})
+
+
 def test_health_and_models(server, client):
     url, _ = server
     health = httpx.get(url + "/health").json()  # no key needed

@@ -174,8 +174,12 @@ class Batcher:
                 for job in self.running:
                     self._fail(job, e)
                 self._reset()
-        if joining:
-            self._prefill(joining)
+        plain = [j for j in joining if not j.wants.echo]
+        if plain:
+            self._prefill(plain)
+        for job in joining:  # echo needs the logits at every prompt position: one prompt at a time bounds them
+            if job.wants.echo:
+                self._prefill([job])
         with self._wake:
             self.joining = []
         self._drop_finished()
@@ -234,7 +238,7 @@ class Batcher:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         from transformers import DynamicCache
 
-        echo = any(j.wants.echo for j in jobs)
+        echo = any(j.wants.echo for j in jobs)  # (then `jobs` is that one request)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          cache=DynamicCache(), use_cache=True, logits_to_keep=0 if echo else 1)
         logits = out.logits.float()
