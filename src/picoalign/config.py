@@ -39,8 +39,6 @@ DTYPES = ("auto", "bf16", "fp32")
 # keys (tested); config stays free of torch imports, so the names live on this side.
 DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
-# The stages `picoalign run` chains, in their usual order (pipeline.py runs them).
-RUN_STAGES = ("data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -190,10 +188,16 @@ class TrainConfig:
     mlflow_uri: str = opt("", "MLflow tracking URI (empty: ./mlruns; under `picoalign run`, runs/<tag>/mlruns)",
                           env="MLFLOW_TRACKING_URI")
     progress: bool = opt(True, "show a progress bar")
+    threads: int = opt(0, "torch threads on a CPU (0 = torch's default: one per physical core; on a box "
+                       "shared with another torch process, 1: see README)", env="PICOALIGN_THREADS")
+    compile: bool = opt(False, "torch.compile the decoder (its compile time shows in step 1; measured slower "
+                        "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = one per physical core); got {self.threads}")
         one_of("schedule", self.schedule, ("cosine", "constant"))
         check_dtype(self.dtype, training=True)
         check_device(self.device)
@@ -344,18 +348,13 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
-    stages: str = opt("data,sft,dpo,eval,report", f"the stages to run, in order: any of {', '.join(RUN_STAGES)}")
+    stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
 
     def __post_init__(self) -> None:
         check_device(self.device)
         check_dtype(self.dtype, training=True)  # shared with the training stages
-        names = self.stage_names()
-        if not names:
-            raise ConfigError(f"stages: name at least one of {', '.join(RUN_STAGES)}")
-        unknown = [s for s in names if s not in RUN_STAGES]
-        if unknown:
-            raise ConfigError(f"stages: unknown stage {unknown[0]!r} in {self.stages!r} "
-                              f"(known: {', '.join(RUN_STAGES)})")
+        # the names in `stages` are checked against the stage registry (stages.py:check_run_stages)
+        # when the run loads, before the first stage starts: the registry imports this module
 
     def stage_names(self) -> list[str]:
         """`stages` as a list: 'data, sft' -> ['data', 'sft']."""
@@ -399,12 +398,6 @@ class PicoConfig:
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ConfigError(f"pico: n_heads ({self.n_heads}) must divide d_model ({self.d_model}) "
                               f"and be a multiple of n_kv_heads ({self.n_kv_heads})")
-
-    def to_hf(self):
-        """The equivalent `transformers.LlamaConfig` (vocab_size must be set)."""
-        from picoalign.models.pico import llama_config
-
-        return llama_config(self)
 
 
 @dataclass

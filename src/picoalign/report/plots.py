@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picoalign.report.load import LOGGED_STAGES, MODELS, dig, num, read_log, series
+from picoalign.report.load import LOGGED_STAGES, MODELS, dig, frontier_points, num, read_log, series
+from picoalign.report.sections import fmt_metric
 
 COLORS = {"train": "#1f77b4", "val": "#d62728", "chosen": "#2ca02c", "rejected": "#d62728", "margin": "#555555"}
 MODEL_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#ff7f0e"}
@@ -195,8 +196,6 @@ def plot_metrics(metrics: dict, out_png: str | Path) -> Path | None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
-    from picoalign.report.sections import fmt_metric
-
     values = {key: [num(dig(metrics, "models", m, key)) for m in MODELS] for key, _, _ in BARS}
     if all(v is None for vs in values.values() for v in vs):
         return None
@@ -228,16 +227,6 @@ def plot_metrics(metrics: dict, out_png: str | Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Held-out metrics by model (error bars: 95% bootstrap intervals)", fontsize=12)
     return write_png(fig, out_png)
-
-
-def frontier_points(metrics: dict) -> list[dict]:
-    """The frontier's points (`picoalign frontier`), SFT first, then by sft_weight and β."""
-    points = dig(metrics, "frontier", "points")
-    if not isinstance(points, dict):
-        return []
-    rows = [p for p in points.values() if isinstance(p, dict) and num(p.get("kl_to_ref")) is not None]
-    return sorted(rows, key=lambda p: (p.get("beta") is not None, num(p.get("sft_weight")) or 0.0,
-                                       -(num(p.get("beta")) or 0.0)))
 
 
 def plot_frontier(metrics: dict, out_png: str | Path) -> Path | None:

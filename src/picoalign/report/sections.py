@@ -15,7 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from picoalign.report.load import MODELS, Run, dig, head_tail, num, series, stage_seconds
+from picoalign.report.load import (
+    MODELS,
+    Run,
+    dig,
+    frontier_points,
+    head_tail,
+    num,
+    series,
+    stage_seconds,
+)
 
 DASH = "—"
 SPLITS = ("train", "val", "test")
@@ -316,8 +325,6 @@ def verdict(run: Run, t: dict) -> str:
 
 def frontier(run: Run, t: dict, images: set[str]) -> str:
     """The reward-vs-KL frontier of `picoalign frontier`, when it was run."""
-    from picoalign.report.plots import frontier_points
-
     points = frontier_points(run.metrics or {})
     if not points:
         return t["no_frontier"].format(tag=plain(run.tag))

@@ -13,31 +13,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+CHUNK_ROWS = 256  # logit rows per fp32 block: 256 x 49k x 4 bytes = 50 MB, reused by the allocator
+
 
 class _TokenLogps(torch.autograd.Function):
     """log p(label) = logit[label] − logsumexp(logits), keeping only the logits for backward.
 
     autograd through `log_softmax(-1)[rows, labels]` keeps the (K, V) log-softmax, then in
     backward fills a (K, V) zero tensor for the indexing and writes a third (K, V) tensor; with a
-    49k vocabulary that is half a GiB each for a few thousand targets. Here backward writes one:
+    49k vocabulary that is half a GiB each for a few thousand targets. Here forward keeps only the
+    row's log-sum-exp, and backward writes one tensor in the logits' dtype:
     −softmax(logits) · (sum of the row's output grads), plus each output's grad at its label.
+    Both run in fp32 blocks of `CHUNK_ROWS` rows, so no (K, V) fp32 tensor is ever made (a fresh
+    one is a fresh mapping from the OS, page-faulted in on every step).
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, rows: Tensor, labels: Tensor) -> Tensor:
-        log_probs = logits.float().log_softmax(-1)  # freed on return; lse = logit − log-prob
-        lse = logits[:, 0].float() - log_probs[:, 0]
+        lse = torch.cat([block.float().logsumexp(-1) for block in logits.split(CHUNK_ROWS)])
         ctx.save_for_backward(logits, lse, rows, labels)
-        return log_probs[rows, labels]
+        return logits[rows, labels].float() - lse[rows]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         logits, lse, rows, labels = ctx.saved_tensors
         grad = grad.float()
         per_row = torch.zeros_like(lse).index_add_(0, rows, grad)
-        grad_logits = logits.float().sub(lse[:, None]).exp_().mul_(-per_row[:, None])
-        grad_logits.index_put_((rows, labels), grad, accumulate=True)
-        return grad_logits.to(logits.dtype), None, None
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, len(logits), CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, len(logits))
+            block = logits[start:stop].float().sub_(lse[start:stop, None]).exp_().mul_(-per_row[start:stop, None])
+            here = (rows >= start) & (rows < stop)  # the targets read from these rows
+            block.index_put_((rows[here] - start, labels[here]), grad[here], accumulate=True)
+            grad_logits[start:stop] = block
+        return grad_logits, None, None
 
 
 def token_logps(logits: Tensor, labels: Tensor, rows: Tensor | None = None) -> Tensor:
