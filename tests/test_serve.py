@@ -321,9 +321,10 @@ def test_a_failure_inside_a_handler_is_a_json_500(server, monkeypatch):
 
 
 def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeypatch):
-    """A client gives up after 0.5 s on a 64-token answer that takes ~3 s (each decode step made
-    to last 50 ms, end-of-turn tokens masked so the answer cannot end by itself): the generation
-    stops within a few steps of the disconnect instead of running to max_tokens."""
+    """A client gives up after 1 s on a 64-token answer that takes over 3 s (each decode step
+    made to last 50 ms more, end-of-turn tokens masked so the answer cannot end by itself): the
+    generation stops within a few steps of the disconnect instead of running to max_tokens
+    (at most 20 steps fit in the second before, and about as many in the second after)."""
     from picoalign.generation.batched import end_ids
 
     url, app = server
@@ -340,7 +341,7 @@ def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeyp
 
     monkeypatch.setattr(model, "forward", slow_forward)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=0.5,
+        httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=1.0,
                    json={"messages": HELLO, "max_tokens": 64, "temperature": 0})
     left = time.monotonic()
     deadline = left + 10
@@ -348,7 +349,7 @@ def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeyp
         time.sleep(0.02)
     monkeypatch.undo()
     assert (engine.batcher.status()["running"], engine.batcher.status()["waiting"]) == (0, 0)
-    assert 3 < len(steps) < 40, len(steps)
+    assert 2 <= len(steps) < 45, len(steps)
     assert steps[-1] - left < 1.0  # the last step began within a second of the disconnect
 
 
