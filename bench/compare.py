@@ -597,7 +597,7 @@ def run_generate(args, env: dict, peaks: dict) -> dict:
     import torch
 
     from picoalign.data.formats import read_sft
-    from picoalign.eval.generate import generate
+    from picoalign.generation.batched import generate
     from picoalign.models.load import load_model, pick_dtype
     from picoalign.train.batching import as_messages
     from picoalign.train.loop import autocast_for

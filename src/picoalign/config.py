@@ -545,7 +545,10 @@ class ServeConfig(DecodeConfig):
     max_tokens: int = opt(1024, "the most tokens one request may ask for (larger asks get a 400)")
     max_prompt_chars: int = opt(32000, "longest prompt accepted, in characters (all messages together)")
     max_body_bytes: int = opt(1_000_000, "largest request body accepted, in bytes (larger gets a 413)")
-    queue_size: int = opt(8, "requests that may wait while one generates; beyond that a 503")
+    max_batch: int = opt(16, "requests generated together (continuous batching; bounds memory); 1 = one at a time")
+    queue_size: int = opt(8, "requests that may wait while max_batch generate; beyond that a 503")
+    deadline_s: float = opt(600.0, "seconds a request may take, waiting included; then it ends with finish_reason "
+                            "`deadline` (0 = no limit)")
     seed: int = opt(0, "seed of requests that give none (0 = a fresh random seed per request)", env="SEED")
     log_level: str = opt("info", "uvicorn log level: critical | error | warning | info | debug")
 
@@ -557,6 +560,10 @@ class ServeConfig(DecodeConfig):
             raise ConfigError(f"need 1 <= max_new_tokens ({self.max_new_tokens}) <= max_tokens ({self.max_tokens})")
         if min(self.max_prompt_chars, self.max_body_bytes) < 1 or self.queue_size < 0:
             raise ConfigError("max_prompt_chars and max_body_bytes must be >= 1, queue_size >= 0")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.deadline_s < 0:
+            raise ConfigError(f"deadline_s must be >= 0 (0 = no limit), got {self.deadline_s}")
 
 
 @dataclass

@@ -24,10 +24,10 @@ import torch
 
 from picoalign.config import EvalConfig, save_config
 from picoalign.data.formats import read_preferences, read_sft
-from picoalign.eval.generate import generate
 from picoalign.eval.judges import PRIMARY, VADER, Judge, judge_pairs, pair_accuracy
 from picoalign.eval.stats import mean_ci, paired
 from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
+from picoalign.generation.batched import generate
 from picoalign.io import read_json, write_json, write_jsonl
 from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
 from picoalign.train.batching import pair_batches, render_prompt, sft_batches

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from picoalign.config import ExportConfig
-from picoalign.eval.generate import end_ids
+from picoalign.generation.batched import end_ids
 from picoalign.io import write_json
 from picoalign.models.load import MARKER, base_of_adapter, load_model, model_identity
 from picoalign.train.batching import render_answer, render_prompt
