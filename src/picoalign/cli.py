@@ -35,7 +35,7 @@ STAGES: dict[str, tuple] = {
     "serve": (C.ServeConfig, "picoalign.serve.app:serve",
               "HTTP API (OpenAI-compatible, /v1/generate) and a chat page", "serve"),
     "export": (C.ExportConfig, "picoalign.use.export:export",
-               "merge a LoRA adapter into its base and save a plain HF model folder", "export"),
+               "merge a LoRA adapter into its base; save an HF folder or a GGUF file (+ Ollama Modelfile)", "export"),
 }
 # Stages that take plain arguments rather than a config class, registered by their modules.
 EXTRA: dict[str, tuple[str, str]] = {

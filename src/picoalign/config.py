@@ -537,19 +537,27 @@ class ServeConfig(DecodeConfig):
 
 @dataclass
 class ExportConfig:
-    """`picoalign export`: merge a LoRA adapter into its base and save a plain HF model folder."""
+    """`picoalign export`: merge a LoRA adapter into its base and save a plain HF model folder,
+    or (--format gguf) one GGUF file for llama.cpp, with an Ollama Modelfile beside it (--ollama)."""
 
     STAGE = "EXPORT"
     model: str = opt("", "the model to export: a LoRA adapter folder (chains too), or any loadable model")
     out: str = opt("", "folder for the merged model (safetensors, tokenizer, chat template, generation config)")
-    dtype: str = opt("fp32", "dtype of the saved weights: fp32 | bf16 | fp16")
+    format: str = opt("hf", "hf (a Hugging Face folder) | gguf (one .gguf file for llama.cpp / Ollama in --out)")
+    dtype: str = opt("fp32", "dtype of the saved weights (hf): fp32 | bf16 | fp16")
+    gguf_type: str = opt("f16", "weight type of the GGUF file: f16 | bf16 | q8_0 (norms stay f32)")
+    ollama: bool = opt(False, "with --format gguf: write an Ollama Modelfile beside the .gguf")
     tolerance: float = opt(1e-4, "largest allowed |merged - (base + adapter)| logit difference (fp32)")
     overwrite: bool = opt(False, "replace an existing --out folder")
 
     def __post_init__(self) -> None:
         if not self.model or not self.out:
             raise ConfigError("export needs --model (the adapter or model) and --out (the new folder)")
+        one_of("format", self.format, ("hf", "gguf"))
         one_of("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        one_of("gguf_type", self.gguf_type, ("f16", "bf16", "q8_0"))
+        if self.ollama and self.format != "gguf":
+            raise ConfigError("ollama: the Modelfile points at a GGUF file; use it with --format gguf")
         if self.tolerance <= 0:
             raise ConfigError("tolerance must be > 0")
 
