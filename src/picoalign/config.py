@@ -64,13 +64,14 @@ def check_device(value: str) -> None:
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
 
 
-def opt(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:
+def opt(default: Any, help: str, env: str | None = None, secret: bool = False, bare: Any = None) -> Any:
     """A config field with its help text and optional environment variable.
 
     A `secret` field (an API key) is left out of `to_dict`, so it never reaches a saved
-    config.yaml or a tracker's parameters.
+    config.yaml or a tracker's parameters. With `bare`, the CLI flag may be given without a
+    value and then means `bare` (`--lm-eval` alone = the offline tasks).
     """
-    meta = {"help": help, "env": env, "secret": secret}
+    meta = {"help": help, "env": env, "secret": secret, "bare": bare}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -274,8 +275,18 @@ class EvalConfig:
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
     judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
+                       "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
+                       "(these download data); empty = off", bare="picoalign")
+    lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
+    lm_eval_batch_size: int = opt(8, "lm-eval batch size")
 
     def __post_init__(self) -> None:
+        for task in (t.strip() for t in self.lm_eval.split(",")):
+            if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
+                raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")
+        if self.lm_eval_limit < 0 or self.lm_eval_batch_size < 1:
+            raise ConfigError("lm_eval_limit must be >= 0 and lm_eval_batch_size >= 1")
         decodings = [d.strip() for d in self.decodings.split(",") if d.strip()]
         if not decodings or any(d not in ("greedy", "top_p") for d in decodings):
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
