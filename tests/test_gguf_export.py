@@ -190,3 +190,28 @@ def test_llama_cpp_chat_completion_ends_at_end_of_turn(exports):
     choice = reply["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
     assert "<|im_end|>" not in choice["message"]["content"]
+
+
+def test_a_tied_model_with_a_bos_adding_tokenizer(plain_tokenizer, tmp_path):
+    """The pico model's shape: output tied to the embedding (no output tensor in the file: llama.cpp
+    reuses token_embd), and a tokenizer that prepends BOS (add_bos_token true, its id recorded)."""
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(plain_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=plain_tokenizer.bos_token_id, eos_token_id=plain_tokenizer.eos_token_id)
+    config.initializer_range = 0.2
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    plain_tokenizer.save_pretrained(tmp_path / "tied")
+    record = export(ExportConfig(model=str(tmp_path / "tied"), out=str(tmp_path / "out"), format="gguf"))
+    assert record["transformers"]["relative_logit_diff"] < 1e-2 and not record["merged_adapter"]
+    reader = GGUFReader(tmp_path / "out" / "model-f16.gguf")
+    fields = {k: v.contents() for k, v in reader.fields.items()}
+    assert fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["tokenizer.ggml.bos_token_id"] == plain_tokenizer.convert_tokens_to_ids("<s>")
+    assert "tokenizer.chat_template" not in fields
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+    assert not (tmp_path / "out" / "Modelfile").exists()
