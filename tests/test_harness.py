@@ -115,3 +115,27 @@ def test_the_lm_eval_flag_alone_means_the_offline_tasks_and_a_bad_name_is_refuse
     assert (cfg.lm_eval, cfg.lm_eval_limit) == ("hellaswag,arc_easy", 200)
     with pytest.raises(ConfigError, match="lm_eval: 'hella swag' is not a task name"):
         EvalConfig(lm_eval="hella swag")
+
+
+@torch.no_grad()
+def test_an_adapter_goes_through_peft_and_an_adapter_chain_is_merged_first(adapter_dir, tmp_path):
+    """A DPO adapter trained on an SFT adapter (a chain) cannot be one `peft=`: picoalign merges it
+    and hands lm-eval the model, which computes what picoalign's own load computes."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from picoalign.eval.harness import hf_model
+
+    single = hf_model(str(adapter_dir), "cpu", "float32", 1)
+    assert isinstance(single.model, PeftModel)
+    torch.manual_seed(2)
+    merged, tokenizer = load_model(str(adapter_dir))
+    chain = tmp_path / "dpo"
+    get_peft_model(merged, LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], init_lora_weights=False,
+                                      task_type="CAUSAL_LM")).save_pretrained(chain)
+    tokenizer.save_pretrained(chain)
+    (chain / "picoalign.json").write_text(json.dumps({"base_model": str(adapter_dir), "complete": True}))
+    lm = hf_model(str(chain), "cpu", "float32", 1)
+    ids = torch.tensor([tokenizer("Hello there.")["input_ids"]])
+    expected = load_model(str(chain))[0].eval()(input_ids=ids).logits
+    assert torch.allclose(lm.model(input_ids=ids).logits, expected, atol=1e-5)
+    assert not torch.allclose(single.model(input_ids=ids).logits, expected, atol=1e-3)  # the chain's top matters

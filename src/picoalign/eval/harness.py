@@ -115,8 +115,10 @@ def hf_model(spec: str, device: str, dtype: str, batch_size: int):
         if not (Path(base).is_dir() and (Path(base) / "adapter_config.json").exists()):
             src = resolve(base)
             return HFLM(pretrained=src.path, gguf_file=src.gguf_file, peft=str(path), tokenizer=tokenizer, **common)
+        import torch
+
         model, _ = load_model(spec, device)  # an adapter chain: merged here, handed over whole
-        return HFLM(pretrained=model, tokenizer=tokenizer, **common)
+        return HFLM(pretrained=model.to(getattr(torch, dtype)).eval(), tokenizer=tokenizer, **common)
     src = resolve(spec)
     return HFLM(pretrained=src.path, gguf_file=src.gguf_file, tokenizer=tokenizer, **common)
 
