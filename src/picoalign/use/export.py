@@ -66,7 +66,8 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.format == "gguf":
         from picoalign.use.gguf_export import export_gguf
 
-        return export_gguf(cfg, model, tokenizer, ids, merged, {
+        prompt_ids = render_prompt(tokenizer, PROBE[0]) if tokenizer.chat_template else tokenizer(PROBE[0])["input_ids"]
+        return export_gguf(cfg, model, tokenizer, ids, merged, prompt_ids, {
             "stage": "export", "complete": True, "source": model_identity(cfg.model),
             "base_model": base_of_adapter(cfg.model) if is_adapter else model_identity(cfg.model),
             "merged_adapter": is_adapter, "probe_tokens": ids.shape[1], "max_abs_logit_diff_merged": merged_diff,

@@ -87,16 +87,18 @@ def check_transformers(folder: Path, name: str, tokenizer, ids: list[int], expec
     return {"relative_logit_diff": diff, "same_tokens": same_tokens, "same_chat_template": True}
 
 
-def check_llamacpp(path: Path, model, tokenizer, ids: list[int], expected: np.ndarray, tol: float) -> dict:
-    """Run the file in llama.cpp and compare it with the merged model."""
+def check_llamacpp(path: Path, model, tokenizer, ids: list[int], expected: np.ndarray, tol: float,
+                   prompt_ids: list[int]) -> dict:
+    """Run the file in llama.cpp and compare it with the merged model: logits on the probe
+    conversation `ids`, greedy answers to its prompt `prompt_ids`."""
     ends = set(end_ids(model, tokenizer))
     llm = llamacpp_check.open_model(path, n_ctx=max(128, len(ids) + GREEDY_TOKENS + 8))
     text = tokenizer.decode(ids)
     llama_tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
     same_tokens = llama_tokens == tokenizer(text, add_special_tokens=False)["input_ids"]
     diff = relative_diff(llamacpp_check.next_token_logits(llm, ids), expected)
-    llama_greedy = llamacpp_check.greedy(llm, ids, GREEDY_TOKENS, ends)
-    hf_greedy = greedy_hf(model, ids, GREEDY_TOKENS, ends)
+    llama_greedy = llamacpp_check.greedy(llm, prompt_ids, GREEDY_TOKENS, ends)
+    hf_greedy = greedy_hf(model, prompt_ids, GREEDY_TOKENS, ends)
     agree = next((i for i, (a, b) in enumerate(zip(llama_greedy, hf_greedy)) if a != b),
                  min(len(llama_greedy), len(hf_greedy)))
     want = tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False, add_generation_prompt=True) \
@@ -123,8 +125,10 @@ def check_llamacpp(path: Path, model, tokenizer, ids: list[int], expected: np.nd
     }
 
 
-def export_gguf(cfg, model, tokenizer, ids: torch.Tensor, expected: torch.Tensor, record: dict) -> dict:
-    """Write, check and place the GGUF folder; `expected` are the merged model's probe logits."""
+def export_gguf(cfg, model, tokenizer, ids: torch.Tensor, expected: torch.Tensor, prompt_ids: list[int],
+                record: dict) -> dict:
+    """Write, check and place the GGUF folder; `expected` are the merged model's logits on the probe
+    conversation `ids`, `prompt_ids` its prompt alone (greedy answers are compared from there)."""
     out = Path(cfg.out)
     name = f"model-{cfg.gguf_type}.gguf"
     plan = gguf_plan(model, tokenizer, end_of_turn_id(tokenizer), name=out.name)  # refuses before writing
@@ -141,7 +145,7 @@ def export_gguf(cfg, model, tokenizer, ids: torch.Tensor, expected: torch.Tensor
                       gguf_pre_tokenizer=plan.vocab.pre, bytes=(tmp / name).stat().st_size)
         record["transformers"] = check_transformers(tmp, name, tokenizer, probe, want, tol)
         if llamacpp_check.available():
-            record["llama_cpp"] = check_llamacpp(tmp / name, model, tokenizer, probe, want, tol)
+            record["llama_cpp"] = check_llamacpp(tmp / name, model, tokenizer, probe, want, tol, prompt_ids)
         else:
             record["llama_cpp"] = None
             print("export: llama-cpp-python is not installed, so the file was checked with transformers' GGUF "
