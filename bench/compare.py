@@ -60,9 +60,9 @@ def rss_peak_since_reset_gib() -> float:
 
 
 def has_fast_bf16() -> bool:
-    from picoalign.models.load import _cpu_has_fast_bf16
+    from picoalign.models.load import cpu_has_fast_bf16
 
-    return _cpu_has_fast_bf16()
+    return cpu_has_fast_bf16()
 
 
 def resolve_dtype(setting: str) -> str:
@@ -191,7 +191,7 @@ def _expect(conn, event: str, who: str) -> dict:
 
 
 def ours_setup(spec: dict):
-    """`picoalign sft/dpo`'s own path: prepare() -> SFTTask/DPOTask -> the loop's `_step`."""
+    """`picoalign sft/dpo`'s own path: prepare() -> SFTTask/DPOTask -> the loop's `train_step`."""
     import torch
 
     from picoalign.config import DPOConfig, LoraConfig, SFTConfig
@@ -199,7 +199,7 @@ def ours_setup(spec: dict):
     from picoalign.train.sft import SFTTask
     from picoalign.train.stage import prepare
 
-    common = dict(model=BUILTIN, data=spec["data"], out=str(Path(spec["tmp"]) / "ours"), dtype=spec["dtype"],
+    common = dict(model=spec.get("model", BUILTIN), data=spec["data"], out=str(Path(spec["tmp"]) / "ours"), dtype=spec["dtype"],
                   seed=SEED, lora=LoraConfig(r=LORA_R, alpha=LORA_ALPHA), batch_size=BATCH,
                   max_length=MAX_LENGTH, max_steps=spec["total_steps"], epochs=0, progress=False,
                   tensorboard=False)
@@ -222,10 +222,10 @@ def ours_setup(spec: dict):
     device, dtype = p.device, p.dtype
 
     def step() -> dict:
-        epoch, k = divmod(state.micro, len(batches))  # the batch `_step` is about to take
+        epoch, k = divmod(state.micro, len(batches))  # the batch `train_step` is about to take
         batch = batches[loop.batch_order(len(batches), epoch, cfg.seed)[k]]
         t = time.perf_counter()
-        metrics, computed = loop._step(task, batches, state, cfg, opt, sched, params, device, dtype)
+        metrics, computed = loop.train_step(task, batches, state, cfg, opt, sched, params, device, dtype).read(device)
         dt = time.perf_counter() - t
         tokens, pairs = (computed, 0) if spec["mode"] == "sft" else (logical_pair_tokens(batch), batch.n_seqs // 2)
         return {"s": dt, "tokens": tokens, "computed_tokens": computed, "pairs": pairs, "loss": metrics["loss"]}
@@ -238,8 +238,12 @@ def ours_setup(spec: dict):
             step()
         return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
 
+    from picoalign.train.flops import matmul_parameters
+
     n_all = sum(q.numel() for q in task.model.parameters())
-    info = {"setup_s": setup_s, "precompute_s": getattr(task, "precompute_s", None), "n_params": n_all,
+    info = {"setup_s": setup_s, "n_matmul": matmul_parameters(task.model),
+            "padded_tokens": sum(b.input_ids.numel() for b in batches) / len(batches),
+            "precompute_s": getattr(task, "precompute_s", None), "n_params": n_all,
             "n_trainable": sum(q.numel() for q in params), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
             "threads": torch.get_num_threads(), "n_batches": len(batches),
             "config": ("one row per example, length-sorted batches, logits only at targets" if spec["mode"] == "sft" else
@@ -449,6 +453,7 @@ def run_training(args, env: dict, peaks: dict) -> dict:
             child.close()
             sides[name] = {"proc": proc, "conn": parent, "info": _expect(parent, "ready", name), "steps": []}
             print(f"[{name}] ready: setup {sides[name]['info']['setup_s']:.1f}s", flush=True)
+        peaks["model"] = model_shape_peak(dtype, int(sides["picoalign"]["info"]["padded_tokens"]))  # both idle
         for name, k, timed in schedule(args.warmup, args.steps, args.block):
             sides[name]["conn"].send(("run", k))
             steps = _expect(sides[name]["conn"], "block", name)["steps"]
@@ -471,6 +476,27 @@ def run_training(args, env: dict, peaks: dict) -> dict:
     return summarise_training(args, sides, peaks, dtype)
 
 
+def model_shape_peak(dtype_name: str, tokens: int) -> dict:
+    """The ceiling for this model's own matmuls: each linear shape of the built-in model as one
+    [tokens x in]·[in x out] matmul at the step's token count, best of 3, weighted by its use
+    (picoalign.train.flops, the figure the training log's MFU is against); both sides idle meanwhile."""
+    import torch
+
+    from picoalign.models.load import load_model
+    from picoalign.train.flops import linear_shapes, measure_shapes, peak_from
+
+    model, _ = load_model(BUILTIN)
+    shapes = linear_shapes(model)
+    del model
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    seconds = measure_shapes(shapes, tokens, dtype, torch.device("cpu"))
+    per_shape = {f"[{tokens}x{i}]·[{i}x{o}]": 2 * tokens * i * o / seconds[(i, o)] / 1e9 for i, o in shapes}
+    peak = peak_from(shapes, tokens, seconds) / 1e9
+    print(f"model-shape peak ({dtype_name}, {tokens} tokens): {peak:.1f} GFLOP/s; per shape: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in per_shape.items()), flush=True)
+    return {"gflops": peak, "tokens": tokens, "per_shape_gflops": per_shape}
+
+
 def flops_factor(mode: str, side: str, peer_config: str) -> int:
     """FLOPs per parameter per token: 4 (forward + input-grad, LoRA), +2 for a live reference forward."""
     live_reference = mode == "dpo" and side == "peer" and peer_config == "default"
@@ -484,7 +510,9 @@ def summarise_training(args, sides: dict, peaks: dict, dtype: str) -> dict:
         total_s = sum(s["s"] for s in steps)
         tokens = sum(s["tokens"] for s in steps)
         factor = flops_factor(args.mode, name, args.peer_config)
-        gflops = factor * info["n_params"] * tokens / total_s / 1e9 if total_s else float("nan")
+        # N = the weights of the linear layers (the same model on both sides; the embedding is a lookup)
+        n_matmul = sides["picoalign"]["info"]["n_matmul"]
+        gflops = factor * n_matmul * tokens / total_s / 1e9 if total_s else float("nan")
         rows[name] = {
             "config": info["config"], "dtype": info["dtype"], "threads": info["threads"],
             "s_per_step": total_s / len(steps), "s_per_step_sd": statistics.pstdev([s["s"] for s in steps]),
@@ -493,12 +521,19 @@ def summarise_training(args, sides: dict, peaks: dict, dtype: str) -> dict:
             "pairs_per_s": (sum(s["pairs"] for s in steps) / total_s) if args.mode == "dpo" else None,
             "computed_tokens_per_step": (sum(s.get("computed_tokens", s["tokens"]) for s in steps) / len(steps)),
             "flops_factor": factor, "gflops": gflops, "peak_share": gflops / peaks[info["dtype"]]["gflops"],
+            "mfu": gflops / peaks["model"]["gflops"], "n_matmul": n_matmul,
             "peak_rss_gib": side["done"]["rss_gib"], "train_rss_gib": side["done"]["train_rss_gib"],
             "setup_s": info["setup_s"], "precompute_s": info["precompute_s"], "n_params": info["n_params"],
+            # one epoch of the --examples pairs, its reference precompute included
+            "epoch_pairs_per_s": (args.examples / ((info["precompute_s"] or 0.0)
+                                                   + total_s / len(steps) * math.ceil(args.examples / BATCH)))
+            if args.mode == "dpo" else None,
             "n_trainable": info["n_trainable"], "steps_timed": len(steps),
         }
     peer, ours = rows["peer"], rows["picoalign"]
     ratio = {"step_time_ours_over_peer": ours["s_per_step"] / peer["s_per_step"],
+             "epoch_pairs_per_s_ours_over_peer": (ours["epoch_pairs_per_s"] / peer["epoch_pairs_per_s"]
+                                                   if args.mode == "dpo" else None),
              "tokens_per_s_ours_over_peer": ours["tokens_per_s"] / peer["tokens_per_s"],
              "peak_rss_ours_over_peer": ours["peak_rss_gib"] / peer["peak_rss_gib"],
              # each picoalign step against the peer step just before it: robust to load that comes and goes
@@ -509,15 +544,16 @@ def summarise_training(args, sides: dict, peaks: dict, dtype: str) -> dict:
 def print_training(args, env: dict, peaks: dict, result: dict, notes: list[str]) -> None:
     rows, ratio = result["rows"], result["ratio"]
     pairs = args.mode == "dpo"
-    head = ["side", "dtype", "s/step (mean ± sd)", "median", "tokens/s"] + (["pairs/s"] if pairs else []) + \
-        ["GFLOP/s", "% peak", "peak RSS", "train RSS", "precompute"]
+    head = ["side", "dtype", "s/step (mean ± sd)", "median", "tokens/s"] + (["pairs/s", "epoch pairs/s"] if pairs else []) + \
+        ["GFLOP/s", "MFU", "% 2048² peak", "peak RSS", "train RSS", "precompute"]
     table = []
     for name, r in rows.items():
         cells = [name, r["dtype"], f"{r['s_per_step']:.2f} ± {r['s_per_step_sd']:.2f}",
                  f"{r['s_per_step_median']:.2f}", f"{r['tokens_per_s']:.0f}"]
-        cells += [f"{r['pairs_per_s']:.3f}"] if pairs else []
+        cells += [f"{r['pairs_per_s']:.3f}", f"{r['epoch_pairs_per_s']:.3f}"] if pairs else []
         pre = "-" if r["precompute_s"] is None else f"{r['precompute_s']:.1f}s"
-        cells += [f"{r['gflops']:.1f}", f"{100 * r['peak_share']:.1f}%", f"{r['peak_rss_gib']:.2f} GiB",
+        cells += [f"{r['gflops']:.1f}", f"{100 * r['mfu']:.1f}%", f"{100 * r['peak_share']:.1f}%",
+                  f"{r['peak_rss_gib']:.2f} GiB",
                   f"{r['train_rss_gib']:.2f} GiB", pre]
         table.append(cells)
     print()
@@ -526,13 +562,16 @@ def print_training(args, env: dict, peaks: dict, result: dict, notes: list[str])
           f"(speed-up {1 / ratio['step_time_ours_over_peer']:.2f}x), tokens/s "
           f"{ratio['tokens_per_s_ours_over_peer']:.2f}x, peak RSS {ratio['peak_rss_ours_over_peer']:.2f}x; "
           f"median of step-by-step ratios (each picoalign step / the peer step before it) "
-          f"{ratio['paired_median_step_ratio']:.2f}x")
+          f"{ratio['paired_median_step_ratio']:.2f}x"
+          + (f"; pairs/s over one epoch with its precompute {ratio['epoch_pairs_per_s_ours_over_peer']:.2f}x"
+             if pairs else ""))
     for name, r in rows.items():
         print(f"  {name}: {r['config']}; {r['steps_timed']} timed steps, {r['tokens_per_step']:.0f} real tokens/step"
               + (f" ({r['computed_tokens_per_step']:.0f} run through the model)"
                  if r["computed_tokens_per_step"] != r["tokens_per_step"] else "")
               + f", setup {r['setup_s']:.1f}s, {r['n_trainable'] / 1e6:.2f}M of {r['n_params'] / 1e6:.1f}M params "
-              f"trainable, FLOPs = {r['flops_factor']} x params x tokens")
+              f"trainable, FLOPs = {r['flops_factor']} x N x tokens (N = the linear layers' "
+              f"{r['n_matmul'] / 1e6:.1f}M weights); MFU against the model-shape peak")
     for note in notes:
         print(f"  note: {note}")
 

@@ -6,7 +6,7 @@
 
 `n` counts every POST to /v1/chat/completions from 0, the health check included. `writer` is a
 well-behaved model: it answers the health check, the story and pair requests of
-data/llm_rows.py (one item per `### id N` block) and, as a judge, prefers the answer that
+data/llm_requests.py (one item per `### id N` block) and, as a judge, prefers the answer that
 contains `prefer`, with the confidence given. `small_teacher` answers as a tiny model behind
 llama.cpp's OpenAI-compatible server does: valid JSON (its grammar for `json_object`) of the
 wrong shape, or cut off at max_tokens.

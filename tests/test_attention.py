@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from picoalign.train.attention import SpanLayout, spans_attention
-from picoalign.train.batching import RowBuilder, encode, forward_logps, pack_examples, pack_pairs
+from picoalign.train.batching import (
+    PackedBatch,
+    RowBuilder,
+    encode,
+    forward_logps,
+    pack_examples,
+    pack_pairs,
+)
 from picoalign.train.losses import sequence_logps
 
 PROMPT = "Write a horror story about a lighthouse."
@@ -87,11 +94,16 @@ def test_pair_batch_runs_causal_kernels_with_the_same_logps_and_grads(chat_token
         return seq.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     calls = record_sdpa(monkeypatch)
+    built = []  # the dense (B, 1, L, L) mask is made only for a forward that reads it
+    real_mask = PackedBatch.dense_mask
+    monkeypatch.setattr(PackedBatch, "dense_mask", lambda self: built.append(1) or real_mask(self))
     got, got_grads = logps_and_grads(batch)
     assert calls == [(False, True)] * (2 * model.config.num_hidden_layers)
+    assert built == []
     calls.clear()
     want, want_grads = logps_and_grads(dataclasses.replace(batch, spans=None))
     assert calls == [(True, False)] * model.config.num_hidden_layers
+    assert built == [1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for name, g in got_grads.items():
         # fp32 sums in another order: the error scales with the gradient's size (up to ~54 here,

@@ -16,11 +16,13 @@ from helpers import naive_answer_logps
 
 from picoalign.train.batching import (
     Encoded,
+    RowBuilder,
     encode,
     encode_conversation,
     forward_logps,
     pack_examples,
     pack_pairs,
+    stack_rows,
 )
 from picoalign.train.losses import sequence_logps
 
@@ -246,3 +248,35 @@ def test_sft_rows_match_naive_forward(chat_tokenizer, tiny_llama):
             expected.append(naive_answer_logps(tiny_llama, done, ids))
         done = done + ids
     torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=0)
+
+
+def test_the_dense_mask_is_built_on_demand_from_the_compact_layout():
+    """Row 1 [prompt 1 2, answer 3, answer 4 5]; row 2 two examples [7, 8] [7, 8] and a pad: the
+    masks written out by hand. The batch holds only (B, L) tensors; the (B, 1, L, L) mask exists
+    only when asked for."""
+    row = RowBuilder()
+    row.add([1, 2], [[3], [4, 5]], group=0)
+    two = RowBuilder()
+    two.add([7], [[8]], group=0)
+    two.add([7], [[8]], group=1)  # a second example in the row: never sees the first
+    batch = stack_rows([row, two], pad_id=0)
+    assert all(v.dim() <= 2 for v in vars(batch).values() if isinstance(v, torch.Tensor))
+    T, F = True, False
+    first = torch.tensor([
+        [T, F, F, F, F],  # 1
+        [T, T, F, F, F],  # 2
+        [T, T, T, F, F],  # 3: prompt + itself
+        [T, T, F, T, F],  # 4: prompt, not the sibling answer 3
+        [T, T, F, T, T],  # 5
+    ])
+    second = torch.tensor([
+        [T, F, F, F, F],  # 7
+        [T, T, F, F, F],  # 8
+        [F, F, T, F, F],  # 7 of the second example
+        [F, F, T, T, F],  # 8 of the second example
+        [F, F, F, F, T],  # pad: only itself
+    ])
+    got = batch.dense_mask()
+    assert got.shape == (2, 1, 5, 5)
+    assert torch.equal(got[0, 0], first)
+    assert torch.equal(got[1, 0], second)

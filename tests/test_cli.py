@@ -15,12 +15,14 @@ import time
 import pytest
 import yaml
 
+from picoalign import stages as registry
 from picoalign.cli import build_parser, config_from_args, main
 from picoalign.config import DataConfig, DPOConfig, SFTConfig, load_config
 from picoalign.io import read_json
+from picoalign.stages import InRun, Stage, check_registry, run_order
 
 HELP_LIMIT_S = 10.0  # coarse (2 shared cores); the strict check is the import test below
-STAGES = ["data", "sft", "dpo", "eval", "frontier", "run", "report", "check-data", "generate", "chat", "serve", "export"]
+STAGES = list(registry.STAGES)  # every command, from the one registry
 ENV_NAMES = ["SEED", "DEVICE", "DATA_PROVIDER", "N_SFT_TRAIN", "N_SFT_VAL", "N_SFT_TEST", "N_DPO_TRAIN",
              "N_DPO_VAL", "N_DPO_TEST", "SFT_MAX_STEPS", "SFT_EPOCHS", "SFT_MAX_SECONDS", "DPO_MAX_STEPS",
              "DPO_EPOCHS", "DPO_MAX_SECONDS", "RUN_TAG", "BASE_CKPT_OVERRIDE", "MLFLOW_TRACKING_URI"]
@@ -106,7 +108,7 @@ def test_data_command_writes_the_files_and_the_resolved_config(tmp_path, clean_e
     (["data", "--set", "nope=1"], r"unknown setting (data\.)?nope"),  # (the section may be named)
     (["sft", "--set", "lora.nope=1"], r"unknown setting (sft\.)?lora\.nope"),
     (["data", "--set", "n_sft_train=many"], r"n_sft_train: cannot read 'many' as int"),
-    (["dpo", "--loss", "kto"], r"loss must be one of sigmoid, cdpo, ipo, hinge, robust; got 'kto'"),
+    (["dpo", "--loss", "rlhf"], r"loss must be one of sigmoid, cdpo, ipo, hinge, robust, orpo, simpo, kto; got 'rlhf'"),
     (["sft", "--dtype", "fp16"], r"dtype=fp16 cannot train.*no gradient scaler.*use dtype=bf16"),
     (["dpo", "--dtype", "float16"], r"dtype must be one of auto, bf16, fp32; got 'float16'"),
     (["eval", "--dtype", "half"], r"dtype must be one of auto, bf16, fp32; got 'half'"),
@@ -182,3 +184,67 @@ def test_a_run_file_gives_each_stage_its_section(tmp_path, clean_env):
     dpo = config_from_args("dpo", parser.parse_args(["dpo", "--config", str(config), "--lr", "0.9"]))
     assert (sft.lr, sft.max_steps, sft.seed) == (0.5, 7, 3)
     assert (dpo.lr, dpo.max_steps, dpo.seed) == (0.9, 0, 3)
+
+
+# ---------------------------------------------------------------- the stage registry
+
+
+def test_the_cli_has_one_subcommand_per_registry_entry_in_its_order():
+    sub = next(a for a in build_parser()._actions if a.dest == "stage")
+    assert list(sub.choices) == STAGES
+    assert STAGES[:7] == ["data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report"]
+    for name in ("deid", "check-data", "run", "frontier", "export"):  # the commands the old hand list missed
+        assert name in STAGES
+
+
+def test_run_chains_the_registry_stages_that_have_a_run_part():
+    assert run_order() == ("data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report")
+    assert registry.run_sections() == {"data": DataConfig, "tokenizer": registry.C.TokenizerConfig,
+                                       "pretrain": registry.C.PretrainConfig, "sft": SFTConfig,
+                                       "dpo": DPOConfig, "eval": registry.C.EvalConfig}
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_registry_target_is_a_function_taking_a_config_or_the_arguments(name):
+    import inspect
+
+    stage = registry.STAGES[name]
+    params = list(inspect.signature(stage.function()).parameters)
+    assert len(params) >= 1, stage.target
+    if stage.run and stage.run.call:
+        assert len(inspect.signature(stage.function(stage.run.call)).parameters) >= 1
+
+
+@pytest.mark.parametrize(("key", "entry", "message"), [
+    ("sft", Stage("sft", "x", "picoalign.train.sft:sft", DataConfig), r"DataConfig is not its config"),
+    ("sft", Stage("sft", "x", "picoalign.train.sft.sft", SFTConfig), r"target 'picoalign.train.sft.sft' is not"),
+    ("report", Stage("report", "x", "picoalign.report.build:main", run=InRun(lambda root, run: {})),
+     r"needs `call`"),
+    ("sft", Stage("other", "x", "picoalign.report.build:main"), r"entry 'sft' holds the stage named 'other'"),
+])
+def test_the_registry_check_refuses_an_entry_that_does_not_fit(monkeypatch, key, entry, message):
+    check_registry()  # the real one fits
+    monkeypatch.setitem(registry.STAGES, key, entry)
+    with pytest.raises(ValueError, match=message):
+        check_registry()
+
+
+def test_a_new_stage_is_one_registry_entry_plus_its_module(tmp_path, clean_env, capsys, monkeypatch):
+    """A `hello` stage in a module of its own: `picoalign hello` calls it with its arguments,
+    `run` chains it (after the others, as the entry is last) with the run folder, `run.stages`
+    accepts its name, and `--help` lists it."""
+    (tmp_path / "hello_stage.py").write_text(
+        "from pathlib import Path\n\n"
+        "def main(argv):\n    print('hello', *argv)\n\n"
+        "def write(root):\n    Path(root, 'hello.txt').write_text('hi')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(registry.STAGES, "hello", Stage(
+        "hello", "say hello", "hello_stage:main", run=InRun(lambda root, run: {}, call="hello_stage:write")))
+    monkeypatch.chdir(tmp_path)
+    assert main(["hello", "a", "b"]) == 0 and capsys.readouterr().out == "hello a b\n"
+    assert "say hello" in build_parser().format_help()
+    assert main(["run", "--set", "stages=hello", "--tag", "x"]) == 0
+    assert (tmp_path / "runs" / "x" / "hello.txt").read_text() == "hi"
+    assert "hello" in read_json(tmp_path / "runs" / "x" / "metrics.json")["run"]["stage_seconds"]
+    assert main(["run", "--set", "stages=helo", "--tag", "y"]) == 2
+    assert "unknown stage 'helo'" in capsys.readouterr().err and not (tmp_path / "runs" / "y").exists()

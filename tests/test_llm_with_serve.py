@@ -18,7 +18,8 @@ from serving import running_server
 from picoalign.cli import main
 from picoalign.config import DataConfig, ServeConfig
 from picoalign.data.llm import LLMClient
-from picoalign.data.llm_rows import PAIRS_ASK, PARTIAL, STORIES_ASK, _specs_message
+from picoalign.data.llm_requests import PAIRS_ASK, STORIES_ASK, _specs_message
+from picoalign.data.llm_rows import PARTIAL
 from picoalign.data.make import make_data
 from picoalign.eval.generate import Sampling, generate_full
 from picoalign.io import read_json

@@ -20,7 +20,7 @@ from picoalign.models.load import load_tokenizer
 from picoalign.train.sft import SFTTask, sft
 
 MAX_LENGTH = 208
-TRAIN_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"}
+TRAIN_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops", "mfu", "elapsed"}
 
 
 def sft_cfg(out: Path, model: Path, data: Path, lora: bool = False, **overrides) -> SFTConfig:
@@ -453,3 +453,20 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, chat_model, data_dir, 
         assert received == ["outside fit"]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_step_numbers_are_read_from_the_device_only_on_logged_steps(tmp_path, chat_model, data_dir, monkeypatch):
+    """log_every 2 over 4 steps: two host reads (one per logged step, all numbers in one transfer),
+    two log lines with the MFU against the measured peak."""
+    from picoalign.train import dist
+
+    reads = []
+    real = dist.mean_metrics
+    monkeypatch.setattr(dist, "mean_metrics", lambda *a: reads.append(a) or real(*a))
+    out = tmp_path / "sft"
+    run_sft(sft_cfg(out, chat_model, data_dir, max_steps=4, log_every=2))
+    assert len(reads) == 2
+    assert all(torch.is_tensor(v) for v in reads[0][0].values())  # they reach the read as device tensors
+    train = log_rows(out)
+    assert [r["step"] for r in train] == [2, 4]
+    assert all(0 < r["mfu"] and r["tflops"] > 0 for r in train)

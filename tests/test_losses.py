@@ -145,9 +145,14 @@ def test_sequence_logps_keep_gradients():
     torch.testing.assert_close(per_token.grad, t(1.0, 1.0, 1.0))
 
 
-def test_token_logps_gradient_equals_autograd_through_log_softmax():
+@pytest.mark.parametrize("chunk_rows", [256, 3, 1])
+def test_token_logps_gradient_equals_autograd_through_log_softmax(monkeypatch, chunk_rows):
     """The hand-written backward (one row scoring two labels, as the prompt's last position does in
-    DPO; fp32 and bf16 logits) gives autograd's gradient of log_softmax(logits)[rows, labels]."""
+    DPO; fp32 and bf16 logits) gives autograd's gradient of log_softmax(logits)[rows, labels],
+    whether the 4 rows are one fp32 block, blocks of 3 + 1 rows, or a block per row."""
+    import picoalign.train.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
     rows, labels = torch.tensor([0, 0, 1, 2, 3]), torch.tensor([4, 1, 6, 6, 0])
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
@@ -164,14 +169,15 @@ def test_token_logps_gradient_equals_autograd_through_log_softmax():
 
 
 def test_the_loss_names_are_listed_once_and_the_cli_offers_exactly_them():
-    """config.DPO_LOSS_NAMES is the one list: the registry, the config check and the --help agree."""
+    """config.DPO_LOSS_NAMES is the one list: the registry, the config check and the --help agree;
+    the methods beside DPO (config.METHOD_NAMES) are offered after them."""
     from picoalign.cli import build_parser
-    from picoalign.config import DPO_LOSS_NAMES, ConfigError, DPOConfig
+    from picoalign.config import DPO_LOSS_NAMES, METHOD_NAMES, ConfigError, DPOConfig
 
     assert tuple(DPO_LOSSES) == DPO_LOSS_NAMES
-    for name in DPO_LOSS_NAMES:
+    for name in DPO_LOSS_NAMES + METHOD_NAMES:
         assert DPOConfig(loss=name).loss == name
     with pytest.raises(ConfigError, match="loss"):
-        DPOConfig(loss="kto")
+        DPOConfig(loss="dpo")
     dpo_help = build_parser()._subparsers._group_actions[0].choices["dpo"].format_help()
-    assert " | ".join(DPO_LOSS_NAMES) in " ".join(dpo_help.split())
+    assert " | ".join(DPO_LOSS_NAMES + METHOD_NAMES) in " ".join(dpo_help.split())

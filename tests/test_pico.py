@@ -114,7 +114,7 @@ def test_pico_config_is_a_small_llama_with_the_hand_counted_size():
     from transformers import LlamaForCausalLM
 
     cfg = PicoConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_length=64)
-    model = LlamaForCausalLM(cfg.to_hf())
+    model = LlamaForCausalLM(llama_config(cfg))
     assert n_params(model) == 37536
     assert model.lm_head.weight is model.model.embed_tokens.weight
     logits = model(input_ids=torch.randint(0, 400, (2, 16))).logits
@@ -139,7 +139,7 @@ def test_loss_falls_on_a_repeated_batch(tok):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(parse_spec(TINY.replace("n_layers=1", "n_layers=2"), PicoConfig(vocab_size=len(tok))).to_hf())
+    model = LlamaForCausalLM(llama_config(parse_spec(TINY.replace("n_layers=1", "n_layers=2"), PicoConfig(vocab_size=len(tok)))))
     batch = lm_batch([tok("The lantern went out in the cellar and nobody spoke.")["input_ids"]] * 2, tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -187,7 +187,7 @@ def test_rows_predict_every_token_of_the_stream_once(tok):
     assert all(len(r) <= 8 for r in rows) and targets == stream[1:]
     batch = lm_batch(rows, tok.pad_token_id)
     assert batch.labels.tolist() == stream[1:] and batch.keep.sum() == len(stream) - 1
-    assert batch.attention_mask is None and batch.n_seqs == len(rows)
+    assert batch.dense_mask() is None and batch.n_seqs == len(rows)
 
 
 def test_unigram_entropy_by_hand(tok):

@@ -208,12 +208,37 @@ def test_main_prints_the_report_path(tmp_path, capsys):
 
 
 def test_markdown_to_html_escapes_and_drops_external_links():
-    md = "# T <b>\n\n| a | b |\n|---|---|\n| 1.5 | x\\|y |\n\n[ok](../x.json) [bad](https://e.com) [js](javascript:alert(1))\n\n```text\n<i>\n```"
+    md = ("# T <b>\n\n| a | b |\n|---|---|\n| 1.5 | x\\|y |\n| 12 min 03 s | <script>x</script> |\n\n"
+          "[ok](../x.json) [bad](https://e.com) [js](javascript:alert(1)) <https://e.com/auto>\n\n"
+          "```text\n<i> & `tick`\n```\n\n## Second `code` **bold** *less*\n\n> a **quote**\n\n- one\n- `two<`\n")
     out = html.to_html(md, lambda src: None, "en")
-    assert "<h1 id=\"en-1\">T &lt;b&gt;</h1>" in out
-    assert '<td class="num">1.5</td>' in out and "<td>x|y</td>" in out
-    assert '<a href="../x.json">ok</a>' in out and "https" not in out and "javascript" not in out
-    assert "<pre><code>&lt;i&gt;</code></pre>" in out
+    assert out == (
+        '<h1 id="en-1">T &lt;b&gt;</h1>\n'
+        "<table>\n<thead>\n<tr>\n<th>a</th>\n<th>b</th>\n</tr>\n</thead>\n<tbody>\n"
+        '<tr>\n<td class="num">1.5</td>\n<td>x|y</td>\n</tr>\n'
+        '<tr>\n<td class="num">12 min 03 s</td>\n<td>&lt;script&gt;x&lt;/script&gt;</td>\n</tr>\n'
+        "</tbody>\n</table>\n"
+        '<p><a href="../x.json">ok</a> bad js https://e.com/auto</p>\n'
+        '<pre><code class="language-text">&lt;i&gt; &amp; `tick`\n</code></pre>\n'
+        '<h2 id="en-2">Second <code>code</code> <strong>bold</strong> <em>less</em></h2>\n'
+        "<blockquote>\n<p>a <strong>quote</strong></p>\n</blockquote>\n"
+        "<ul>\n<li>one</li>\n<li><code>two&lt;</code></li>\n</ul>\n")
+
+
+def test_markdown_images_are_data_uris_or_their_alt_text():
+    drawn = {"curves.png": "data:image/png;base64,iVBO"}
+    out = html.to_html("![Curves](curves.png)\n\n![Other](../../etc/x.png)\n\nsee ![inline](curves.png) here",
+                       drawn.get, "zh")
+    assert out == ('<figure><img src="data:image/png;base64,iVBO" alt="Curves"></figure>\n'
+                   '<p class="missing">[Other]</p>\n'
+                   '<p>see <img src="data:image/png;base64,iVBO" alt="inline"> here</p>\n')
+
+
+def test_page_keeps_the_cjk_fonts_and_one_section_per_language():
+    page = html.page("r <1>", [("en", "English", "<p>a</p>"), ("zh", "中文", "<p>乙</p>")])
+    assert "<title>r &lt;1&gt;</title>" in page and '"Noto Sans CJK SC"' in page and ":lang(zh)" in page
+    assert '<section id="zh" lang="zh">\n<p>乙</p>\n</section>' in page
+    assert '<a href="#en" lang="en">English</a> · <a href="#zh" lang="zh">中文</a>' in page
 
 
 def test_fmt_metric():

@@ -1,4 +1,4 @@
-"""The `picoalign` command: one subcommand per stage, each mapped to a plain typed function.
+"""The `picoalign` command: one subcommand per entry of the stage registry (stages.py), each a plain function.
 
 Every stage takes `--config FILE`, `--set key=value` (repeatable) and, where they apply,
 `--data DIR`, `--model PATH|ID`, `--out DIR`; each top-level setting of the stage's config is
@@ -10,40 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import typing
 from collections.abc import Sequence
 
 from picoalign import config as C
-
-# name -> (config class or None, "module:function", help, YAML section)
-STAGES: dict[str, tuple] = {
-    "data": (C.DataConfig, "picoalign.data.make:make_data", "make SFT and preference data", "data"),
-    "tokenizer": (C.TokenizerConfig, "picoalign.models.tokenizer:train_tokenizer",
-                  "train a byte-level BPE tokenizer for the pico model", "tokenizer"),
-    "pretrain": (C.PretrainConfig, "picoalign.train.pretrain:pretrain",
-                 "pretrain the tiny pico GPT from scratch (or continue pretraining a model)", "pretrain"),
-    "sft": (C.SFTConfig, "picoalign.train.sft:sft", "supervised fine-tuning (loss on the response)", "sft"),
-    "dpo": (C.DPOConfig, "picoalign.train.dpo:dpo", "DPO and its variants against a frozen reference", "dpo"),
-    "eval": (C.EvalConfig, "picoalign.eval.evaluate:evaluate", "evaluate base/SFT/DPO on the test splits", "eval"),
-    "frontier": (C.FrontierConfig, "picoalign.eval.frontier:frontier",
-                 "DPO at several beta from a run's SFT model: judge score vs KL (the DPO paper's figure 2)", "frontier"),
-    "generate": (C.GenerateConfig, "picoalign.use.generate:generate_answers",
-                 "answers from a model to --prompt TEXT or --prompt-file FILE", "generate"),
-    "chat": (C.ChatConfig, "picoalign.use.chat:chat", "chat with a model in the terminal (streams)", "chat"),
-    "serve": (C.ServeConfig, "picoalign.serve.app:serve",
-              "HTTP API (OpenAI-compatible, /v1/generate) and a chat page", "serve"),
-    "export": (C.ExportConfig, "picoalign.use.export:export",
-               "merge a LoRA adapter into its base; save an HF folder or a GGUF file (+ Ollama Modelfile)", "export"),
-}
-# Stages that take plain arguments rather than a config class, registered by their modules.
-EXTRA: dict[str, tuple[str, str]] = {
-    "check-data": ("picoalign.data.check:main", "check a data file and print counts and problems"),
-    "deid": ("picoalign.data.deid:main", "replace names, emails, phone numbers... in a data file with placeholders"),
-    "report": ("picoalign.report.build:main", "build the results report of a run folder"),
-    "run": ("picoalign.pipeline:main", "the whole pipeline: data, SFT, DPO, eval, report"),
-}
+from picoalign.stages import STAGES, check_registry
 
 
 def _flag_type(typ):
@@ -81,47 +53,43 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per entry of the stage registry (stages.py), in its order."""
+    check_registry()
     parser = argparse.ArgumentParser(prog="picoalign", description="Post-train small language models.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (cls, _, help_text, _) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
-        _add_config_flags(p, cls)
+    for name, stage in STAGES.items():
+        if stage.config is None:  # the stage parses its own arguments (and its --help)
+            sub.add_parser(name, help=stage.help, add_help=False)
+            continue
+        p = sub.add_parser(name, help=stage.help, description=(stage.config.__doc__ or stage.help).strip())
+        _add_config_flags(p, stage.config)
         if name == "dpo":
             p.add_argument("--ipo", action="store_true", help="use the IPO loss (same as --loss ipo)")
-    for name, (target, help_text) in EXTRA.items():
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.set_defaults(extra_target=target)
     return parser
 
 
-def resolve(target: str):
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)
-
-
 def config_from_args(stage: str, args: argparse.Namespace):
-    cls, _, _, section = STAGES[stage]
     overrides = C.parse_overrides(args.overrides)
     for key, value in vars(args).items():
         if key.startswith("opt_") and value is not None:
             overrides[key[4:]] = value
     if getattr(args, "ipo", False):
         overrides["loss"] = "ipo"
-    return C.load_config(cls, args.config, overrides, section=section)
+    return C.load_config(STAGES[stage].config, args.config, overrides, section=stage)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in EXTRA:
-        return resolve(EXTRA[argv[0]][0])(argv[1:]) or 0
+    if argv and argv[0] in STAGES and STAGES[argv[0]].config is None:
+        return STAGES[argv[0]].function()(argv[1:]) or 0
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args.stage, args)
     except C.ConfigError as e:
         parser.exit(2, f"picoalign {args.stage}: config error: {e}\n")
     try:
-        resolve(STAGES[args.stage][1])(cfg)
+        STAGES[args.stage].function()(cfg)
     except (C.ConfigError, ValueError, FileNotFoundError) as e:
         print(f"picoalign {args.stage}: error: {e}", file=sys.stderr)
         return 1

@@ -38,9 +38,13 @@ DTYPES = ("auto", "bf16", "fp32")
 # The DPO losses by name, listed here once: train/losses.py:DPO_LOSSES must have exactly these
 # keys (tested); config stays free of torch imports, so the names live on this side.
 DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
+# The methods beside the DPO family that `picoalign dpo --loss` also trains: ORPO and SimPO need no
+# reference model (REFERENCE_FREE), KTO learns from unpaired examples (train/kto.py).
+METHOD_NAMES = ("orpo", "simpo", "kto")
+REFERENCE_FREE = ("orpo", "simpo")
+# `run.method`: SFT then a preference stage (any loss above), or ORPO alone from the base model.
+RUN_METHODS = ("sft+dpo", "orpo")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
-# The stages `picoalign run` chains, in their usual order (pipeline.py runs them).
-RUN_STAGES = ("data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -191,10 +195,16 @@ class TrainConfig:
     mlflow_uri: str = opt("", "MLflow tracking URI (empty: ./mlruns; under `picoalign run`, runs/<tag>/mlruns)",
                           env="MLFLOW_TRACKING_URI")
     progress: bool = opt(True, "show a progress bar")
+    threads: int = opt(0, "torch threads on a CPU (0 = torch's default: one per physical core; on a box "
+                       "shared with another torch process, 1: see README)", env="PICOALIGN_THREADS")
+    compile: bool = opt(False, "torch.compile the decoder (its compile time shows in step 1; measured slower "
+                        "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = one per physical core); got {self.threads}")
         one_of("schedule", self.schedule, ("cosine", "constant"))
         check_dtype(self.dtype, training=True)
         check_device(self.device)
@@ -227,22 +237,34 @@ class DPOConfig(TrainConfig):
     lr: float = opt(5e-5, "peak learning rate")
     train_file: str = opt("dpo_train.jsonl", "training pairs (relative to --data)")
     val_file: str = opt("dpo_val.jsonl", "validation pairs (relative to --data)")
-    loss: str = opt("sigmoid", " | ".join(DPO_LOSS_NAMES))
-    beta: float = opt(0.1, "strength of the pull toward the reference")
-    label_smoothing: float = opt(0.0, "ε for cdpo / robust")
-    sft_weight: float = opt(0.0, "weight of an extra SFT loss on the chosen answer")
-    reference: str = opt("precompute", "precompute | live | PATH of another checkpoint")
+    loss: str = opt("sigmoid", " | ".join(DPO_LOSS_NAMES + METHOD_NAMES))
+    beta: float = opt(0.1, "strength of the pull toward the reference (orpo: λ, the weight of the odds-ratio "
+                      "term; simpo: the scale of the length-normalised reward)")
+    label_smoothing: float = opt(0.0, "ε for cdpo / robust / simpo")
+    sft_weight: float = opt(0.0, "weight of an extra SFT loss on the chosen answer (not with orpo, which has one)")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin γ")
+    desirable_weight: float = opt(1.0, "kto: λ_D, weight of the desirable (label true) examples")
+    undesirable_weight: float = opt(1.0, "kto: λ_U, weight of the undesirable (label false) examples")
+    reference: str = opt("precompute", "precompute | live | PATH of another checkpoint (orpo, simpo: none is used)")
     min_confidence: float = opt(6.0, "drop pairs whose judge `confidence` (1-10) is below this; "
                                 "pairs without one are kept")
     prefix_sharing: bool = opt(True, "run the prompt once for chosen and rejected")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("loss", self.loss, DPO_LOSS_NAMES)
+        one_of("loss", self.loss, DPO_LOSS_NAMES + METHOD_NAMES)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("label_smoothing must be in [0, 0.5)")
         if self.beta <= 0:
             raise ConfigError("beta must be > 0")
+        if self.sft_weight < 0 or (self.sft_weight > 0 and self.loss in ("orpo", "kto")):
+            raise ConfigError(f"sft_weight must be >= 0, and 0 with loss={self.loss} (orpo trains the NLL of the "
+                              "chosen answer already; kto has no chosen answer)")
+        if self.simpo_gamma < 0 or min(self.desirable_weight, self.undesirable_weight) <= 0:
+            raise ConfigError("simpo_gamma must be >= 0, desirable_weight and undesirable_weight > 0")
+        if self.loss == "kto" and self.batch_size < 2:
+            raise ConfigError("loss=kto needs batch_size >= 2: its reference point comes from the other "
+                              "examples of the batch (with one, it is the example's own reward)")
 
 
 @dataclass
@@ -322,6 +344,8 @@ class FrontierConfig:
     run: str = opt("", "run folder with a finished SFT checkpoint (its DPO settings are the starting point)")
     betas: str = opt("0.05,0.1,0.3,1", "comma list of β values, each one DPO run")
     sft_weights: str = opt("", "comma list of sft_weight values crossed with the betas (empty: the run's own)")
+    losses: str = opt("", "comma list of dpo losses crossed with the betas, e.g. sigmoid,simpo,kto (empty: the "
+                      "run's own); not orpo, which starts from the base model rather than the SFT model")
     max_steps: int = opt(0, "DPO steps per point (0: the run's own dpo.max_steps)")
     n_samples: int = opt(32, "test prompts each model answers (greedy)")
     max_new_tokens: int = opt(80, "tokens generated per answer (as the default eval preset)")
@@ -337,11 +361,17 @@ class FrontierConfig:
         if not parse_floats(self.betas, "betas", positive=True):
             raise ConfigError("betas: give at least one β")
         parse_floats(self.sft_weights, "sft_weights")
+        for loss in self.loss_names():
+            one_of("losses", loss, tuple(n for n in DPO_LOSS_NAMES + METHOD_NAMES if n != "orpo"))
         check_dtype(self.dtype, training=True)  # it trains DPO points
         check_device(self.device)
         for name in ("n_samples", "max_new_tokens", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def loss_names(self) -> list[str]:
+        """`losses` as a list: 'sigmoid, simpo' -> ['sigmoid', 'simpo']."""
+        return [s.strip() for s in self.losses.split(",") if s.strip()]
 
 
 @dataclass
@@ -355,22 +385,22 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
-    stages: str = opt("data,sft,dpo,eval,report", f"the stages to run, in order: any of {', '.join(RUN_STAGES)}")
+    stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
+    method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
+                      "the base model in place of both (checkpoints/dpo; eval compares it with the base)")
 
     def __post_init__(self) -> None:
+        one_of("method", self.method, RUN_METHODS)
         check_device(self.device)
         check_dtype(self.dtype, training=True)  # shared with the training stages
-        names = self.stage_names()
-        if not names:
-            raise ConfigError(f"stages: name at least one of {', '.join(RUN_STAGES)}")
-        unknown = [s for s in names if s not in RUN_STAGES]
-        if unknown:
-            raise ConfigError(f"stages: unknown stage {unknown[0]!r} in {self.stages!r} "
-                              f"(known: {', '.join(RUN_STAGES)})")
+        # the names in `stages` are checked against the stage registry (stages.py:check_run_stages)
+        # when the run loads, before the first stage starts: the registry imports this module
 
     def stage_names(self) -> list[str]:
-        """`stages` as a list: 'data, sft' -> ['data', 'sft']."""
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
+        """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
+        dpo stage starts from the base model)."""
+        names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        return [s for s in names if not (self.method == "orpo" and s == "sft")]
 
 
 @dataclass
@@ -410,12 +440,6 @@ class PicoConfig:
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ConfigError(f"pico: n_heads ({self.n_heads}) must divide d_model ({self.d_model}) "
                               f"and be a multiple of n_kv_heads ({self.n_kv_heads})")
-
-    def to_hf(self):
-        """The equivalent `transformers.LlamaConfig` (vocab_size must be set)."""
-        from picoalign.models.pico import llama_config
-
-        return llama_config(self)
 
 
 @dataclass

@@ -4,10 +4,14 @@
     picoalign run --config configs/gpu.yaml --set sft.max_seconds=600 --tag big
     picoalign run --config configs/pico.yaml        # a tiny GPT pretrained from scratch, then SFT, DPO
     RUN_TAG=demo SFT_MAX_SECONDS=60 picoalign run   # the original script's variables work too
+    picoalign run --set run.method=orpo             # one ORPO stage from the base model instead of SFT + DPO
+    picoalign run --set dpo.loss=simpo              # SFT, then SimPO (no reference) in the dpo stage
 
 Everything lands in `runs/<tag>/`: config.yaml (resolved), output.log (stdout + stderr), data/,
 tokenizer/ and checkpoints/base/ (when pretraining; SFT then starts from checkpoints/base),
-checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. Rerunning with the
+checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. With
+`run.method=orpo` the sft stage is left out and the dpo stage trains ORPO from the base model
+(its checkpoint is still checkpoints/dpo: the run's preference-trained model). Rerunning with the
 same tag skips finished stages and resumes an interrupted one from its last checkpoint. A stage
 whose input is empty is skipped with a warning; the report never fails the run; a failing core
 stage stops it with the reason and the path of the log.
@@ -30,9 +34,7 @@ import yaml
 from picoalign import config as C
 from picoalign.io import atomic_write_text, read_json, write_json
 from picoalign.models.builtin import BuiltinUnavailable
-
-SECTIONS = {"data": C.DataConfig, "tokenizer": C.TokenizerConfig, "pretrain": C.PretrainConfig,
-            "sft": C.SFTConfig, "dpo": C.DPOConfig, "eval": C.EvalConfig}
+from picoalign.stages import STAGES, Stage, check_run_stages, run_order, run_sections
 
 
 class StageFailed(RuntimeError):
@@ -103,29 +105,23 @@ class LogLines:
 def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), environ=None) -> dict:
     """The run config and each stage's config, with the run's paths forced into them."""
     tree = overrides if isinstance(overrides, Mapping) else C.parse_overrides(overrides)
-    own = {k: v for k, v in tree.items() if k not in SECTIONS and k != "run"}
+    sections = run_sections()
+    own = {k: v for k, v in tree.items() if k not in sections and k != "run"}
     own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
     run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
+    check_run_stages(run)  # a typo in the last stage fails here, not after the others have run
+    asked = (tree.get("dpo") or {}).get("loss")
+    if run.method == "orpo" and asked not in (None, "orpo"):  # the dpo stage's paths force loss=orpo
+        raise C.ConfigError(f"run.method=orpo trains the dpo stage with loss=orpo; drop dpo.loss={asked} "
+                            "(or use run.method=sft+dpo for SFT, then that loss)")
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
     shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
-    pretrained = "pretrain" in run.stage_names()
-    forced = {
-        "data": {"out": str(root / "data"), "seed": run.seed},
-        "tokenizer": {"data": str(root / "data"), "out": str(root / "tokenizer")},
-        "pretrain": {"data": str(root / "data"), "out": str(root / "checkpoints" / "base"), "logs": str(root / "logs"),
-                     "tokenizer": str(root / "tokenizer")},
-        "sft": {"data": str(root / "data"), "out": str(root / "checkpoints" / "sft"), "logs": str(root / "logs"),
-                "model": str(root / "checkpoints" / "base") if pretrained else run.model},
-        "dpo": {"data": str(root / "data"), "out": str(root / "checkpoints" / "dpo"), "logs": str(root / "logs"),
-                "model": str(root / "checkpoints" / "sft")},
-        "eval": {"run": str(root), "data": str(root / "data"), "out": str(root)},
-    }
     configs = {"run": run, "root": root}
-    for name, cls in SECTIONS.items():
+    for name, cls in sections.items():
         names = {f for f in cls.__dataclass_fields__}
         base = {k: v for k, v in shared.items() if k in names}
-        extra = C.deep_merge(tree.get(name, {}) or {}, forced[name])
+        extra = C.deep_merge(tree.get(name, {}) or {}, STAGES[name].run.paths(root, run))
         configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base, name=name)
         if getattr(configs[name], "mlflow_uri", None) == "":  # not chosen: the run keeps its own store
             configs[name].mlflow_uri = str(root / "mlruns")
@@ -134,23 +130,23 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
 
 def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (), environ=None) -> Path:
     """Run the stages of the pipeline; returns the run folder."""
-    from picoalign.models.load import ensure_builtin_file
-
     configs = resolve_configs(path, overrides, environ)
     root: Path = configs["root"]
-    if "sft" in configs["run"].stage_names():
-        ensure_builtin_file(configs["sft"].model)  # before any work: no file, no run
+    chosen = [STAGES[name] for name in configs["run"].stage_names()]
+    for stage in chosen:  # before any work: what one stage lacks stops the run now
+        if stage.run.check:
+            stage.run.check(configs.get(stage.name))
     root.mkdir(parents=True, exist_ok=True)
-    resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in SECTIONS}}
+    resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in run_sections()}}
     atomic_write_text(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     with open(root / "output.log", "a", encoding="utf-8") as file:
         out, err = sys.stdout, sys.stderr
         logs = LogLines(file), LogLines(file)  # one each: a bar on stderr does not swallow a print's line
         sys.stdout, sys.stderr = _Tee(out, logs[0]), _Tee(err, logs[1])
         try:
-            print(f"run: {root} (stages {configs['run'].stages})")
-            for stage in configs["run"].stage_names():
-                _timed(root, stage, lambda stage=stage: STAGE_RUNNERS[stage](configs))
+            print(f"run: {root} (stages {','.join(configs['run'].stage_names())}; method {configs['run'].method})")
+            for stage in chosen:
+                _timed(root, stage.name, lambda stage=stage: run_stage(stage, configs))
             print(f"run: finished; report at {root / 'report' / 'index.html'}")
         finally:
             sys.stdout, sys.stderr = out, err
@@ -176,102 +172,36 @@ def _timed(root: Path, stage: str, fn) -> None:
     write_json(metrics_path, metrics)
 
 
-def _rows(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with path.open(encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _run_data(configs) -> bool:
-    cfg = configs["data"]
-    if (Path(cfg.out) / "dataset_meta.json").exists():
-        print("data: already made, skipped")
+def run_stage(stage: Stage, configs: dict) -> bool:
+    """One stage inside the run folder, under its skip rules; False when it was skipped."""
+    cfg, root, rules = configs.get(stage.name), configs["root"], stage.run
+    if why := rules.done(cfg, root):
+        print(f"{stage.name}: {why}, skipped")
         return False
-    from picoalign.data.make import make_data
-
-    make_data(cfg)
-    return True
-
-
-def _run_training(configs, stage: str) -> bool:
-    from picoalign.models.load import read_marker
-
-    cfg = configs[stage]
-    out = Path(cfg.out)
-    if read_marker(out).get("complete"):
-        print(f"{stage}: already complete, skipped")
+    if why := rules.blocked(cfg, root):
+        warnings.warn(f"{stage.name}: {why}; stage skipped", stacklevel=2)
         return False
-    if hasattr(cfg, "train_file") and _rows(Path(cfg.data) / cfg.train_file) == 0:
-        warnings.warn(f"{stage}: {Path(cfg.data) / cfg.train_file} is empty; stage skipped", stacklevel=2)
-        return False
-    if stage == "dpo" and not read_marker(cfg.model).get("complete"):
-        warnings.warn("dpo: no finished SFT checkpoint to start from; stage skipped", stacklevel=2)
-        return False
-    from picoalign.train.loop import resumable
+    if rules.resume:
+        from picoalign.train.loop import resumable
 
-    cfg.resume = resumable(out) is not None  # last/, or the last.old/ a crash mid-swap leaves
-    if stage == "pretrain":
-        from picoalign.train.pretrain import pretrain as train
-    elif stage == "sft":
-        from picoalign.train.sft import sft as train
-    else:
-        from picoalign.train.dpo import dpo as train
-    train(cfg)
-    return True
-
-
-def _run_eval(configs) -> bool:
-    from picoalign.eval.evaluate import evaluate, run_models
-
-    metrics = configs["root"] / "metrics.json"
-    done = read_json(metrics).get("models", {}) if metrics.exists() else {}
-    if done and set(run_models(configs["root"])) <= set(done):
-        print("eval: already done, skipped")
-        return False
-    if not run_models(configs["root"]):
-        warnings.warn("eval: no trained models in this run; stage skipped", stacklevel=2)
-        return False
-    evaluate(configs["eval"])
-    return True
-
-
-def _run_tokenizer(configs) -> bool:
-    cfg = configs["tokenizer"]
-    if (Path(cfg.out) / "tokenizer.json").exists():
-        print("tokenizer: already trained, skipped")
-        return False
-    from picoalign.models.tokenizer import train_tokenizer
-
-    train_tokenizer(cfg)
-    return True
-
-
-def _run_report(configs) -> bool:
+        cfg.resume = resumable(Path(cfg.out)) is not None  # last/, or the last.old/ a crash mid-swap leaves
     try:
-        from picoalign.report.build import build_report
-
-        print(f"report: {build_report(configs['root'])}")
-    except Exception as e:  # noqa: BLE001 - the report is optional: warn, keep the run
-        warnings.warn(f"report failed: {e}", stacklevel=2)
+        result = stage.function(rules.call)(cfg if stage.config else root)
+    except Exception as e:  # noqa: BLE001 - an optional stage (the report) warns and keeps the run
+        if not rules.optional:
+            raise
+        warnings.warn(f"{stage.name} failed: {e}", stacklevel=2)
+        return True
+    if isinstance(result, Path):
+        print(f"{stage.name}: {result}")
     return True
-
-
-STAGE_RUNNERS = {
-    "data": _run_data,
-    "tokenizer": _run_tokenizer,
-    "pretrain": lambda c: _run_training(c, "pretrain"),
-    "sft": lambda c: _run_training(c, "sft"),
-    "dpo": lambda c: _run_training(c, "dpo"),
-    "eval": _run_eval,
-    "report": _run_report,
-}
 
 
 def main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="picoalign run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="picoalign run", description=__doc__.split("\n\n")[0],
+                                epilog=f"stages (run.stages, in this order): {', '.join(run_order())}")
     p.add_argument("--config", metavar="FILE", help="YAML preset (configs/default.yaml, gpu.yaml, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set sft.max_seconds=60 (repeatable)")

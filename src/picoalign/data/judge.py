@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from picoalign.config import JUDGE_CRITERIA
 from picoalign.data.llm import LLMClient, LLMError
-from picoalign.data.llm_rows import Job, Key, request_stories
+from picoalign.data.llm_requests import Job, Key, request_stories
 
 DEFAULT_CRITERIA = JUDGE_CRITERIA
 SYSTEM = "You are a careful, impartial judge of writing. You answer with JSON only."

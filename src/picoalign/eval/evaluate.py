@@ -32,17 +32,19 @@ from picoalign.eval.stats import mean_ci, paired
 from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
 from picoalign.io import read_json, write_json, write_jsonl
 from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
-from picoalign.train.batching import render_prompt
+from picoalign.train.batching import pair_batches, render_prompt, sft_batches
 from picoalign.train.loop import autocast_for
-from picoalign.train.sft import mean_response_nll, pair_batches, pair_logps, sft_batches
+from picoalign.train.scoring import mean_response_nll, pair_logps
 
 
 def run_models(run: Path) -> dict[str, str]:
-    """The models of a run folder, in order: base (what SFT started from), sft, dpo."""
+    """The models of a run folder, in order: base (what SFT started from, or ORPO where it replaced
+    SFT + DPO), sft, dpo."""
     models = {}
-    sft_marker = read_marker(run / "checkpoints" / "sft")
-    if sft_marker.get("base_model"):
-        models["base"] = sft_marker["base_model"]
+    first = "sft" if (run / "checkpoints" / "sft").exists() else "dpo"  # run.method=orpo: no sft
+    base = read_marker(run / "checkpoints" / first).get("base_model")
+    if base:
+        models["base"] = base
     for stage in ("sft", "dpo"):
         if read_marker(run / "checkpoints" / stage).get("complete"):
             models[stage] = str(run / "checkpoints" / stage)
@@ -83,9 +85,13 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
             real[i, : len(p) + len(a)] = 1
             keep[i, len(p) - 1 : len(p) + len(a) - 1] = True
         ids, real, keep = ids.to(device), real.to(device), keep.to(device)
-        lp = torch.log_softmax(policy(ids, attention_mask=real).logits[keep].float(), -1)
-        lq = torch.log_softmax(reference(ids, attention_mask=real).logits[keep].float(), -1)
-        total += (lp.exp() * (lp - lq)).sum().item()
+        # the output layer runs only where an answer token is predicted (logits_to_keep), and the
+        # fp32 log-softmax over the vocabulary a block of those rows at a time
+        lp_rows = policy(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        lq_rows = reference(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        for a, b in zip(lp_rows.split(256), lq_rows.split(256)):
+            lp, lq = a.float().log_softmax(-1), b.float().log_softmax(-1)
+            total += (lp.exp() * (lp - lq)).sum().item()
         count += int(keep.sum())
     return total / max(count, 1)
 

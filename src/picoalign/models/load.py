@@ -147,10 +147,10 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -255,6 +255,27 @@ def add_lora(model, lora_cfg):
     )
     with peft_reads_old_names():
         return get_peft_model(model, config)
+
+
+def store_frozen_in(model, dtype: torch.dtype) -> int:
+    """Keep every frozen weight in the compute dtype, once, instead of casting it in every forward.
+
+    Under bf16 autocast an fp32 weight is cast to bf16 by each matmul that reads it (forward and
+    the backward's input gradient), and peft casts a layer's bf16 input back up to the adapter's
+    fp32 (which autocast then casts down again). With the frozen weights stored in bf16 (embedding
+    and norms included, so activations flow in bf16) those copies go; the trained parameters
+    (LoRA, fp32 masters) stay fp32 and autocast still runs their matmuls in bf16, with fp32
+    log-softmax and norm statistics as before. Returns the number of parameters cast.
+    """
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)  # tied weights are one Parameter: cast once
+            cast += param.numel()
+    for module in model.modules():
+        if hasattr(module, "lora_A"):  # peft LoRA layer: let bf16 inputs reach the adapter as they are
+            module.cast_input_dtype_enabled = False
+    return cast
 
 
 @contextmanager

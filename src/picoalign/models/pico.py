@@ -7,7 +7,8 @@
 
 `PicoConfig` (defined with the other typed configs in picoalign.config, so that it is the
 `pretrain.pico` section of a YAML file and `--set pico.d_model=...` works) maps to a
-`transformers.LlamaConfig` with `PicoConfig.to_hf()`, which calls `llama_config` below.
+`transformers.LlamaConfig` with `llama_config` below. The dependency runs one way, model on
+config: config.py knows nothing of the model.
 
 The architecture is the one nanoGPT's successors converged on: token embedding -> n_layers x
 [RMSNorm -> causal self-attention with rotary positions (SDPA, optional grouped-query) -> add,
@@ -29,9 +30,10 @@ logits (B, L, V).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from picoalign.config import ConfigError, PicoConfig
+from picoalign.config import ConfigError, PicoConfig, load_config
 
 __all__ = ["PicoConfig", "init_model", "llama_config", "parse_spec", "n_params"]
 
@@ -64,10 +66,6 @@ def llama_config(cfg: PicoConfig, **token_ids):
 
 def parse_spec(spec: str, base: PicoConfig | None = None) -> PicoConfig:
     """`pico:` or `pico:d_model=128,n_layers=2` -> a PicoConfig (fields of `base` as defaults)."""
-    import dataclasses
-
-    from picoalign.config import load_config
-
     values = dataclasses.asdict(base or PicoConfig())
     body = spec.split(":", 1)[1] if spec.startswith("pico:") else ""
     for item in [i.strip() for i in body.split(",") if i.strip()]:
@@ -85,8 +83,6 @@ def n_params(model) -> int:
 
 def init_model(cfg: PicoConfig, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
     """A freshly initialised pico model saved as an HF folder (model, tokenizer, generation config)."""
-    import dataclasses
-
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 

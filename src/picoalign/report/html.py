@@ -1,10 +1,10 @@
-"""A small, safe Markdown-to-HTML converter for our own reports, and the one-file page around it.
+"""The report's Markdown as HTML (markdown-it-py, CommonMark + tables), in one self-contained page.
 
-It handles what sections.py writes and nothing more: `#` headings, paragraphs, `- ` lists,
-`> ` quotes, tables, fenced blocks, images on a line of their own, and inline `code`, **bold**
-and [links](relative/path). Every piece of text goes through `html.escape`; a link with a
-scheme (http:, javascript:, ...) is shown as plain text, and an image is embedded as a data URI
-or replaced by its alt text, so the page loads nothing from anywhere.
+markdown-it-py parses; we only adjust its tokens before rendering: headings get ids
+(`<prefix>-1`, ...), a link with a scheme (http:, javascript:, ...) or to another host keeps
+its words and loses the link, an image becomes a data URI from `image(src)` or, when that gives
+nothing, its alt text, and table cells that hold a number are right-aligned. Raw HTML in the
+Markdown is shown as text (`html: False`), so the page loads nothing from anywhere.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import re
 from collections.abc import Callable
 from html import escape
 
-FENCE = re.compile(r"^(`{3,})[^`]*$")
-HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
-IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)$")
-TABLE_SEP = re.compile(r"^\|?(\s*:?-{3,}:?\s*\|)+\s*:?(-{3,})?:?\s*$")
-INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\[([^\]]+)\]\(([^)\s]+)\)")
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
+
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 NUMERIC = re.compile(r"^[+−-]?[\d,.]+%?$|^[\d.]+ (h|min|s)( \d+ (min|s))?$|^(—|∞|−∞)$")
 
@@ -51,103 +49,66 @@ main:has(#zh:target) #en, main:has(#en:target) #zh { display: none; }
 """
 
 
-def inline(text: str) -> str:
-    """Inline Markdown (code, bold, relative links) to HTML; all other text escaped."""
-    out, pos = [], 0
-    for m in INLINE.finditer(text):
-        out.append(escape(text[pos : m.start()]))
-        code, bold, label, href = m.groups()
-        if code is not None:
-            out.append(f"<code>{escape(code)}</code>")
-        elif bold is not None:
-            out.append(f"<strong>{inline(bold)}</strong>")
-        elif SCHEME.match(href) or href.startswith(("//", "\\")):
-            out.append(inline(label))  # not a file of this run: keep the words, drop the link
-        else:
-            out.append(f'<a href="{escape(href, quote=True)}">{inline(label)}</a>')
-        pos = m.end()
-    out.append(escape(text[pos:]))
-    return "".join(out)
+def _parser() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    # Every link and image reaches `_adjust`, which decides; markdown-it's own check would leave
+    # a javascript: link in the page as its literal Markdown instead.
+    md.validateLink = lambda url: True
+    md.add_render_rule("image", _render_image)
+    return md
 
 
-def _cells(line: str) -> list[str]:
-    line = line.strip()
-    line = line[1:] if line.startswith("|") else line
-    line = line[:-1] if line.endswith("|") and not line.endswith("\\|") else line
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)]
-
-
-def _table(lines: list[str]) -> str:
-    head, *body = (_cells(line) for line in lines)
-    rows = ["<tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"]
-    for row in body:
-        tds = (f'<td class="num">{inline(c)}</td>' if NUMERIC.match(c) else f"<td>{inline(c)}</td>" for c in row)
-        rows.append("<tr>" + "".join(tds) + "</tr>")
-    return "<table>\n" + "\n".join(rows) + "\n</table>"
-
-
-def _image(alt: str, src: str, image: ImageFn) -> str:
-    data = image(src)
+def _render_image(self, tokens: list[Token], idx: int, options, env) -> str:
+    token = tokens[idx]
+    data, alt = env["image"](token.attrGet("src") or ""), self.renderInlineAsText(token.children or [], options, env)
     if not data:
-        return f'<p class="missing">[{escape(alt)}]</p>'
-    return f'<figure><img src="{escape(data, quote=True)}" alt="{escape(alt, quote=True)}"></figure>'
+        return f"[{escape(alt)}]"
+    return f'<img src="{escape(data, quote=True)}" alt="{escape(alt, quote=True)}">'
+
+
+def _unlink_external(children: list[Token]) -> list[Token]:
+    """The inline tokens without the links that leave the run folder (their words stay)."""
+    out, dropped = [], []
+    for t in children:
+        if t.type == "link_open":
+            href = str(t.attrGet("href") or "")
+            dropped.append(bool(SCHEME.match(href) or href.startswith(("//", "\\"))))
+            if dropped[-1]:
+                continue
+        elif t.type == "link_close" and dropped.pop():
+            continue
+        if t.children:
+            t.children = _unlink_external(t.children)
+        out.append(t)
+    return out
+
+
+def _adjust(tokens: list[Token], image: ImageFn, prefix: str) -> None:
+    n = 0
+    for i, t in enumerate(tokens):
+        if t.type == "heading_open":
+            n += 1
+            t.attrSet("id", f"{prefix}-{n}")
+        elif t.type == "inline" and t.children:
+            t.children = _unlink_external(t.children)
+        elif t.type == "td_open" and NUMERIC.match(tokens[i + 1].content.strip()):
+            t.attrSet("class", "num")
+        elif t.type == "paragraph_open":
+            kids = tokens[i + 1].children or []
+            if len(kids) == 1 and kids[0].type == "image":  # an image on a line of its own
+                shown = bool(image(kids[0].attrGet("src") or ""))
+                t.tag = tokens[i + 2].tag = "figure" if shown else "p"
+                if not shown:
+                    t.attrSet("class", "missing")
 
 
 def to_html(md: str, image: ImageFn, prefix: str) -> str:
-    """Convert our Markdown to an HTML fragment; headings get ids `<prefix>-1`, `<prefix>-2`, ..."""
-    lines, out, para, i, n = md.splitlines(), [], [], 0, 0
-
-    def flush() -> None:
-        if para:
-            out.append("<p>" + inline(" ".join(para)) + "</p>")
-            para.clear()
-
-    while i < len(lines):
-        s = lines[i].strip()
-        if m := FENCE.match(s):
-            flush()
-            bar, body, i = m.group(1), [], i + 1
-            while i < len(lines) and not (lines[i].strip().startswith(bar) and set(lines[i].strip()) == {"`"}):
-                body.append(lines[i])
-                i += 1
-            out.append(f"<pre><code>{escape(chr(10).join(body))}</code></pre>")
-            i += 1
-            continue
-        if s.startswith("|") and i + 1 < len(lines) and TABLE_SEP.match(lines[i + 1].strip()):
-            flush()
-            rows, i = [s], i + 2
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                rows.append(lines[i].strip())
-                i += 1
-            out.append(_table(rows))
-            continue
-        if s.startswith("- ") or s.startswith(">"):
-            flush()
-            mark = "- " if s.startswith("- ") else ">"
-            block = []
-            while i < len(lines) and lines[i].strip().startswith(mark):
-                block.append(lines[i].strip()[len(mark) :])
-                i += 1
-            if mark == "- ":
-                out.append("<ul>\n" + "\n".join(f"<li>{inline(b)}</li>" for b in block) + "\n</ul>")
-            else:
-                n += 1
-                out.append(f"<blockquote>{to_html(chr(10).join(b.strip() for b in block), image, f'{prefix}-q{n}')}</blockquote>")
-            continue
-        i += 1
-        if not s:
-            flush()
-        elif m := HEADING.match(s):
-            flush()
-            n, level = n + 1, len(m.group(1))
-            out.append(f'<h{level} id="{prefix}-{n}">{inline(m.group(2))}</h{level}>')
-        elif m := IMAGE.match(s):
-            flush()
-            out.append(_image(m.group(1), m.group(2), image))
-        else:
-            para.append(s)
-    flush()
-    return "\n".join(out)
+    """The Markdown as an HTML fragment; headings get ids `<prefix>-1`, `<prefix>-2`, ..."""
+    parser = _parser()
+    env = {"image": image}
+    tokens = parser.parse(md, env)
+    _adjust(tokens, image, prefix)
+    return parser.renderer.render(tokens, parser.options, env)
 
 
 def page(title: str, sections: list[tuple[str, str, str]]) -> str:

@@ -155,3 +155,13 @@ def load_run(run_dir: str | Path) -> Run:
             run.logs[stage] = rows
     run.samples = _read_rows(run_dir, "samples.jsonl", run.problems)
     return run
+
+
+def frontier_points(metrics: dict) -> list[dict]:
+    """The frontier's points (`picoalign frontier`), SFT first, then by sft_weight and β."""
+    points = dig(metrics, "frontier", "points")
+    if not isinstance(points, dict):
+        return []
+    rows = [p for p in points.values() if isinstance(p, dict) and num(p.get("kl_to_ref")) is not None]
+    return sorted(rows, key=lambda p: (p.get("beta") is not None, num(p.get("sft_weight")) or 0.0,
+                                       -(num(p.get("beta")) or 0.0)))

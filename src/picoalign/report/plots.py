@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picoalign.report.load import LOGGED_STAGES, MODELS, dig, num, read_log, series
+from picoalign.report.load import LOGGED_STAGES, MODELS, dig, frontier_points, num, read_log, series
+from picoalign.report.sections import fmt_metric
 
 COLORS = {"train": "#1f77b4", "val": "#d62728", "chosen": "#2ca02c", "rejected": "#d62728", "margin": "#555555"}
 MODEL_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#ff7f0e"}
@@ -195,8 +196,6 @@ def plot_metrics(metrics: dict, out_png: str | Path) -> Path | None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
-    from picoalign.report.sections import fmt_metric
-
     values = {key: [num(dig(metrics, "models", m, key)) for m in MODELS] for key, _, _ in BARS}
     if all(v is None for vs in values.values() for v in vs):
         return None
@@ -230,16 +229,6 @@ def plot_metrics(metrics: dict, out_png: str | Path) -> Path | None:
     return write_png(fig, out_png)
 
 
-def frontier_points(metrics: dict) -> list[dict]:
-    """The frontier's points (`picoalign frontier`), SFT first, then by sft_weight and β."""
-    points = dig(metrics, "frontier", "points")
-    if not isinstance(points, dict):
-        return []
-    rows = [p for p in points.values() if isinstance(p, dict) and num(p.get("kl_to_ref")) is not None]
-    return sorted(rows, key=lambda p: (p.get("beta") is not None, num(p.get("sft_weight")) or 0.0,
-                                       -(num(p.get("beta")) or 0.0)))
-
-
 def plot_frontier(metrics: dict, out_png: str | Path) -> Path | None:
     """Judge score vs KL to the SFT reference, one point per β (error bars: 95% intervals), as the
     DPO paper's reward-vs-KL figure; one line per sft_weight. None when there is no frontier."""
@@ -252,18 +241,18 @@ def plot_frontier(metrics: dict, out_png: str | Path) -> Path | None:
     fig = Figure(figsize=(7, 4.6))
     ax = fig.subplots()
     sft = [p for p in points if p.get("beta") is None]
-    by_weight: dict[float, list[dict]] = {}
+    by_weight: dict[tuple[str, float], list[dict]] = {}  # one line per loss and sft_weight
     for p in points:
         if p.get("beta") is not None:
-            by_weight.setdefault(num(p.get("sft_weight")) or 0.0, []).append(p)
-    for k, (weight, group) in enumerate(sorted(by_weight.items())):
+            by_weight.setdefault((str(p.get("loss") or "sigmoid"), num(p.get("sft_weight")) or 0.0), []).append(p)
+    for k, ((loss, weight), group) in enumerate(sorted(by_weight.items())):
         line = sft + group  # from the SFT point (KL 0) out to the smallest β
         xs = [num(p["kl_to_ref"]) for p in line]
         ys = [num(dig(p, judge, "mean")) for p in line]
         lows = [y - (num(dig(p, judge, "ci_low")) or y) for p, y in zip(line, ys)]
         highs = [(num(dig(p, judge, "ci_high")) or y) - y for p, y in zip(line, ys)]
         color = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")[k % 4]
-        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=color, label=f"DPO, sft_weight {weight:g}")
+        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=color, label=f"{loss}, sft_weight {weight:g}")
         for p, x, y in zip(group, xs[len(sft):], ys[len(sft):]):
             ax.annotate(f"β={num(p['beta']):g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     for p in sft:

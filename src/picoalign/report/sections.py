@@ -15,7 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from picoalign.report.load import MODELS, Run, dig, head_tail, num, series, stage_seconds
+from picoalign.report.load import (
+    MODELS,
+    Run,
+    dig,
+    frontier_points,
+    head_tail,
+    num,
+    series,
+    stage_seconds,
+)
 
 DASH = "—"
 SPLITS = ("train", "val", "test")
@@ -168,6 +177,7 @@ def setup(run: Run, t: dict, images: set[str]) -> str:
     items = [
         (t["run"], code(run.tag)),
         (t["model"], code(model) if model else DASH),
+        (t["method"], _method(run, t)),
         (t["device"], code(info["device"]) if info.get("device") else DASH),
         (t["dtype"], code(info["dtype"]) if info.get("dtype") else DASH),
         (t["versions"], versions),
@@ -179,6 +189,14 @@ def setup(run: Run, t: dict, images: set[str]) -> str:
                      [[t[f"st_{s}"], _status(run, s, t), fmt_seconds(stage_seconds(run, s))] for s in STAGES]))
     out += ["", _settings(run, t)]
     return "\n".join(out)
+
+
+def _method(run: Run, t: dict) -> str:
+    """How the run's preference stage trained: SFT then a DPO-stage loss, or ORPO alone."""
+    loss = str(dig(run.config, "dpo", "loss") or "sigmoid")
+    if dig(run.config, "run", "method") == "orpo":
+        return t["method_orpo"].format(loss=code(f"loss={loss}"))
+    return t["method_sft_then"].format(name=t.get(f"name_{loss}", loss), loss=code(f"loss={loss}"))
 
 
 def _status(run: Run, stage: str, t: dict) -> str:
@@ -338,8 +356,6 @@ def verdict(run: Run, t: dict) -> str:
 
 def frontier(run: Run, t: dict, images: set[str]) -> str:
     """The reward-vs-KL frontier of `picoalign frontier`, when it was run."""
-    from picoalign.report.plots import frontier_points
-
     points = frontier_points(run.metrics or {})
     if not points:
         return t["no_frontier"].format(tag=plain(run.tag))
@@ -347,7 +363,7 @@ def frontier(run: Run, t: dict, images: set[str]) -> str:
     out = [t["frontier_intro"].format(judge=judge, n=_n(dig(points[0], judge, "n"))), ""]
     if "frontier.png" in images:
         out += [f"![{t['frontier_alt']}](frontier.png)", ""]
-    rows = [[t["n_sft"] if p.get("beta") is None else t["n_dpo"], _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
+    rows = [[t["n_sft"] if p.get("beta") is None else f"{t['n_dpo']} ({p.get('loss') or 'sigmoid'})", _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
              _n(p.get("steps")), fmt_ci(judge, p.get(judge)),
              fmt_metric("kl_to_ref", p.get("kl_to_ref")), fmt_metric("answer_words", dig(p, "answer_words", "mean"))]
             for p in points]

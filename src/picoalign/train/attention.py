@@ -112,21 +112,23 @@ def _register() -> None:
 
 @contextmanager
 def span_attention(model, spans: Tensor | None, length: int):
-    """Run `model`'s forwards inside with `spans_attention` (models on SDPA only; others as they are)."""
+    """Run `model`'s forwards inside with `spans_attention` (models on SDPA only; others as they are).
+
+    Yields whether it did: when not, the forward needs the batch's dense mask."""
     hf = unwrapped(model)
     config = getattr(hf, "config", None)
     # Under activation checkpointing backward reruns the blocks after this context has closed;
     # the rerun must take the same path as the forward, so those models keep the mask.
     recomputes = getattr(hf, "is_activation_checkpointing", False) and hf.training
     if spans is None or recomputes or getattr(config, "_attn_implementation", None) != "sdpa":
-        yield
+        yield False
         return
     _register()
     device = next(model.parameters()).device
     token = _layout.set(SpanLayout.of(spans, length, device))
     hf.set_attn_implementation(NAME)
     try:
-        yield
+        yield True
     finally:
         hf.set_attn_implementation("sdpa")
         _layout.reset(token)

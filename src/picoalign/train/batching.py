@@ -127,7 +127,10 @@ def _cut_segments(segments: list[tuple[list[int], bool]], max_length: int) -> Se
 class PackedBatch:
     """One packed row of sequences and where its targets are.
 
-    input_ids, position_ids: (B, L). attention_mask: (B, 1, L, L) bool, True = may attend.
+    input_ids, position_ids: (B, L). group, branch: (B, L) what each position may attend to,
+    compactly: an earlier position of its own group on the shared prefix (branch 0) or on its own
+    branch; padding has a group of its own. `dense_mask()` expands that into the (B, 1, L, L) mask
+    on the batch's device, only for the forwards that read one (the span path below does not).
     keep: (B, L) bool, the positions whose logits are computed (they predict a target).
     rows: (N,) for each target token, its row among the kept logits; labels: (N,) the token;
     seq_index: (N,) which scored sequence it belongs to (0 .. n_seqs-1).
@@ -138,7 +141,8 @@ class PackedBatch:
 
     input_ids: Tensor
     position_ids: Tensor
-    attention_mask: Tensor
+    group: Tensor | None
+    branch: Tensor | None
     keep: Tensor
     rows: Tensor
     labels: Tensor
@@ -147,7 +151,20 @@ class PackedBatch:
     n_tokens: int
     n_truncated: int = 0
     ref_logps: Tensor | None = None  # DPO: the frozen reference's log-prob of each sequence
+    desirable: Tensor | None = None  # KTO: (examples,) bool, the label of each example's answer
     spans: Tensor | None = None
+
+    def dense_mask(self) -> Tensor | None:
+        """(B, 1, L, L) bool, True = may attend: causal, within a group, never into a sibling
+        answer. None for plain causal rows (the model's own causal mask is exact for them)."""
+        if self.group is None:
+            return None
+        g, br = self.group, self.branch
+        idx = torch.arange(g.shape[1], device=g.device)
+        causal = idx[None, :] <= idx[:, None]
+        same_group = g[:, None, :] == g[:, :, None]
+        same_branch = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+        return (causal & same_group & same_branch)[:, None]
 
     def token_counts(self) -> Tensor:
         """Target tokens of each scored sequence (n_seqs,)."""
@@ -206,12 +223,7 @@ class RowBuilder:
 
     def mask(self) -> Tensor:
         """(L, L) bool: causal, within one group, and never into a sibling answer."""
-        group, branch = torch.tensor(self.group), torch.tensor(self.branch)
-        idx = torch.arange(len(self.ids))
-        causal = idx[None, :] <= idx[:, None]
-        same_group = group[None, :] == group[:, None]
-        same_branch = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
-        return causal & same_group & same_branch
+        return stack_rows([self], 0).dense_mask()[0, 0]
 
 
 def stack_rows(rows: list[RowBuilder], pad_id: int, n_truncated: int = 0) -> PackedBatch:
@@ -220,15 +232,18 @@ def stack_rows(rows: list[RowBuilder], pad_id: int, n_truncated: int = 0) -> Pac
     B = len(rows)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((B, L), dtype=torch.long)
-    # Padding attends only to itself: a query with no key at all would give NaN in softmax.
-    mask = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)
+    # Padding is a group of its own per position, so it attends only to itself: a query with no
+    # key at all would give NaN in softmax.
+    group = -1 - torch.arange(L, dtype=torch.int32).repeat(B, 1)
+    branch = torch.zeros((B, L), dtype=torch.int32)
     keep = torch.zeros((B, L), dtype=torch.bool)
     targets, seq_offset = [], 0
     for b, r in enumerate(rows):
         n = len(r.ids)
         input_ids[b, :n] = torch.tensor(r.ids)
         position_ids[b, :n] = torch.tensor(r.pos)
-        mask[b, :n, :n] = r.mask()
+        group[b, :n] = torch.tensor(r.group, dtype=torch.int32)
+        branch[b, :n] = torch.tensor(r.branch, dtype=torch.int32)
         keep[b, [p for p, _, _ in r.targets]] = True
         targets += [(b * L + p, t, seq_offset + s) for p, t, s in r.targets]
         seq_offset += r.n_seqs
@@ -238,7 +253,8 @@ def stack_rows(rows: list[RowBuilder], pad_id: int, n_truncated: int = 0) -> Pac
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=mask[:, None],
+        group=group,
+        branch=branch,
         keep=keep,
         rows=torch.tensor([row_of[p] for p, _, _ in targets]),
         labels=torch.tensor([t for _, t, _ in targets]),
@@ -285,16 +301,59 @@ def pack_pairs(pairs: list[Encoded], share_prefix: bool = True, pad_id: int = 0)
     return stack_rows(rows, pad_id, sum(p.truncated for p in pairs))
 
 
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def encode_sft_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list, int]:
+    """Tokenise SFT records; returns (examples, number dropped because the prompt fills max_length)."""
+    examples, dropped = [], 0
+    for row in rows:
+        if row.get("messages"):
+            ex = encode_conversation(tokenizer, row["messages"], max_length)
+        else:
+            ex = encode(tokenizer, row["prompt"], [row["response"]], max_length)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    return examples, dropped
+
+
+def _length(ex) -> int:
+    return sum(len(ids) for ids, _ in ex.segments) if hasattr(ex, "segments") else len(ex.prompt) + sum(map(len, ex.answers))
+
+
+def sft_batches(tokenizer, rows: list[dict], cfg) -> list[PackedBatch]:
+    """Micro-batches of `batch_size` examples of similar length (the loop shuffles their order)."""
+    examples, dropped = encode_sft_rows(tokenizer, rows, cfg.max_length)
+    if dropped:
+        print(f"sft: {dropped} examples dropped: their prompt alone fills max_length={cfg.max_length}")
+    examples.sort(key=_length)
+    return [pack_examples(group, tokenizer.pad_token_id) for group in chunks(examples, cfg.batch_size)]
+
+
+def pair_batches(tokenizer, rows: list[dict], cfg, share_prefix: bool = True, sort: bool = True) -> list[PackedBatch]:
+    """Preference pairs, `batch_size` per micro-batch (chosen = even sequences, rejected = odd).
+
+    Without `sort` the pairs keep their file order (for scoring that is matched to rows)."""
+    pairs = [encode(tokenizer, r["prompt"], [r["chosen"], r["rejected"]], cfg.max_length) for r in rows]
+    pairs = [p for p in pairs if p is not None]
+    if sort:
+        pairs.sort(key=_length)
+    return [pack_pairs(group, share_prefix, tokenizer.pad_token_id) for group in chunks(pairs, cfg.batch_size)]
+
+
 def forward_logps(model, batch: PackedBatch) -> Tensor:
     """Per-target-token log-probs (N,) in fp32: one forward over the packed row."""
     from picoalign.train.attention import span_attention
     from picoalign.train.losses import token_logps
 
-    with span_attention(model, batch.spans, batch.input_ids.shape[1]):
+    with span_attention(model, batch.spans, batch.input_ids.shape[1]) as on_spans:
         out = model(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask,
+            attention_mask=None if on_spans else batch.dense_mask(),
             logits_to_keep=batch.keep,
             use_cache=False,
         )

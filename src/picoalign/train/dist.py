@@ -161,15 +161,18 @@ def from_main(value: Any) -> Any:
     return box[0]
 
 
-def mean_metrics(sums: dict[str, float], tokens: int, device: torch.device) -> tuple[dict[str, float], int]:
-    """Each metric averaged over the ranks, the tokens summed: what one step did as a whole."""
-    if not dist.is_initialized():
-        return sums, tokens
+def mean_metrics(sums: dict[str, torch.Tensor], tokens: int, device: torch.device) -> tuple[dict[str, float], int]:
+    """Each metric averaged over the ranks, the tokens summed: what one step did as a whole.
+
+    The values are tensors on the device; they are stacked, reduced there and read in one transfer."""
     keys = list(sums)  # the same order on every rank: the same code made them
-    t = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    n = dist.get_world_size()
-    return {k: v / n for k, v in zip(keys, t[:-1].tolist())}, int(t[-1].item())
+    t = torch.stack([torch.as_tensor(sums[k], device=device).to(torch.float64) for k in keys]
+                    + [torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t[:-1] /= dist.get_world_size()
+    values = t.tolist()
+    return dict(zip(keys, values[:-1])), int(values[-1])
 
 
 def gather_shards(fn: Callable[[list], list], items: list) -> list:

@@ -1,8 +1,12 @@
-"""`picoalign dpo`: preference optimisation (DPO, cDPO, IPO, hinge, robust) against a frozen reference.
+"""`picoalign dpo`: preference optimisation (DPO, cDPO, IPO, hinge, robust) against a frozen reference,
+and the methods beside it: ORPO and SimPO without a reference, KTO on unpaired examples (train/kto.py).
 
     picoalign dpo --data runs/demo/data --model runs/demo/checkpoints/sft --out runs/demo/checkpoints/dpo
     picoalign dpo ... --beta 0.1 --label_smoothing 0.1     # cDPO
     picoalign dpo ... --ipo                                # IPO
+    picoalign dpo ... --loss simpo --beta 2 --simpo_gamma 1    # SimPO: no reference, no precompute
+    picoalign dpo ... --model builtin:smollm2-135m-instruct --loss orpo   # ORPO: from the base, SFT included
+    picoalign dpo ... --loss kto --train_file kto_train.jsonl  # KTO: {"prompt", "completion", "label"}
 
 The starting model is the SFT checkpoint (an SFT adapter is merged into its base first); the
 policy trains a fresh LoRA adapter on it (or all weights), and the SFT model is the frozen
@@ -10,25 +14,34 @@ reference. By default the reference's log-probs are computed once before trainin
 with the run (`ref_logps.pt`), so no second model sits in memory; `reference: live` computes them
 each step from the frozen weights (adapter disabled), `reference: PATH` from another checkpoint.
 Each pair is one row, [prompt, chosen, rejected], with the prompt run once (prefix sharing).
+ORPO and SimPO score answers by their mean log-prob per token and load, compute and store no
+reference at all.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from picoalign.config import DPOConfig
+from picoalign.config import REFERENCE_FREE, DPOConfig
 from picoalign.data.formats import read_preferences
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
-from picoalign.train.batching import PackedBatch, forward_logps
-from picoalign.train.loop import autocast_for, fit
-from picoalign.train.losses import DPO_LOSSES, dpo_stats, sequence_logps
-from picoalign.train.sft import pair_batches
+from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
+from picoalign.train.loop import autocast_for, batches_used, fit
+from picoalign.train.losses import (
+    DPO_LOSSES,
+    dpo_stats,
+    orpo_loss,
+    orpo_odds_ratio_loss,
+    sequence_logps,
+    simpo_loss,
+)
 from picoalign.train.stage import prepare, save_model
 
 
@@ -72,12 +85,18 @@ def _weights_stamp(spec: str) -> str:
     return stamp + ("|" + _weights_stamp(marker["base_model"]) if marker.get("base_model") else "")
 
 
-def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig) -> str:
-    """What the stored reference log-probs depend on: reference weights, loss, the exact batches."""
+def _reference_stamp(cfg: DPOConfig, dtype: torch.dtype) -> str:
+    """What stored reference log-probs depend on besides the batch: the reference weights and the
+    dtype they ran in (a bf16 run keeps its frozen weights in bf16), the loss (IPO normalises)."""
     reference = cfg.model if cfg.reference in ("precompute", "live") else cfg.reference
-    h = hashlib.sha256(f"{reference}|{_weights_stamp(reference)}|{cfg.loss}|{cfg.max_length}|{cfg.batch_size}".encode())
-    for b in batches:
-        h.update(b.input_ids.numpy().tobytes())
+    return f"{reference}|{_weights_stamp(reference)}|{dtype}|{cfg.loss}"
+
+
+def batch_key(batch: PackedBatch) -> str:
+    """A batch's content: its tokens, their layout and its targets (what its log-probs are of)."""
+    h = hashlib.sha256()
+    for t in (batch.input_ids, batch.position_ids, batch.labels, batch.seq_index):
+        h.update(t.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -95,36 +114,56 @@ class DPOTask:
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
-        self.loss_fn = DPO_LOSSES[cfg.loss]
+        self.loss_fn = DPO_LOSSES.get(cfg.loss)  # None for orpo / simpo: `reference_free_loss` instead
         self.normalise = cfg.loss == "ipo"
         train_rows, val_rows = rows or read_pair_splits(cfg)
         self.train = pair_batches(tokenizer, train_rows, cfg, cfg.prefix_sharing)
         val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
         self.live_ref = None
-        self._attach_reference()
+        self.reference_forward = cfg.reference == "live" and cfg.loss not in REFERENCE_FREE  # FLOPs count
+        if cfg.loss not in REFERENCE_FREE:
+            self._attach_reference()
         print(f"dpo: {len(train_rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
-              f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference}")
+              f"loss={cfg.loss} beta={cfg.beta} reference={'none' if cfg.loss in REFERENCE_FREE else cfg.reference}")
 
     def _attach_reference(self) -> None:
-        cfg, batches = self.cfg, self.train + self.val
+        """Reference log-probs for the batches this run will use: the training batches its step or
+        epoch budget takes (in the loop's order) and the val batches, from `ref_logps.pt` where it
+        has them (stored per batch content, so a longer run or another β reuses them), the rest
+        computed now. A batch without them (a run limited only by time) is scored on first use,
+        inside the step and so inside `max_seconds`."""
+        cfg = self.cfg
+        self.setup_seconds, self._scored = 0.0, {}
         if cfg.reference == "live":
             if not cfg.lora.enabled:  # full fine-tuning: keep a frozen copy of the start
                 self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             return
-        cache = Path(cfg.out) / "ref_logps.pt"
-        key = _fingerprint(batches, cfg)
-        if cache.exists() and (saved := torch.load(cache, weights_only=False)).get("key") == key:
-            logps = saved["logps"]
-        else:
-            logps = dist.gather_shards(self._compute_reference, batches)  # each rank its share (torchrun)
+        used = batches_used(cfg, len(self.train), dist.world().size)
+        if used is None:  # only time limits the run: score on first use (another checkpoint: all now)
+            used = [] if cfg.reference == "precompute" else range(len(self.train))
+        needed = [self.train[i] for i in used] + self.val
+        cache, stamp = Path(cfg.out) / "ref_logps.pt", _reference_stamp(cfg, self.dtype)
+        saved = torch.load(cache, weights_only=False) if cache.exists() else {}
+        known = saved.get("logps", {}) if saved.get("stamp") == stamp else {}
+        keys = [batch_key(b) for b in needed]
+        missing = [b for b, k in zip(needed, keys) if k not in known]
+        if missing:
+            t0 = time.time()
+            logps = dist.gather_shards(self._compute_reference, missing)  # each rank its share (torchrun)
+            self.setup_seconds = time.time() - t0
+            known |= {batch_key(b): ref for b, ref in zip(missing, logps)}
             if dist.world().main:  # a cache keyed by its inputs: it leaves the folder's marker alone
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp")
-                torch.save({"key": key, "logps": logps}, tmp)
+                torch.save({"stamp": stamp, "logps": known}, tmp)
                 tmp.replace(cache)
-        for batch, ref in zip(batches, logps):
-            batch.ref_logps = ref
+        for batch, key in zip(needed, keys):
+            batch.ref_logps = known[key]
+        later = len(self.train) - len(needed) + len(self.val)
+        if later:
+            print(f"dpo: {later} training batches the budget may not reach: their reference log-probs "
+                  "are computed when first used")
 
     def _compute_reference(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
         pairs = sum(b.n_seqs // 2 for b in batches)
@@ -146,14 +185,26 @@ class DPOTask:
     def _reference(self, batch: PackedBatch) -> torch.Tensor:
         if batch.ref_logps is not None:
             return batch.ref_logps
+        key = None if self.cfg.reference == "live" else batch_key(batch)
+        if key in self._scored:
+            return self._scored[key]
+        bare = getattr(self.model, "module", self.model)  # inside a step the model may be DDP's wrapper
         with torch.no_grad():
             if self.live_ref is not None:
-                return batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
-            with self.model.disable_adapter():
-                return batch_sequence_logps(self.model, batch, self.normalise)[0]
+                ref = batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
+            elif self.cfg.reference not in ("precompute", "live"):  # another checkpoint (a resumed longer run)
+                ref = self._compute_reference([batch])[0].to(batch.input_ids.device)
+            else:
+                with bare.disable_adapter() if self.cfg.lora.enabled else nullcontext():
+                    ref = batch_sequence_logps(bare, batch, self.normalise)[0]
+        if key is not None:  # the frozen reference scores a batch once
+            self._scored[key] = ref.detach()
+        return ref
 
     def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(mean loss, TRL-style stats, Δ per pair) for one preference batch."""
+        if self.cfg.loss in REFERENCE_FREE:
+            return reference_free_loss(self.model, batch, self.cfg)
         summed, tokens = batch_sequence_logps(self.model, batch)
         policy = summed / batch.token_counts().to(summed.device) if self.normalise else summed
         ref = self._reference(batch).to(policy.device)
@@ -175,7 +226,7 @@ class DPOTask:
 
     def loss(self, batch: PackedBatch):
         loss, stats, _ = self.pair_loss(batch)
-        return loss, {k: v.item() for k, v in stats.items()}
+        return loss, stats  # tensors: the loop reads them once per logged step
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss, preference accuracy (reward of chosen > rejected) and mean margin."""
@@ -194,8 +245,36 @@ class DPOTask:
         save_model(self.model, self.tokenizer, folder, state_dict)
 
 
+def reference_free_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """ORPO or SimPO on one pair batch: (mean loss, TRL's metrics, ℓ_w − ℓ_l per pair), where ℓ is
+    the policy's mean log-prob per answer token; no reference. As TRL, the logged rewards are β·ℓ
+    and `logps/*` the means ℓ; ORPO adds `nll_loss`, `log_odds_ratio` (mean log σ of the log odds
+    ratio) and `log_odds_chosen` (mean log odds ratio)."""
+    summed, tokens = batch_sequence_logps(model, batch)
+    mean = summed / batch.token_counts().to(summed.device)
+    chosen, rejected = mean[0::2], mean[1::2]
+    nll = -tokens[(batch.seq_index % 2) == 0].mean()  # over all chosen-answer tokens of the batch
+    stats = dpo_stats(chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(rejected), cfg.beta)
+    stats = {k: v.detach() for k, v in stats.items()}
+    if cfg.loss == "orpo":
+        loss = orpo_loss(nll, chosen, rejected, cfg.beta)
+        _, log_odds = orpo_odds_ratio_loss(chosen.detach(), rejected.detach())
+        stats |= {"nll_loss": nll.detach(), "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).mean(),
+                  "log_odds_chosen": log_odds.mean()}
+        return loss, stats, chosen - rejected
+    loss = preference = simpo_loss(chosen, rejected, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing).mean()
+    if cfg.sft_weight > 0:  # CPO's behaviour-cloning term (TRL `cpo_alpha`)
+        loss = loss + cfg.sft_weight * nll
+        stats |= {"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()}
+    return loss, stats, chosen - rejected
+
+
 def dpo(cfg: DPOConfig) -> dict:
-    """Train `cfg.model` (the SFT checkpoint) on preference pairs; returns the training summary."""
+    """Train `cfg.model` (the SFT checkpoint; for ORPO the base) on preferences; returns the summary."""
+    if cfg.loss == "kto":
+        from picoalign.train.kto import kto
+
+        return kto(cfg)
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
     task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)

@@ -47,6 +47,7 @@ from picoalign.config import save_config
 from picoalign.io import write_json
 from picoalign.models.load import MARKER, read_marker
 from picoalign.train import dist
+from picoalign.train.flops import Throughput, cached_peak, flops_per_token, trains_in_full
 from picoalign.train.trackers import Trackers
 
 STATE_FILE = "trainer_state.pt"
@@ -56,7 +57,7 @@ class Task(Protocol):
     model: torch.nn.Module
 
     def batches(self) -> list[Any]: ...  # training micro-batches, each with .n_tokens
-    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]: ...  # metrics: tensors stay on the device
     def evaluate(self) -> dict[str, float]: ...  # "val/loss" (lower is better) drives early stopping
     def save(self, folder: Path, state_dict: dict | None = None) -> None: ...  # state_dict: gathered FSDP weights
 
@@ -116,6 +117,18 @@ def planned_steps(cfg, n_batches: int, world_size: int = 1) -> int | None:
     if cfg.epochs > 0:
         limits.append(math.ceil(cfg.epochs * n_batches) // (cfg.grad_accum * world_size))
     return min(limits) if limits else None
+
+
+def batches_used(cfg, n_batches: int, world_size: int = 1) -> list[int] | None:
+    """Indices of the training micro-batches the step/epoch budget will take, in the loop's own
+    shuffled order (None when only `max_seconds` limits the run: then nobody knows in advance)."""
+    total = planned_steps(cfg, n_batches, world_size)
+    if total is None:
+        return None
+    micro = total * cfg.grad_accum * world_size
+    if micro >= n_batches:
+        return list(range(n_batches))
+    return sorted(batch_order(n_batches, 0, cfg.seed)[:micro])
 
 
 def batch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -199,8 +212,12 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     trackers = Trackers(log_dir, name, cfg, run_params) if world.main else _NoTrackers()
     trackers.log({"kind": "start", "step": state.step, "world_size": world.size, "batch_size": cfg.batch_size,
                   "grad_accum": cfg.grad_accum, "effective_batch": effective})
+    throughput = _throughput(task, batches, name, device, dtype, world)
     bar = _progress(cfg, total, state.step, name, world.main)
-    started, stop_reason = time.time() - state.elapsed, None
+    # Work the task did before its first step for the steps (DPO's reference log-probs) counts
+    # against max_seconds too, once: a resume finds it cached.
+    setup = 0.0 if cfg.resume else getattr(task, "setup_seconds", 0.0)
+    started, stop_reason = time.time() - state.elapsed - setup, None
     try:
         with sigterm_as_interrupt():  # kill, systemd, schedulers: saved like Ctrl-C
             while True:
@@ -220,19 +237,24 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
                 # -- step
                 with phase("step"):
                     t0 = time.time()
-                    metrics, tokens = _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp)
-                    dt = time.time() - t0
+                    result = train_step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp)
                     state.step += 1
-                    state.elapsed = time.time() - started
-                    # -- log
+                    # -- log (the one host read of a logged step; other steps read nothing)
                     with phase("log"):
                         if state.step % cfg.log_every == 0:
+                            metrics, tokens = result.read(device)
+                            dt = time.time() - t0
+                            state.elapsed = time.time() - started
+                            speed = throughput.of(tokens, dt)
                             row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4),
-                                   **metrics, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
-                                   "elapsed": round(state.elapsed, 2)}
+                                   **metrics, "tokens": tokens, **speed, "elapsed": round(state.elapsed, 2)}
                             trackers.log(row)
+                            if cfg.compile and state.step == 1 and world.main:
+                                print(f"{name}: step 1 took {dt:.1f}s, torch.compile's compilation included")
+                            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}",
+                                            **({"mfu": f"{speed['mfu']:.0%}"} if "mfu" in speed else {}))
                         bar.update(1)
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}")
+                    state.elapsed = time.time() - started
     except KeyboardInterrupt:
         bar.close()
         if world.main and not sharded:  # a sharded model needs every rank to gather: not on an interrupt
@@ -254,11 +276,27 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     return summary
 
 
-def _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp=None) -> tuple[dict, int]:
-    """One optimiser step over `grad_accum` micro-batches (on each of the `world_size` ranks)."""
+@dataclass
+class StepResult:
+    """What one optimiser step did. `stats` stay on the device (losses, the task's metrics,
+    grad_norm): reading them is a host sync, so the loop reads them only on steps it logs."""
+
+    stats: dict[str, torch.Tensor]
+    tokens: int  # real tokens of the step's micro-batches (this rank's)
+    lr: float
+
+    def read(self, device) -> tuple[dict[str, float], int]:
+        """The step's numbers as floats, averaged over the ranks: one transfer for all of them."""
+        values, tokens = dist.mean_metrics(self.stats, self.tokens, device)
+        return {k: round(v, 6) if k != "grad_norm" else round(v, 4) for k, v in values.items()} | {"lr": self.lr}, tokens
+
+
+def train_step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp=None) -> StepResult:
+    """One optimiser step over `grad_accum` micro-batches (on each of the `world_size` ranks):
+    forward + backward of each, clip, AdamW, schedule. No host sync: the numbers stay on the device."""
     world = dist.world()
     (ddp or task.model).train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for i in range(cfg.grad_accum):
         with phase("data"):
@@ -269,21 +307,20 @@ def _step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp=None
                 loss, metrics = task.loss(batch)
             with phase("backward"):
                 (loss / cfg.grad_accum).backward()
-        for key, v in {"loss": loss.item(), **metrics}.items():
+        for key, v in {"loss": loss, **metrics}.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
             sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
         tokens += batch.n_tokens
     with phase("optimizer"):
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        sums["grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    with phase("log"):
-        sums, tokens = dist.mean_metrics(sums, tokens, device)
     state.micro += cfg.grad_accum * world.size  # only now: an interrupted step is redone whole on resume
-    return {**{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "grad_norm": round(grad_norm, 4)}, tokens
+    return StepResult(sums, tokens, lr)
 
 
 @contextmanager
@@ -303,6 +340,21 @@ def _through(task, ddp, sync: bool):
             yield
     finally:
         task.model = bare
+
+
+def _throughput(task, batches, name: str, device, dtype, world) -> Throughput:
+    """FLOPs per token of this task's step, and the peak its model's matmul shapes reach here."""
+    per_token = flops_per_token(task.model, trains_in_full(task.model), getattr(task, "reference_forward", False))
+    # padded tokens per micro-batch: what the matmuls see
+    row_tokens = sum(b.input_ids.numel() if hasattr(b, "input_ids") else b.n_tokens for b in batches) / len(batches)
+    t0 = time.time()
+    peak = cached_peak(task.model, int(row_tokens), dtype, device) if per_token else None
+    if world.main and peak:
+        print(f"{name}: {per_token / 1e9:.2f} GFLOP per token; this model's matmuls peak at "
+              f"{peak / 1e9:,.0f} GFLOP/s here ({str(dtype).replace('torch.', '')}, "
+              f"{'measured in ' + format(time.time() - t0, '.1f') + ' s' if time.time() - t0 > 0.05 else 'cached'})"
+              "; MFU = achieved / peak")
+    return Throughput(per_token, peak, world.size)
 
 
 def _evaluate(task, state: LoopState, cfg, trackers, device, dtype) -> bool:

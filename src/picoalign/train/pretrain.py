@@ -41,11 +41,11 @@ from picoalign.models.tokenizer import (
     train_tokenizer,
 )
 from picoalign.train import dist
-from picoalign.train.batching import PackedBatch, forward_logps
+from picoalign.train.batching import PackedBatch, chunks, forward_logps
 from picoalign.train.loop import fit
 from picoalign.train.losses import masked_lm_loss
-from picoalign.train.sft import mean_response_nll
-from picoalign.train.stage import chunks, prepare, save_model
+from picoalign.train.scoring import mean_response_nll
+from picoalign.train.stage import prepare, save_model
 
 # ---------------------------------------------------------------- text
 
@@ -113,7 +113,8 @@ def lm_batch(rows: list[list[int]], pad_id: int) -> PackedBatch:
     return PackedBatch(
         input_ids=input_ids,
         position_ids=torch.arange(L).expand(B, L).clone(),
-        attention_mask=None,
+        group=None,
+        branch=None,
         keep=keep,
         rows=torch.arange(len(labels)),
         labels=labels,

@@ -14,80 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from picoalign.config import SFTConfig
 from picoalign.data.formats import read_preferences, read_sft
-from picoalign.train.batching import (
-    PackedBatch,
-    encode,
-    encode_conversation,
-    forward_logps,
-    pack_examples,
-    pack_pairs,
-)
+from picoalign.train.batching import PackedBatch, forward_logps, pair_batches, sft_batches
 from picoalign.train.loop import fit
-from picoalign.train.losses import masked_lm_loss, sequence_logps
-from picoalign.train.stage import chunks, prepare, save_model
-
-
-def encode_sft_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list, int]:
-    """Tokenise SFT records; returns (examples, number dropped because the prompt fills max_length)."""
-    examples, dropped = [], 0
-    for row in rows:
-        if row.get("messages"):
-            ex = encode_conversation(tokenizer, row["messages"], max_length)
-        else:
-            ex = encode(tokenizer, row["prompt"], [row["response"]], max_length)
-        if ex is None:
-            dropped += 1
-        else:
-            examples.append(ex)
-    return examples, dropped
-
-
-def _length(ex) -> int:
-    return sum(len(ids) for ids, _ in ex.segments) if hasattr(ex, "segments") else len(ex.prompt) + sum(map(len, ex.answers))
-
-
-def sft_batches(tokenizer, rows: list[dict], cfg) -> list[PackedBatch]:
-    """Micro-batches of `batch_size` examples of similar length (the loop shuffles their order)."""
-    examples, dropped = encode_sft_rows(tokenizer, rows, cfg.max_length)
-    if dropped:
-        print(f"sft: {dropped} examples dropped: their prompt alone fills max_length={cfg.max_length}")
-    examples.sort(key=_length)
-    return [pack_examples(group, tokenizer.pad_token_id) for group in chunks(examples, cfg.batch_size)]
-
-
-def pair_batches(tokenizer, rows: list[dict], cfg, share_prefix: bool = True, sort: bool = True) -> list[PackedBatch]:
-    """Preference pairs, `batch_size` per micro-batch (chosen = even sequences, rejected = odd).
-
-    Without `sort` the pairs keep their file order (for scoring that is matched to rows)."""
-    pairs = [encode(tokenizer, r["prompt"], [r["chosen"], r["rejected"]], cfg.max_length) for r in rows]
-    pairs = [p for p in pairs if p is not None]
-    if sort:
-        pairs.sort(key=_length)
-    return [pack_pairs(group, share_prefix, tokenizer.pad_token_id) for group in chunks(pairs, cfg.batch_size)]
-
-
-def mean_response_nll(model, batches: list[PackedBatch], device) -> float:
-    """Token-weighted mean negative log-likelihood of the response tokens."""
-    total, count = 0.0, 0
-    for batch in batches:
-        logps = forward_logps(model, batch.to(device))
-        total -= logps.sum().item()
-        count += logps.numel()
-    return total / max(count, 1)
-
-
-def pair_logps(model, batches: list[PackedBatch], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of every chosen and rejected answer, in file order."""
-    chosen, rejected = [], []
-    for batch in batches:
-        seq = sequence_logps(forward_logps(model, batch.to(device)), batch.seq_index.to(device), batch.n_seqs)
-        chosen.append(seq[0::2].float().cpu())
-        rejected.append(seq[1::2].float().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+from picoalign.train.losses import masked_lm_loss
+from picoalign.train.scoring import mean_response_nll, pair_logps
+from picoalign.train.stage import prepare, save_model
 
 
 @dataclass
