@@ -172,7 +172,7 @@ _ENTRIES = [
     Stage("chat", "chat with a model in the terminal (streams)", "picoalign.use.chat:chat", C.ChatConfig),
     Stage("serve", "HTTP API (OpenAI-compatible, /v1/generate) and a chat page", "picoalign.serve.app:serve",
           C.ServeConfig),
-    Stage("export", "merge a LoRA adapter into its base and save a plain HF model folder",
+    Stage("export", "merge a LoRA adapter into its base; save an HF folder or a GGUF file (+ Ollama Modelfile)",
           "picoalign.use.export:export", C.ExportConfig),
     Stage("check-data", "check a data file and print counts and problems", "picoalign.data.check:main"),
     Stage("deid", "replace names, emails, phone numbers... in a data file with placeholders",

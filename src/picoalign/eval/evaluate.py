@@ -11,6 +11,8 @@ top-p generations for a few test prompts with two horror-style scores; and for D
 per-token KL(π_DPO ‖ π_ref) on its own greedy samples: how far DPO moved from the reference.
 With `--judge-provider` (a provider or MODEL@PROVIDER), an LLM judge compares the DPO and SFT
 greedy samples of each prompt in both orders: `judge.win_rate` of DPO over SFT (0.5 = even).
+With `--lm-eval [TASKS]`, lm-evaluation-harness scores every model too (eval/harness.py):
+`metrics.json` gets `lm_eval`, the report a table.
 Writes `metrics.json` (merged with what the run already recorded) and `samples.jsonl`.
 """
 
@@ -256,6 +258,11 @@ def evaluate(cfg: EvalConfig) -> dict:
               f"win rate {c['win_rate']:.0%}, n={c['n']}")
     if cfg.judge_provider:
         metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
+    if cfg.lm_eval:
+        from picoalign.eval.harness import lm_eval_scores, split_tasks
+
+        metrics["lm_eval"] = lm_eval_scores(models, data, split_tasks(cfg.lm_eval), out / "lm_eval", cfg.lm_eval_limit,
+                                            str(ev.device), str(ev.dtype).replace("torch.", ""), cfg.lm_eval_batch_size)
     metrics["judges"] = ev.judge_facts()
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))

@@ -286,7 +286,29 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
         of_hard=_n(held["dpo_test_hard"]))]
     if "metrics.png" in images:
         out += ["", f"![{t['metrics_alt']}](metrics.png)"]
+    if dig(run.metrics, "lm_eval", "models"):
+        out += ["", lm_eval_table(run, t)]
     return "\n".join(out)
+
+
+def lm_eval_table(run: Run, t: dict) -> str:
+    """lm-eval's scores (eval --lm-eval): one row per task and metric, one column per model."""
+    lm = run.metrics["lm_eval"]
+    names = [m for m in MODELS if m in lm["models"]] + [m for m in lm["models"] if m not in MODELS]
+    rows = {}
+    for name in names:
+        for task, values in lm["models"][name].items():
+            for metric, value in values.items():
+                if metric == "n" or metric.endswith("_stderr"):
+                    continue
+                err = num(values.get(f"{metric}_stderr"))
+                text = _plain_num(value) + (f" ± {_plain_num(err)}" if err is not None else "")
+                rows.setdefault((task, metric), {})[name] = f"{text} (n={values.get('n', DASH)})"
+    header_row = [t["task"], t["metric"], *(t.get(f"n_{m}", m) for m in names)]
+    body = [[code(task), metric, *(cells.get(m, DASH) for m in names)] for (task, metric), cells in rows.items()]
+    limit = t["lm_eval_limit"].format(limit=lm["limit"]) if lm.get("limit") else t["lm_eval_all"]
+    return "\n".join([t["lm_eval_intro"].format(version=lm.get("version") or "", limit=limit), "",
+                      table(header_row, body)])
 
 
 def effect(run: Run, t: dict, images: set[str]) -> str:
