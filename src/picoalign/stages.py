@@ -157,7 +157,7 @@ _ENTRIES = [
           InRun(_sft_paths, done=_training_done, blocked=_no_training_rows, check=_model_file_present,
                 resume=True)),
     Stage("dpo", "DPO and its variants against a frozen reference; ORPO, SimPO, KTO (--loss)",
-          "picoalign.train.dpo:dpo", C.DPOConfig,
+          "picoalign.train.preference:train_preferences", C.DPOConfig,
           InRun(_dpo_paths, done=_training_done, blocked=_no_sft_to_start_from, check=_model_file_present,
                 resume=True)),
     Stage("eval", "evaluate base/SFT/DPO on the test splits", "picoalign.eval.evaluate:evaluate", C.EvalConfig,

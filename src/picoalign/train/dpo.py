@@ -270,11 +270,11 @@ def reference_free_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torc
 
 
 def dpo(cfg: DPOConfig) -> dict:
-    """Train `cfg.model` (the SFT checkpoint; for ORPO the base) on preferences; returns the summary."""
+    """Train `cfg.model` (the SFT checkpoint; for ORPO the base) on preference pairs; returns the
+    summary. (KTO's unpaired rows: train/kto.py; `picoalign dpo` picks through train/preference.py.)"""
     if cfg.loss == "kto":
-        from picoalign.train.kto import kto
-
-        return kto(cfg)
+        raise ValueError("loss=kto trains on unpaired rows: call picoalign.train.preference.train_preferences "
+                         "(what `picoalign dpo` runs) or picoalign.train.kto.kto")
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
     task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from picoalign.eval.generate import END_OF_TURN, end_ids
+from picoalign.generation.batched import END_OF_TURN, end_ids
 from picoalign.io import atomic_write_text, write_json
 from picoalign.models.load import MARKER
 from picoalign.use import llamacpp_check, ollama
