@@ -108,7 +108,7 @@ def test_data_command_writes_the_files_and_the_resolved_config(tmp_path, clean_e
     (["data", "--set", "nope=1"], r"unknown setting (data\.)?nope"),  # (the section may be named)
     (["sft", "--set", "lora.nope=1"], r"unknown setting (sft\.)?lora\.nope"),
     (["data", "--set", "n_sft_train=many"], r"n_sft_train: cannot read 'many' as int"),
-    (["dpo", "--loss", "kto"], r"loss must be one of sigmoid, cdpo, ipo, hinge, robust; got 'kto'"),
+    (["dpo", "--loss", "rlhf"], r"loss must be one of sigmoid, cdpo, ipo, hinge, robust, orpo, simpo, kto; got 'rlhf'"),
     (["sft", "--dtype", "fp16"], r"dtype=fp16 cannot train.*no gradient scaler.*use dtype=bf16"),
     (["dpo", "--dtype", "float16"], r"dtype must be one of auto, bf16, fp32; got 'float16'"),
     (["eval", "--dtype", "half"], r"dtype must be one of auto, bf16, fp32; got 'half'"),

@@ -169,14 +169,15 @@ def test_token_logps_gradient_equals_autograd_through_log_softmax(monkeypatch, c
 
 
 def test_the_loss_names_are_listed_once_and_the_cli_offers_exactly_them():
-    """config.DPO_LOSS_NAMES is the one list: the registry, the config check and the --help agree."""
+    """config.DPO_LOSS_NAMES is the one list: the registry, the config check and the --help agree;
+    the methods beside DPO (config.METHOD_NAMES) are offered after them."""
     from picoalign.cli import build_parser
-    from picoalign.config import DPO_LOSS_NAMES, ConfigError, DPOConfig
+    from picoalign.config import DPO_LOSS_NAMES, METHOD_NAMES, ConfigError, DPOConfig
 
     assert tuple(DPO_LOSSES) == DPO_LOSS_NAMES
-    for name in DPO_LOSS_NAMES:
+    for name in DPO_LOSS_NAMES + METHOD_NAMES:
         assert DPOConfig(loss=name).loss == name
     with pytest.raises(ConfigError, match="loss"):
-        DPOConfig(loss="kto")
+        DPOConfig(loss="dpo")
     dpo_help = build_parser()._subparsers._group_actions[0].choices["dpo"].format_help()
-    assert " | ".join(DPO_LOSS_NAMES) in " ".join(dpo_help.split())
+    assert " | ".join(DPO_LOSS_NAMES + METHOD_NAMES) in " ".join(dpo_help.split())

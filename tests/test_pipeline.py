@@ -383,7 +383,7 @@ def test_frontier_trains_one_dpo_per_beta_and_scores_judge_and_kl(full_run, tmp_
     build_report(root)
     text = (root / "report" / "REPORT.md").read_text()
     assert (root / "report" / "frontier.png").stat().st_size > 0 and "(frontier.png)" in text
-    assert f"| {EN['n_dpo']} | 1 | 0 | 1 |" in text
+    assert f"| {EN['n_dpo']} (sigmoid) | 1 | 0 | 1 |" in text  # the frontier table names each point's loss
 
 
 def test_frontier_refuses_betas_that_do_not_parse_before_any_work(tmp_path):

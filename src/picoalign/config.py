@@ -38,6 +38,12 @@ DTYPES = ("auto", "bf16", "fp32")
 # The DPO losses by name, listed here once: train/losses.py:DPO_LOSSES must have exactly these
 # keys (tested); config stays free of torch imports, so the names live on this side.
 DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
+# The methods beside the DPO family that `picoalign dpo --loss` also trains: ORPO and SimPO need no
+# reference model (REFERENCE_FREE), KTO learns from unpaired examples (train/kto.py).
+METHOD_NAMES = ("orpo", "simpo", "kto")
+REFERENCE_FREE = ("orpo", "simpo")
+# `run.method`: SFT then a preference stage (any loss above), or ORPO alone from the base model.
+RUN_METHODS = ("sft+dpo", "orpo")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -62,13 +68,14 @@ def check_device(value: str) -> None:
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
 
 
-def opt(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:
+def opt(default: Any, help: str, env: str | None = None, secret: bool = False, bare: Any = None) -> Any:
     """A config field with its help text and optional environment variable.
 
     A `secret` field (an API key) is left out of `to_dict`, so it never reaches a saved
-    config.yaml or a tracker's parameters.
+    config.yaml or a tracker's parameters. With `bare`, the CLI flag may be given without a
+    value and then means `bare` (`--lm-eval` alone = the offline tasks).
     """
-    meta = {"help": help, "env": env, "secret": secret}
+    meta = {"help": help, "env": env, "secret": secret, "bare": bare}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -230,22 +237,34 @@ class DPOConfig(TrainConfig):
     lr: float = opt(5e-5, "peak learning rate")
     train_file: str = opt("dpo_train.jsonl", "training pairs (relative to --data)")
     val_file: str = opt("dpo_val.jsonl", "validation pairs (relative to --data)")
-    loss: str = opt("sigmoid", " | ".join(DPO_LOSS_NAMES))
-    beta: float = opt(0.1, "strength of the pull toward the reference")
-    label_smoothing: float = opt(0.0, "ε for cdpo / robust")
-    sft_weight: float = opt(0.0, "weight of an extra SFT loss on the chosen answer")
-    reference: str = opt("precompute", "precompute | live | PATH of another checkpoint")
+    loss: str = opt("sigmoid", " | ".join(DPO_LOSS_NAMES + METHOD_NAMES))
+    beta: float = opt(0.1, "strength of the pull toward the reference (orpo: λ, the weight of the odds-ratio "
+                      "term; simpo: the scale of the length-normalised reward)")
+    label_smoothing: float = opt(0.0, "ε for cdpo / robust / simpo")
+    sft_weight: float = opt(0.0, "weight of an extra SFT loss on the chosen answer (not with orpo, which has one)")
+    simpo_gamma: float = opt(0.5, "simpo: target reward margin γ")
+    desirable_weight: float = opt(1.0, "kto: λ_D, weight of the desirable (label true) examples")
+    undesirable_weight: float = opt(1.0, "kto: λ_U, weight of the undesirable (label false) examples")
+    reference: str = opt("precompute", "precompute | live | PATH of another checkpoint (orpo, simpo: none is used)")
     min_confidence: float = opt(6.0, "drop pairs whose judge `confidence` (1-10) is below this; "
                                 "pairs without one are kept")
     prefix_sharing: bool = opt(True, "run the prompt once for chosen and rejected")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("loss", self.loss, DPO_LOSS_NAMES)
+        one_of("loss", self.loss, DPO_LOSS_NAMES + METHOD_NAMES)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("label_smoothing must be in [0, 0.5)")
         if self.beta <= 0:
             raise ConfigError("beta must be > 0")
+        if self.sft_weight < 0 or (self.sft_weight > 0 and self.loss in ("orpo", "kto")):
+            raise ConfigError(f"sft_weight must be >= 0, and 0 with loss={self.loss} (orpo trains the NLL of the "
+                              "chosen answer already; kto has no chosen answer)")
+        if self.simpo_gamma < 0 or min(self.desirable_weight, self.undesirable_weight) <= 0:
+            raise ConfigError("simpo_gamma must be >= 0, desirable_weight and undesirable_weight > 0")
+        if self.loss == "kto" and self.batch_size < 2:
+            raise ConfigError("loss=kto needs batch_size >= 2: its reference point comes from the other "
+                              "examples of the batch (with one, it is the example's own reward)")
 
 
 @dataclass
@@ -278,8 +297,18 @@ class EvalConfig:
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
     judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
+                       "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
+                       "(these download data); empty = off", bare="picoalign")
+    lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
+    lm_eval_batch_size: int = opt(8, "lm-eval batch size")
 
     def __post_init__(self) -> None:
+        for task in (t.strip() for t in self.lm_eval.split(",")):
+            if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
+                raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")
+        if self.lm_eval_limit < 0 or self.lm_eval_batch_size < 1:
+            raise ConfigError("lm_eval_limit must be >= 0 and lm_eval_batch_size >= 1")
         decodings = [d.strip() for d in self.decodings.split(",") if d.strip()]
         if not decodings or any(d not in ("greedy", "top_p") for d in decodings):
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
@@ -315,6 +344,8 @@ class FrontierConfig:
     run: str = opt("", "run folder with a finished SFT checkpoint (its DPO settings are the starting point)")
     betas: str = opt("0.05,0.1,0.3,1", "comma list of β values, each one DPO run")
     sft_weights: str = opt("", "comma list of sft_weight values crossed with the betas (empty: the run's own)")
+    losses: str = opt("", "comma list of dpo losses crossed with the betas, e.g. sigmoid,simpo,kto (empty: the "
+                      "run's own); not orpo, which starts from the base model rather than the SFT model")
     max_steps: int = opt(0, "DPO steps per point (0: the run's own dpo.max_steps)")
     n_samples: int = opt(32, "test prompts each model answers (greedy)")
     max_new_tokens: int = opt(80, "tokens generated per answer (as the default eval preset)")
@@ -330,11 +361,17 @@ class FrontierConfig:
         if not parse_floats(self.betas, "betas", positive=True):
             raise ConfigError("betas: give at least one β")
         parse_floats(self.sft_weights, "sft_weights")
+        for loss in self.loss_names():
+            one_of("losses", loss, tuple(n for n in DPO_LOSS_NAMES + METHOD_NAMES if n != "orpo"))
         check_dtype(self.dtype, training=True)  # it trains DPO points
         check_device(self.device)
         for name in ("n_samples", "max_new_tokens", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def loss_names(self) -> list[str]:
+        """`losses` as a list: 'sigmoid, simpo' -> ['sigmoid', 'simpo']."""
+        return [s.strip() for s in self.losses.split(",") if s.strip()]
 
 
 @dataclass
@@ -349,16 +386,21 @@ class RunConfig:
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
     stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
+    method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
+                      "the base model in place of both (checkpoints/dpo; eval compares it with the base)")
 
     def __post_init__(self) -> None:
+        one_of("method", self.method, RUN_METHODS)
         check_device(self.device)
         check_dtype(self.dtype, training=True)  # shared with the training stages
         # the names in `stages` are checked against the stage registry (stages.py:check_run_stages)
         # when the run loads, before the first stage starts: the registry imports this module
 
     def stage_names(self) -> list[str]:
-        """`stages` as a list: 'data, sft' -> ['data', 'sft']."""
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
+        """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
+        dpo stage starts from the base model)."""
+        names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        return [s for s in names if not (self.method == "orpo" and s == "sft")]
 
 
 @dataclass
@@ -537,19 +579,27 @@ class ServeConfig(DecodeConfig):
 
 @dataclass
 class ExportConfig:
-    """`picoalign export`: merge a LoRA adapter into its base and save a plain HF model folder."""
+    """`picoalign export`: merge a LoRA adapter into its base and save a plain HF model folder,
+    or (--format gguf) one GGUF file for llama.cpp, with an Ollama Modelfile beside it (--ollama)."""
 
     STAGE = "EXPORT"
     model: str = opt("", "the model to export: a LoRA adapter folder (chains too), or any loadable model")
     out: str = opt("", "folder for the merged model (safetensors, tokenizer, chat template, generation config)")
-    dtype: str = opt("fp32", "dtype of the saved weights: fp32 | bf16 | fp16")
+    format: str = opt("hf", "hf (a Hugging Face folder) | gguf (one .gguf file for llama.cpp / Ollama in --out)")
+    dtype: str = opt("fp32", "dtype of the saved weights (hf): fp32 | bf16 | fp16")
+    gguf_type: str = opt("f16", "weight type of the GGUF file: f16 | bf16 | q8_0 (norms stay f32)")
+    ollama: bool = opt(False, "with --format gguf: write an Ollama Modelfile beside the .gguf")
     tolerance: float = opt(1e-4, "largest allowed |merged - (base + adapter)| logit difference (fp32)")
     overwrite: bool = opt(False, "replace an existing --out folder")
 
     def __post_init__(self) -> None:
         if not self.model or not self.out:
             raise ConfigError("export needs --model (the adapter or model) and --out (the new folder)")
+        one_of("format", self.format, ("hf", "gguf"))
         one_of("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        one_of("gguf_type", self.gguf_type, ("f16", "bf16", "q8_0"))
+        if self.ollama and self.format != "gguf":
+            raise ConfigError("ollama: the Modelfile points at a GGUF file; use it with --format gguf")
         if self.tolerance <= 0:
             raise ConfigError("tolerance must be > 0")
 

@@ -4,10 +4,14 @@
     picoalign run --config configs/gpu.yaml --set sft.max_seconds=600 --tag big
     picoalign run --config configs/pico.yaml        # a tiny GPT pretrained from scratch, then SFT, DPO
     RUN_TAG=demo SFT_MAX_SECONDS=60 picoalign run   # the original script's variables work too
+    picoalign run --set run.method=orpo             # one ORPO stage from the base model instead of SFT + DPO
+    picoalign run --set dpo.loss=simpo              # SFT, then SimPO (no reference) in the dpo stage
 
 Everything lands in `runs/<tag>/`: config.yaml (resolved), output.log (stdout + stderr), data/,
 tokenizer/ and checkpoints/base/ (when pretraining; SFT then starts from checkpoints/base),
-checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. Rerunning with the
+checkpoints/{sft,dpo}/, logs/*.jsonl, metrics.json, samples.jsonl, report/. With
+`run.method=orpo` the sft stage is left out and the dpo stage trains ORPO from the base model
+(its checkpoint is still checkpoints/dpo: the run's preference-trained model). Rerunning with the
 same tag skips finished stages and resumes an interrupted one from its last checkpoint. A stage
 whose input is empty is skipped with a warning; the report never fails the run; a failing core
 stage stops it with the reason and the path of the log.
@@ -106,6 +110,10 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
     run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
     check_run_stages(run)  # a typo in the last stage fails here, not after the others have run
+    asked = (tree.get("dpo") or {}).get("loss")
+    if run.method == "orpo" and asked not in (None, "orpo"):  # the dpo stage's paths force loss=orpo
+        raise C.ConfigError(f"run.method=orpo trains the dpo stage with loss=orpo; drop dpo.loss={asked} "
+                            "(or use run.method=sft+dpo for SFT, then that loss)")
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
     shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
@@ -136,7 +144,7 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
         logs = LogLines(file), LogLines(file)  # one each: a bar on stderr does not swallow a print's line
         sys.stdout, sys.stderr = _Tee(out, logs[0]), _Tee(err, logs[1])
         try:
-            print(f"run: {root} (stages {configs['run'].stages})")
+            print(f"run: {root} (stages {','.join(configs['run'].stage_names())}; method {configs['run'].method})")
             for stage in chosen:
                 _timed(root, stage.name, lambda stage=stage: run_stage(stage, configs))
             print(f"run: finished; report at {root / 'report' / 'index.html'}")

@@ -89,6 +89,8 @@ def _no_sft_to_start_from(cfg, root: Path) -> str | None:
 
     if why := _no_training_rows(cfg, root):
         return why
+    if Path(cfg.model) != root / "checkpoints" / "sft":  # run.method=orpo: from the base model
+        return None
     return None if read_marker(cfg.model).get("complete") else "no finished SFT checkpoint to start from"
 
 
@@ -120,10 +122,21 @@ def _train_paths(root: Path, checkpoint: str) -> dict:
     return {"data": str(root / "data"), "out": str(root / "checkpoints" / checkpoint), "logs": str(root / "logs")}
 
 
+def _base_model(root: Path, run: C.RunConfig) -> str:
+    """What the run's first training stage starts from: the model pretrained here, or run.model."""
+    return str(root / "checkpoints" / "base") if "pretrain" in run.stage_names() else run.model
+
+
 def _sft_paths(root: Path, run: C.RunConfig) -> dict:
-    pretrained = "pretrain" in run.stage_names()  # SFT then starts from the model pretrained here
-    return {**_train_paths(root, "sft"),
-            "model": str(root / "checkpoints" / "base") if pretrained else run.model}
+    return {**_train_paths(root, "sft"), "model": _base_model(root, run)}
+
+
+def _dpo_paths(root: Path, run: C.RunConfig) -> dict:
+    """DPO from the run's SFT model; with run.method=orpo, ORPO from the base model (its NLL term
+    does SFT's work, so no sft_weight on top)."""
+    if run.method == "orpo":
+        return {**_train_paths(root, "dpo"), "model": _base_model(root, run), "loss": "orpo", "sft_weight": 0.0}
+    return {**_train_paths(root, "dpo"), "model": str(root / "checkpoints" / "sft")}
 
 
 # ---------------------------------------------------------------- the registry
@@ -143,9 +156,10 @@ _ENTRIES = [
     Stage("sft", "supervised fine-tuning (loss on the response)", "picoalign.train.sft:sft", C.SFTConfig,
           InRun(_sft_paths, done=_training_done, blocked=_no_training_rows, check=_model_file_present,
                 resume=True)),
-    Stage("dpo", "DPO and its variants against a frozen reference", "picoalign.train.dpo:dpo", C.DPOConfig,
-          InRun(lambda root, run: {**_train_paths(root, "dpo"), "model": str(root / "checkpoints" / "sft")},
-                done=_training_done, blocked=_no_sft_to_start_from, resume=True)),
+    Stage("dpo", "DPO and its variants against a frozen reference; ORPO, SimPO, KTO (--loss)",
+          "picoalign.train.preference:train_preferences", C.DPOConfig,
+          InRun(_dpo_paths, done=_training_done, blocked=_no_sft_to_start_from, check=_model_file_present,
+                resume=True)),
     Stage("eval", "evaluate base/SFT/DPO on the test splits", "picoalign.eval.evaluate:evaluate", C.EvalConfig,
           InRun(lambda root, run: {"run": str(root), "data": str(root / "data"), "out": str(root)},
                 done=_evaluated, blocked=_no_models)),
@@ -158,7 +172,7 @@ _ENTRIES = [
     Stage("chat", "chat with a model in the terminal (streams)", "picoalign.use.chat:chat", C.ChatConfig),
     Stage("serve", "HTTP API (OpenAI-compatible, /v1/generate) and a chat page", "picoalign.serve.app:serve",
           C.ServeConfig),
-    Stage("export", "merge a LoRA adapter into its base and save a plain HF model folder",
+    Stage("export", "merge a LoRA adapter into its base; save an HF folder or a GGUF file (+ Ollama Modelfile)",
           "picoalign.use.export:export", C.ExportConfig),
     Stage("check-data", "check a data file and print counts and problems", "picoalign.data.check:main"),
     Stage("deid", "replace names, emails, phone numbers... in a data file with placeholders",

@@ -3,12 +3,15 @@
     from picoalign.data.formats import read_sft, read_preferences
     rows = read_sft("alpaca.jsonl")                        # [{"id", "prompt", "response"}, ...]
     pairs = read_preferences("prefs.csv", min_confidence=6)    # judge confidence 1-10
+    rows = read_unpaired("thumbs.jsonl")                     # [{"id", "prompt", "completion", "label"}, ...]
 
 SFT rows may be `prompt`|`input` + `response`|`output`|`completion`, Alpaca `instruction` (+
 `input`) + `output`, chat `messages`, or ShareGPT `conversations` (`from`/`value`). Chat rows keep
 their `messages`: every assistant turn is trained. Preference rows hold `chosen` and `rejected`
 as text or message lists, with `prompt`|`input` or, for full transcripts, a shared beginning
-that becomes the prompt. Every problem raises `DataError` as `file:line: field 'x': problem`
+that becomes the prompt. Unpaired rows (KTO) hold `prompt`|`input`, `completion`|`response`|`output`
+and a true/false `label` (TRL's unpaired format); a preference row there is split into a true
+row for its chosen answer and a false one for its rejected. Every problem raises `DataError` as `file:line: field 'x': problem`
 (`file:item N` for a .json list), so a user can fix the row without reading this code.
 """
 
@@ -33,6 +36,8 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 SFT_FORMATS = ("prompt|input + response|output|completion, instruction (+ input) + output, "
                "messages, or conversations")
 PREFERENCE_FORMATS = "chosen + rejected, with prompt|input or a shared beginning"
+UNPAIRED_FORMATS = f"prompt|input + completion|response|output + label (true/false), or a pair ({PREFERENCE_FORMATS})"
+LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 # Python's JSON reader recurses once per level; past its stack limit (about 1,000 levels) it
@@ -415,3 +420,55 @@ def _confidence(value: Any, where: Where) -> float:
         if not math.isnan(number):
             return number
     raise where.error("confidence", f"expected a number, got {value!r}")
+
+
+# ---------------------------------------------------------------- unpaired (KTO)
+
+
+def read_unpaired(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False) -> list[dict]:
+    """Every row as {"id", "prompt", "completion", "label": bool}; a preference pair (above
+    `min_confidence`) becomes two rows, `<id>:chosen` (true) and `<id>:rejected` (false)."""
+    records = []
+    for where, row in iter_rows(path):
+        if "label" in row or not {"chosen", "rejected"} & row.keys():
+            records.append(_unpaired_record(row, where))
+            continue
+        pair = _preference_record(row, where)
+        if keeps(pair, min_confidence):
+            records += split_pairs([pair])
+    return _not_empty(records, path, allow_empty)
+
+
+def split_pairs(pairs: list[dict]) -> list[dict]:
+    """Preference records as unpaired rows: the chosen answer true, the rejected false."""
+    return [{"id": f"{p['id']}:{side}", "prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for p in pairs for side in ("chosen", "rejected")]
+
+
+def _unpaired_record(row: dict, where: Where) -> dict:
+    p, c = _first(row, PROMPT_KEYS), _first(row, RESPONSE_KEYS)
+    if p is None and c is None:
+        raise _unknown(row, where, UNPAIRED_FORMATS)
+    if p is None:
+        raise where.error("prompt", "missing (or give it as 'input')")
+    if c is None:
+        raise where.error("completion", "missing (or give it as 'response' or 'output')")
+    completion = row[c]
+    if isinstance(completion, list):  # TRL's conversational form: one assistant message
+        msgs = _messages(completion, c, where)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise where.error(c, "expected one assistant message (the answer)")
+        completion = msgs[0]["content"]
+    return {"id": _row_id(row, where), "prompt": _prompt(row[p], p, where),
+            "completion": _text(completion, c, where), "label": _label(row.get("label"), where)}
+
+
+def _label(value: Any, where: Where) -> bool:
+    """true/false (JSON), or true/false/1/0/yes/no as text (CSV cells)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    if value is None:
+        raise where.error("label", "missing: true for a desirable answer, false for an undesirable one")
+    raise where.error("label", f"expected true or false, got {value!r}")

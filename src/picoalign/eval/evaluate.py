@@ -11,6 +11,8 @@ top-p generations for a few test prompts with two horror-style scores; and for D
 per-token KL(π_DPO ‖ π_ref) on its own greedy samples: how far DPO moved from the reference.
 With `--judge-provider` (a provider or MODEL@PROVIDER), an LLM judge compares the DPO and SFT
 greedy samples of each prompt in both orders: `judge.win_rate` of DPO over SFT (0.5 = even).
+With `--lm-eval [TASKS]`, lm-evaluation-harness scores every model too (eval/harness.py):
+`metrics.json` gets `lm_eval`, the report a table.
 Writes `metrics.json` (merged with what the run already recorded) and `samples.jsonl`.
 """
 
@@ -36,11 +38,13 @@ from picoalign.train.scoring import mean_response_nll, pair_logps
 
 
 def run_models(run: Path) -> dict[str, str]:
-    """The models of a run folder, in order: base (what SFT started from), sft, dpo."""
+    """The models of a run folder, in order: base (what SFT started from, or ORPO where it replaced
+    SFT + DPO), sft, dpo."""
     models = {}
-    sft_marker = read_marker(run / "checkpoints" / "sft")
-    if sft_marker.get("base_model"):
-        models["base"] = sft_marker["base_model"]
+    first = "sft" if (run / "checkpoints" / "sft").exists() else "dpo"  # run.method=orpo: no sft
+    base = read_marker(run / "checkpoints" / first).get("base_model")
+    if base:
+        models["base"] = base
     for stage in ("sft", "dpo"):
         if read_marker(run / "checkpoints" / stage).get("complete"):
             models[stage] = str(run / "checkpoints" / stage)
@@ -81,9 +85,13 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
             real[i, : len(p) + len(a)] = 1
             keep[i, len(p) - 1 : len(p) + len(a) - 1] = True
         ids, real, keep = ids.to(device), real.to(device), keep.to(device)
-        lp = torch.log_softmax(policy(ids, attention_mask=real).logits[keep].float(), -1)
-        lq = torch.log_softmax(reference(ids, attention_mask=real).logits[keep].float(), -1)
-        total += (lp.exp() * (lp - lq)).sum().item()
+        # the output layer runs only where an answer token is predicted (logits_to_keep), and the
+        # fp32 log-softmax over the vocabulary a block of those rows at a time
+        lp_rows = policy(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        lq_rows = reference(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        for a, b in zip(lp_rows.split(256), lq_rows.split(256)):
+            lp, lq = a.float().log_softmax(-1), b.float().log_softmax(-1)
+            total += (lp.exp() * (lp - lq)).sum().item()
         count += int(keep.sum())
     return total / max(count, 1)
 
@@ -250,6 +258,11 @@ def evaluate(cfg: EvalConfig) -> dict:
               f"win rate {c['win_rate']:.0%}, n={c['n']}")
     if cfg.judge_provider:
         metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
+    if cfg.lm_eval:
+        from picoalign.eval.harness import lm_eval_scores, split_tasks
+
+        metrics["lm_eval"] = lm_eval_scores(models, data, split_tasks(cfg.lm_eval), out / "lm_eval", cfg.lm_eval_limit,
+                                            str(ev.device), str(ev.dtype).replace("torch.", ""), cfg.lm_eval_batch_size)
     metrics["judges"] = ev.judge_facts()
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))

@@ -45,8 +45,10 @@ def frontier(cfg: C.FrontierConfig) -> dict:
     dpo_settings = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("dpo") or {}
     betas = C.parse_floats(cfg.betas, "betas", positive=True)
     weights = C.parse_floats(cfg.sft_weights, "sft_weights") or [float(dpo_settings.get("sft_weight", 0.0))]
-    plan = [(b, w) for w in weights for b in betas]
-    dpo_configs = {point_name(b, w): _dpo_config(cfg, run, dpo_settings, b, w) for b, w in plan}  # refused before work
+    own = str(dpo_settings.get("loss", "sigmoid"))
+    plan = [(loss, b, w) for loss in cfg.loss_names() or [own] for w in weights for b in betas]
+    dpo_configs = {("" if loss == own else f"{loss}-") + point_name(b, w): _dpo_config(cfg, run, dpo_settings, b, w, loss)
+                   for loss, b, w in plan}  # refused before work
     metrics_path = run / "metrics.json"
     eval_cfg = C.EvalConfig(run=str(run), device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, n_samples=cfg.n_samples,
                             max_new_tokens=cfg.max_new_tokens, generate_batch_size=cfg.generate_batch_size,
@@ -63,16 +65,17 @@ def frontier(cfg: C.FrontierConfig) -> dict:
         if name in points:
             print(f"frontier: {name} already measured, kept")
             continue
-        print(f"frontier: point {i}/{len(dpo_configs)}: DPO with beta={dcfg.beta:g}, sft_weight={dcfg.sft_weight:g}")
+        print(f"frontier: point {i}/{len(dpo_configs)}: loss={dcfg.loss} beta={dcfg.beta:g}, "
+              f"sft_weight={dcfg.sft_weight:g}")
         t0 = time.time()
         _reuse_reference_logps(run, Path(dcfg.out))
-        from picoalign.train.dpo import dpo
+        from picoalign.train.preference import train_preferences
 
-        dpo(dcfg)
+        train_preferences(dcfg)
         model, _ = load_model(dcfg.out, ev.device)
         model.to(ev.dtype).eval()
         points[name] = _score(ev, model, reference, tokenizer,
-                              {"beta": dcfg.beta, "sft_weight": dcfg.sft_weight, "model": dcfg.out,
+                              {"loss": dcfg.loss, "beta": dcfg.beta, "sft_weight": dcfg.sft_weight, "model": dcfg.out,
                                "steps": read_marker(dcfg.out).get("steps")})
         points[name]["seconds"] = round(time.time() - t0, 1)
         del model
@@ -80,9 +83,11 @@ def frontier(cfg: C.FrontierConfig) -> dict:
     return _read(metrics_path)["frontier"]
 
 
-def _dpo_config(cfg: C.FrontierConfig, run: Path, settings: dict, beta: float, sft_weight: float) -> C.DPOConfig:
-    out = run / "frontier" / point_name(beta, sft_weight)
-    overrides = {**settings, "beta": beta, "sft_weight": sft_weight, "model": str(run / "checkpoints" / "sft"),
+def _dpo_config(cfg: C.FrontierConfig, run: Path, settings: dict, beta: float, sft_weight: float,
+                loss: str) -> C.DPOConfig:
+    own = settings.get("loss", "sigmoid")
+    out = run / "frontier" / (("" if loss == own else f"{loss}-") + point_name(beta, sft_weight))
+    overrides = {**settings, "loss": loss, "beta": beta, "sft_weight": sft_weight, "model": str(run / "checkpoints" / "sft"),
                  "data": str(run / "data"), "out": str(out), "logs": str(out / "logs"), "mlflow": False,
                  "device": cfg.device, "dtype": cfg.dtype, "seed": cfg.seed}
     if cfg.max_steps:

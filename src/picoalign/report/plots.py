@@ -241,18 +241,18 @@ def plot_frontier(metrics: dict, out_png: str | Path) -> Path | None:
     fig = Figure(figsize=(7, 4.6))
     ax = fig.subplots()
     sft = [p for p in points if p.get("beta") is None]
-    by_weight: dict[float, list[dict]] = {}
+    by_weight: dict[tuple[str, float], list[dict]] = {}  # one line per loss and sft_weight
     for p in points:
         if p.get("beta") is not None:
-            by_weight.setdefault(num(p.get("sft_weight")) or 0.0, []).append(p)
-    for k, (weight, group) in enumerate(sorted(by_weight.items())):
+            by_weight.setdefault((str(p.get("loss") or "sigmoid"), num(p.get("sft_weight")) or 0.0), []).append(p)
+    for k, ((loss, weight), group) in enumerate(sorted(by_weight.items())):
         line = sft + group  # from the SFT point (KL 0) out to the smallest β
         xs = [num(p["kl_to_ref"]) for p in line]
         ys = [num(dig(p, judge, "mean")) for p in line]
         lows = [y - (num(dig(p, judge, "ci_low")) or y) for p, y in zip(line, ys)]
         highs = [(num(dig(p, judge, "ci_high")) or y) - y for p, y in zip(line, ys)]
         color = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")[k % 4]
-        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=color, label=f"DPO, sft_weight {weight:g}")
+        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, color=color, label=f"{loss}, sft_weight {weight:g}")
         for p, x, y in zip(group, xs[len(sft):], ys[len(sft):]):
             ax.annotate(f"β={num(p['beta']):g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     for p in sft:

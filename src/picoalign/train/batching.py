@@ -151,6 +151,7 @@ class PackedBatch:
     n_tokens: int
     n_truncated: int = 0
     ref_logps: Tensor | None = None  # DPO: the frozen reference's log-prob of each sequence
+    desirable: Tensor | None = None  # KTO: (examples,) bool, the label of each example's answer
     spans: Tensor | None = None
 
     def dense_mask(self) -> Tensor | None:

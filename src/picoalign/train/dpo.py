@@ -1,8 +1,12 @@
-"""`picoalign dpo`: preference optimisation (DPO, cDPO, IPO, hinge, robust) against a frozen reference.
+"""`picoalign dpo`: preference optimisation (DPO, cDPO, IPO, hinge, robust) against a frozen reference,
+and the methods beside it: ORPO and SimPO without a reference, KTO on unpaired examples (train/kto.py).
 
     picoalign dpo --data runs/demo/data --model runs/demo/checkpoints/sft --out runs/demo/checkpoints/dpo
     picoalign dpo ... --beta 0.1 --label_smoothing 0.1     # cDPO
     picoalign dpo ... --ipo                                # IPO
+    picoalign dpo ... --loss simpo --beta 2 --simpo_gamma 1    # SimPO: no reference, no precompute
+    picoalign dpo ... --model builtin:smollm2-135m-instruct --loss orpo   # ORPO: from the base, SFT included
+    picoalign dpo ... --loss kto --train_file kto_train.jsonl  # KTO: {"prompt", "completion", "label"}
 
 The starting model is the SFT checkpoint (an SFT adapter is merged into its base first); the
 policy trains a fresh LoRA adapter on it (or all weights), and the SFT model is the frozen
@@ -10,6 +14,8 @@ reference. By default the reference's log-probs are computed once before trainin
 with the run (`ref_logps.pt`), so no second model sits in memory; `reference: live` computes them
 each step from the frozen weights (adapter disabled), `reference: PATH` from another checkpoint.
 Each pair is one row, [prompt, chosen, rejected], with the prompt run once (prefix sharing).
+ORPO and SimPO score answers by their mean log-prob per token and load, compute and store no
+reference at all.
 """
 
 from __future__ import annotations
@@ -22,13 +28,20 @@ from pathlib import Path
 
 import torch
 
-from picoalign.config import DPOConfig
+from picoalign.config import REFERENCE_FREE, DPOConfig
 from picoalign.data.formats import read_preferences
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
 from picoalign.train.loop import autocast_for, batches_used, fit
-from picoalign.train.losses import DPO_LOSSES, dpo_stats, sequence_logps
+from picoalign.train.losses import (
+    DPO_LOSSES,
+    dpo_stats,
+    orpo_loss,
+    orpo_odds_ratio_loss,
+    sequence_logps,
+    simpo_loss,
+)
 from picoalign.train.stage import prepare, save_model
 
 
@@ -101,17 +114,18 @@ class DPOTask:
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
-        self.loss_fn = DPO_LOSSES[cfg.loss]
+        self.loss_fn = DPO_LOSSES.get(cfg.loss)  # None for orpo / simpo: `reference_free_loss` instead
         self.normalise = cfg.loss == "ipo"
         train_rows, val_rows = rows or read_pair_splits(cfg)
         self.train = pair_batches(tokenizer, train_rows, cfg, cfg.prefix_sharing)
         val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
         self.live_ref = None
-        self.reference_forward = cfg.reference == "live"  # a second forward per step (for the FLOPs count)
-        self._attach_reference()
+        self.reference_forward = cfg.reference == "live" and cfg.loss not in REFERENCE_FREE  # FLOPs count
+        if cfg.loss not in REFERENCE_FREE:
+            self._attach_reference()
         print(f"dpo: {len(train_rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
-              f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference}")
+              f"loss={cfg.loss} beta={cfg.beta} reference={'none' if cfg.loss in REFERENCE_FREE else cfg.reference}")
 
     def _attach_reference(self) -> None:
         """Reference log-probs for the batches this run will use: the training batches its step or
@@ -189,6 +203,8 @@ class DPOTask:
 
     def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(mean loss, TRL-style stats, Δ per pair) for one preference batch."""
+        if self.cfg.loss in REFERENCE_FREE:
+            return reference_free_loss(self.model, batch, self.cfg)
         summed, tokens = batch_sequence_logps(self.model, batch)
         policy = summed / batch.token_counts().to(summed.device) if self.normalise else summed
         ref = self._reference(batch).to(policy.device)
@@ -229,8 +245,36 @@ class DPOTask:
         save_model(self.model, self.tokenizer, folder, state_dict)
 
 
+def reference_free_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """ORPO or SimPO on one pair batch: (mean loss, TRL's metrics, ℓ_w − ℓ_l per pair), where ℓ is
+    the policy's mean log-prob per answer token; no reference. As TRL, the logged rewards are β·ℓ
+    and `logps/*` the means ℓ; ORPO adds `nll_loss`, `log_odds_ratio` (mean log σ of the log odds
+    ratio) and `log_odds_chosen` (mean log odds ratio)."""
+    summed, tokens = batch_sequence_logps(model, batch)
+    mean = summed / batch.token_counts().to(summed.device)
+    chosen, rejected = mean[0::2], mean[1::2]
+    nll = -tokens[(batch.seq_index % 2) == 0].mean()  # over all chosen-answer tokens of the batch
+    stats = dpo_stats(chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(rejected), cfg.beta)
+    stats = {k: v.detach() for k, v in stats.items()}
+    if cfg.loss == "orpo":
+        loss = orpo_loss(nll, chosen, rejected, cfg.beta)
+        _, log_odds = orpo_odds_ratio_loss(chosen.detach(), rejected.detach())
+        stats |= {"nll_loss": nll.detach(), "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).mean(),
+                  "log_odds_chosen": log_odds.mean()}
+        return loss, stats, chosen - rejected
+    loss = preference = simpo_loss(chosen, rejected, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing).mean()
+    if cfg.sft_weight > 0:  # CPO's behaviour-cloning term (TRL `cpo_alpha`)
+        loss = loss + cfg.sft_weight * nll
+        stats |= {"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()}
+    return loss, stats, chosen - rejected
+
+
 def dpo(cfg: DPOConfig) -> dict:
-    """Train `cfg.model` (the SFT checkpoint) on preference pairs; returns the training summary."""
+    """Train `cfg.model` (the SFT checkpoint; for ORPO the base) on preference pairs; returns the
+    summary. (KTO's unpaired rows: train/kto.py; `picoalign dpo` picks through train/preference.py.)"""
+    if cfg.loss == "kto":
+        raise ValueError("loss=kto trains on unpaired rows: call picoalign.train.preference.train_preferences "
+                         "(what `picoalign dpo` runs) or picoalign.train.kto.kto")
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
     task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)

@@ -1,4 +1,5 @@
-"""Losses as small pure functions: masked next-token loss, sequence log-probs, the DPO family.
+"""Losses as small pure functions: masked next-token loss, sequence log-probs, the DPO family,
+and the methods beside it: ORPO and SimPO (no reference), KTO (unpaired examples).
 
 Notation: Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), the policy's gain
 on the chosen answer y_w over the rejected y_l, relative to the frozen reference; β scales it.
@@ -134,3 +135,85 @@ def dpo_stats(
         "logps/chosen": policy_chosen.mean(),
         "logps/rejected": policy_rejected.mean(),
     }
+
+
+# ---------------------------------------------------------------- beside DPO: ORPO, SimPO, KTO
+# ORPO and SimPO score each answer by its mean log-prob per token (ℓ = log π(y)/|y|) and need no
+# reference model; KTO scores single answers, each desirable or not, against a frozen reference.
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 − eˣ) for x < 0, accurate on both sides of −log 2 (Mächler 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_odds_ratio_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
+    """ORPO's odds-ratio term per pair, −log σ(log odds(y_w) − log odds(y_l)), and the log odds ratio.
+
+    ORPO (Hong et al. 2024, arXiv 2403.07691, eqs. 4-7): odds(y) = p/(1 − p) with p = exp(ℓ), the
+    length-normalised likelihood, so log odds = ℓ − log(1 − exp(ℓ)).
+    By hand: ℓ_w = log 0.5 → odds 1, log odds 0; ℓ_l = log 0.2 → odds 0.25, log odds −1.386294;
+    ratio 1.386294, loss −log σ(1.386294) = log(1 + 0.25) = 0.223144.
+    """
+    log_odds = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
+    return -F.logsigmoid(log_odds), log_odds
+
+
+def orpo_loss(chosen_nll: Tensor, chosen: Tensor, rejected: Tensor, lam: float) -> Tensor:
+    """ORPO: L_SFT + λ · mean odds-ratio term; `chosen_nll` is the mean NLL of the chosen tokens.
+
+    One stage instead of SFT + DPO: the NLL teaches the answers, the odds ratio pushes the
+    rejected style down, relative to the policy itself (no reference model).
+    By hand (the pair above): NLL 2.0, λ = 0.1 → 2.0 + 0.1·0.223144 = 2.022314.
+    """
+    return chosen_nll + lam * orpo_odds_ratio_loss(chosen, rejected)[0].mean()
+
+
+def simpo_loss(chosen: Tensor, rejected: Tensor, beta: float, gamma: float, eps: float = 0.0) -> Tensor:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734): −log σ(β·ℓ_w − β·ℓ_l − γ) per pair.
+
+    The reward is β times the mean log-prob per token, so no reference; γ is a target margin.
+    With ε > 0 it is label-smoothed as cDPO (TRL's CPO trainer does the same).
+    By hand: ℓ_w = −1, ℓ_l = −2, β = 2, γ = 1 → −log σ(1) = 0.313262; ℓ_w = ℓ_l, γ = 0 → log 2;
+    β = 2.5, ℓ_w = −1.2, ℓ_l = −1.6, γ = 2 → z = −1, −log σ(−1) = 1.313262.
+    """
+    z = beta * (chosen - rejected) - gamma
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def kto_reference_point(policy_kl: Tensor, ref_kl: Tensor) -> Tensor:
+    """KTO's z₀: the policy's KL from the reference, estimated as the mean log-ratio on mismatched
+    (prompt, answer) pairs of the batch, clamped at 0 and detached (no gradient flows through it).
+
+    By hand: log-ratios 0.5 and 1.5 → 1.0; −2 and 1 → mean −0.5, clamped to 0.
+    """
+    return (policy_kl - ref_kl).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy: Tensor, ref: Tensor, desirable: Tensor, kl: Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306, eq. 7): one loss per unpaired example.
+
+    With r = log π(y) − log π_ref(y) and z₀ = `kl`: a desirable answer costs λ_D·(1 − σ(β(r − z₀))),
+    an undesirable one λ_U·(1 − σ(β(z₀ − r))).
+    By hand, β = 0.1: desirable r = 2, z₀ = 0 → 1 − σ(0.2) = 1 − 0.549834 = 0.450166;
+    undesirable r = −3, z₀ = 1 → 1 − σ(0.4) = 1 − 0.598688 = 0.401312, ×λ_U 1.5 = 0.601968.
+    """
+    r = policy - ref
+    gain = torch.where(desirable, r - kl, kl - r)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(r.dtype)
+    return weight * (1 - torch.sigmoid(beta * gain))
+
+
+def kto_stats(policy: Tensor, ref: Tensor, desirable: Tensor, kl: Tensor, beta: float) -> dict[str, Tensor]:
+    """KTO's logged metrics under TRL's names: the mean reward and log-prob of each kind of answer,
+    their margin, and the reference point `kl`. The keys are always the same (the loop reduces them
+    across processes as one tensor); a kind the batch lacks gives NaN, "not measured" (the mean of
+    an empty selection), where TRL leaves the value out."""
+    rewards = beta * (policy - ref)
+    stats = {"kl": kl}
+    for name, mask in (("chosen", desirable), ("rejected", ~desirable)):
+        stats[f"rewards/{name}"] = rewards[mask].mean()
+        stats[f"logps/{name}"] = policy[mask].mean()
+    stats["rewards/margins"] = stats["rewards/chosen"] - stats["rewards/rejected"]
+    return stats

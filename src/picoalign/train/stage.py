@@ -57,7 +57,8 @@ def prepare(cfg, stage: str) -> Prepared:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}"
-          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+          + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+             if device.type == "cpu" else "")
           + (", torch.compile: step 1 includes compiling" if cfg.compile else "")
           + f"), {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
     log_dir = Path(cfg.logs) if cfg.logs else Path(cfg.out) / "logs"
