@@ -240,7 +240,7 @@ def test_frontier_crosses_losses_with_betas(tmp_path):
 def test_kto_warns_when_the_weights_do_not_balance_the_labels(chat_model, chat_tokenizer):
     """3 desirable, 1 undesirable, weights 1 and 1: λ_D·n_D / (λ_U·n_U) = 3, outside [1, 4/3];
     desirable_weight 1/3 brings it to 1."""
-    from picoalign.train.kto import KTOTask
+    from picoalign.train.dpo import KTOTask
 
     rows = [{"prompt": f"Prompt {i}", "completion": f"Answer {i}.", "label": i != 0} for i in range(4)]
     model = torch.nn.Module()

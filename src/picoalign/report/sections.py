@@ -341,13 +341,21 @@ def frontier(run: Run, t: dict, images: set[str]) -> str:
     out = [t["frontier_intro"].format(judge=judge, n=_n(dig(points[0], judge, "n"))), ""]
     if "frontier.png" in images:
         out += [f"![{t['frontier_alt']}](frontier.png)", ""]
-    rows = [[t["n_sft"] if p.get("beta") is None else f"{t['n_dpo']} ({p.get('loss') or 'sigmoid'})", _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
+    rows = [[_frontier_model(p, t), _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
              _n(p.get("steps")), fmt_ci(judge, p.get(judge)),
              fmt_metric("kl_to_ref", p.get("kl_to_ref")), fmt_metric("answer_words", dig(p, "answer_words", "mean"))]
             for p in points]
     out.append(table([t["model"], "β", "sft_weight", t["steps"], f"{judge} [95% CI]", t["m_kl_to_ref"],
                       t["m_answer_words"]], rows))
     return "\n".join(out)
+
+
+def _frontier_model(point: dict, t: dict) -> str:
+    """SFT, DPO, or the loss of a point trained with another (`frontier --losses`)."""
+    if point.get("beta") is None:
+        return t["n_sft"]
+    loss = point.get("loss") or "sigmoid"
+    return t["n_dpo"] if loss == "sigmoid" else plain(loss)
 
 
 def _plain_num(value: Any) -> str:
