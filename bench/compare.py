@@ -242,7 +242,8 @@ def ours_setup(spec: dict):
 
     n_all = sum(q.numel() for q in task.model.parameters())
     info = {"setup_s": setup_s, "n_matmul": matmul_parameters(task.model),
-            "padded_tokens": sum(b.input_ids.numel() for b in batches) / len(batches), "precompute_s": getattr(task, "precompute_s", None), "n_params": n_all,
+            "padded_tokens": sum(b.input_ids.numel() for b in batches) / len(batches),
+            "precompute_s": getattr(task, "precompute_s", None), "n_params": n_all,
             "n_trainable": sum(q.numel() for q in params), "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
             "threads": torch.get_num_threads(), "n_batches": len(batches),
             "config": ("one row per example, length-sorted batches, logits only at targets" if spec["mode"] == "sft" else
@@ -523,10 +524,16 @@ def summarise_training(args, sides: dict, peaks: dict, dtype: str) -> dict:
             "mfu": gflops / peaks["model"]["gflops"], "n_matmul": n_matmul,
             "peak_rss_gib": side["done"]["rss_gib"], "train_rss_gib": side["done"]["train_rss_gib"],
             "setup_s": info["setup_s"], "precompute_s": info["precompute_s"], "n_params": info["n_params"],
+            # one epoch of the --examples pairs, its reference precompute included
+            "epoch_pairs_per_s": (args.examples / ((info["precompute_s"] or 0.0)
+                                                   + total_s / len(steps) * math.ceil(args.examples / BATCH)))
+            if args.mode == "dpo" else None,
             "n_trainable": info["n_trainable"], "steps_timed": len(steps),
         }
     peer, ours = rows["peer"], rows["picoalign"]
     ratio = {"step_time_ours_over_peer": ours["s_per_step"] / peer["s_per_step"],
+             "epoch_pairs_per_s_ours_over_peer": (ours["epoch_pairs_per_s"] / peer["epoch_pairs_per_s"]
+                                                   if args.mode == "dpo" else None),
              "tokens_per_s_ours_over_peer": ours["tokens_per_s"] / peer["tokens_per_s"],
              "peak_rss_ours_over_peer": ours["peak_rss_gib"] / peer["peak_rss_gib"],
              # each picoalign step against the peer step just before it: robust to load that comes and goes
@@ -537,13 +544,13 @@ def summarise_training(args, sides: dict, peaks: dict, dtype: str) -> dict:
 def print_training(args, env: dict, peaks: dict, result: dict, notes: list[str]) -> None:
     rows, ratio = result["rows"], result["ratio"]
     pairs = args.mode == "dpo"
-    head = ["side", "dtype", "s/step (mean ± sd)", "median", "tokens/s"] + (["pairs/s"] if pairs else []) + \
+    head = ["side", "dtype", "s/step (mean ± sd)", "median", "tokens/s"] + (["pairs/s", "epoch pairs/s"] if pairs else []) + \
         ["GFLOP/s", "MFU", "% 2048² peak", "peak RSS", "train RSS", "precompute"]
     table = []
     for name, r in rows.items():
         cells = [name, r["dtype"], f"{r['s_per_step']:.2f} ± {r['s_per_step_sd']:.2f}",
                  f"{r['s_per_step_median']:.2f}", f"{r['tokens_per_s']:.0f}"]
-        cells += [f"{r['pairs_per_s']:.3f}"] if pairs else []
+        cells += [f"{r['pairs_per_s']:.3f}", f"{r['epoch_pairs_per_s']:.3f}"] if pairs else []
         pre = "-" if r["precompute_s"] is None else f"{r['precompute_s']:.1f}s"
         cells += [f"{r['gflops']:.1f}", f"{100 * r['mfu']:.1f}%", f"{100 * r['peak_share']:.1f}%",
                   f"{r['peak_rss_gib']:.2f} GiB",
@@ -555,7 +562,9 @@ def print_training(args, env: dict, peaks: dict, result: dict, notes: list[str])
           f"(speed-up {1 / ratio['step_time_ours_over_peer']:.2f}x), tokens/s "
           f"{ratio['tokens_per_s_ours_over_peer']:.2f}x, peak RSS {ratio['peak_rss_ours_over_peer']:.2f}x; "
           f"median of step-by-step ratios (each picoalign step / the peer step before it) "
-          f"{ratio['paired_median_step_ratio']:.2f}x")
+          f"{ratio['paired_median_step_ratio']:.2f}x"
+          + (f"; pairs/s over one epoch with its precompute {ratio['epoch_pairs_per_s_ours_over_peer']:.2f}x"
+             if pairs else ""))
     for name, r in rows.items():
         print(f"  {name}: {r['config']}; {r['steps_timed']} timed steps, {r['tokens_per_step']:.0f} real tokens/step"
               + (f" ({r['computed_tokens_per_step']:.0f} run through the model)"
@@ -588,7 +597,7 @@ def run_generate(args, env: dict, peaks: dict) -> dict:
     import torch
 
     from picoalign.data.formats import read_sft
-    from picoalign.eval.generate import generate
+    from picoalign.generation.batched import generate
     from picoalign.models.load import load_model, pick_dtype
     from picoalign.train.batching import as_messages
     from picoalign.train.loop import autocast_for

@@ -15,7 +15,7 @@ import pytest
 from serving import running_server
 
 from picoalign.config import ServeConfig
-from picoalign.eval.generate import Sampling, generate_full
+from picoalign.generation.batched import Sampling, generate_full
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -119,7 +119,7 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, chat_
 
     # DPO, grad_accum 2 on each rank (no gradient sync on the first micro-batch): the reference
     # log-probs, computed half on each rank and gathered in order, and the curve
-    torch.testing.assert_close(torch.load(two["dpo"] / "ref_logps.pt")["logps"],
+    torch.testing.assert_close(torch.load(two["dpo"] / "ref_logps.pt")["logps"],  # {batch content: logps}
                                torch.load(one_dpo / "ref_logps.pt")["logps"], atol=1e-5, rtol=0)
     rows = train_rows(two["dpo"], "dpo")
     assert_same_curve(rows, train_rows(one_dpo, "dpo"),

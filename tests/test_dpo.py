@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import picoalign.train.dpo as dpo_module
 from picoalign.config import DPOConfig, LoraConfig, SFTConfig
 from picoalign.io import read_jsonl_lenient, write_jsonl
 from picoalign.models.load import load_model
 from picoalign.train.batching import pair_batches
-from picoalign.train.dpo import DPOTask, batch_sequence_logps, dpo
+from picoalign.train.dpo import DPOTask, batch_key, batch_sequence_logps, dpo
 from picoalign.train.sft import sft
 
 MAX_LENGTH = 240
@@ -86,8 +87,11 @@ def log_rows(out: Path, kind: str = "train") -> list[dict]:
     return [r for r in read_jsonl_lenient(out / "logs" / "dpo.jsonl") if r["kind"] == kind]
 
 
-def saved_ref(out: Path) -> torch.Tensor:
-    return torch.cat(torch.load(out / "ref_logps.pt", weights_only=False)["logps"])
+def saved_ref(out: Path, batches: list | None = None) -> torch.Tensor:
+    """The stored reference log-probs of `batches` in their order (the file keys them by content;
+    a batch it lacks is a KeyError), or all of them."""
+    saved = torch.load(out / "ref_logps.pt", weights_only=False)["logps"]
+    return torch.cat([saved[batch_key(b)] for b in batches] if batches is not None else list(saved.values()))
 
 
 def all_batches(tokenizer, cfg: DPOConfig) -> list:
@@ -130,7 +134,7 @@ def test_first_step_has_zero_rewards_and_loss_ln2(tmp_path, sft_full, pref_dir, 
     cache = out / "ref_logps.pt"
     model, tokenizer = load_model(str(sft_full))
     cfg = dpo_cfg(out, sft_full, pref_dir)
-    torch.testing.assert_close(saved_ref(out), model_logps(model, all_batches(tokenizer, cfg)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(saved_ref(out, all_batches(tokenizer, cfg)), model_logps(model, all_batches(tokenizer, cfg)), atol=1e-4, rtol=0)
 
     # a second run in the same folder reuses the file: not recomputed, not rewritten
     mtime = cache.stat().st_mtime_ns
@@ -222,7 +226,7 @@ def test_lora_sft_adapter_reference_is_the_merged_sft_model(tmp_path, sft_lora, 
 
     assert (sft_lora / "adapter_config.json").exists()
     out = tmp_path / "dpo"
-    cfg = dpo_cfg(out, sft_lora, pref_dir, max_steps=1)
+    cfg = dpo_cfg(out, sft_lora, pref_dir, max_steps=2)  # both training batches: all scored
     dpo(cfg)
     assert log_rows(out)[0]["loss"] == LN2
     base = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
@@ -232,16 +236,51 @@ def test_lora_sft_adapter_reference_is_the_merged_sft_model(tmp_path, sft_lora, 
     merged = PeftModel.from_pretrained(base, str(sft_lora)).merge_and_unload()
     expected = model_logps(merged, batches)
     assert (expected - raw).abs().max() > 0.1  # the adapter matters, so the check below can tell
-    torch.testing.assert_close(saved_ref(out), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(saved_ref(out, batches), expected, atol=1e-4, rtol=0)
 
 
 def test_reference_cache_follows_the_reference(tmp_path, sft_full, chat_model, pref_dir):
     out = tmp_path / "dpo"
-    dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=1))
-    cfg = dpo_cfg(out, sft_full, pref_dir, max_steps=1, reference=str(chat_model))
+    dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=2))
+    cfg = dpo_cfg(out, sft_full, pref_dir, max_steps=2, reference=str(chat_model))
     dpo(cfg)
     base, tokenizer = load_model(str(chat_model))
-    torch.testing.assert_close(saved_ref(out), model_logps(base, all_batches(tokenizer, cfg)), atol=1e-4, rtol=0)
+    batches = all_batches(tokenizer, cfg)
+    torch.testing.assert_close(saved_ref(out, batches), model_logps(base, batches), atol=1e-4, rtol=0)
+
+
+def test_the_reference_scores_only_what_the_budget_uses(tmp_path, sft_full, pref_dir, monkeypatch):
+    """max_steps 1 of 2 training batches: the one the loop takes first and the val batch are scored
+    before step 1; a longer run in the same folder scores only the other; a run limited by time
+    alone scores its training batches as it reaches them, each once, and the time counts."""
+    from picoalign.train.loop import batch_order
+
+    out = tmp_path / "dpo"
+    scored = []
+    real = DPOTask._compute_reference
+    monkeypatch.setattr(DPOTask, "_compute_reference", lambda self, b: scored.append(len(b)) or real(self, b))
+    cfg = dpo_cfg(out, sft_full, pref_dir, max_steps=1)
+    dpo(cfg)
+    _, tokenizer = load_model(str(sft_full))
+    data = Path(cfg.data)
+    train = pair_batches(tokenizer, rows_of(data / cfg.train_file), cfg, cfg.prefix_sharing)
+    val = pair_batches(tokenizer, rows_of(data / cfg.val_file), cfg, cfg.prefix_sharing)
+    first = train[batch_order(len(train), 0, cfg.seed)[0]]
+    saved = torch.load(out / "ref_logps.pt", weights_only=False)["logps"]
+    assert len(train) == 2 and set(saved) == {batch_key(first), *map(batch_key, val)}
+    assert scored == [1 + len(val)]
+    dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=2))
+    assert scored == [1 + len(val), 1]  # the other training batch only
+    timed = tmp_path / "timed"
+    scored.clear()
+    seen = {}
+    real_fit = dpo_module.fit
+    monkeypatch.setattr(dpo_module, "fit", lambda task, *a, **k: seen.setdefault("task", task) and real_fit(task, *a, **k))
+    summary = dpo(dpo_cfg(timed, sft_full, pref_dir, max_steps=0, epochs=0, max_seconds=2))
+    assert scored == [len(val)]  # before step 1: the val batch only
+    assert summary["steps"] >= 2 and summary["stop_reason"] == "max_seconds"
+    assert len(seen["task"]._scored) == len(train)  # each training batch scored once, when first used
+    assert summary["seconds"] >= 2
 
 
 def test_bad_pairs_leave_a_finished_checkpoint_as_it_was(tmp_path, sft_full, pref_dir, monkeypatch):

@@ -18,9 +18,9 @@ from helpers import naive_answer_logps
 
 from picoalign.config import EvalConfig
 from picoalign.eval.evaluate import evaluate, mean_token_kl
-from picoalign.eval.generate import generate
 from picoalign.eval.judges import vader_darkness
 from picoalign.eval.style import StyleClassifier, lexicon_score
+from picoalign.generation.batched import generate
 from picoalign.io import read_json
 from picoalign.train.batching import render_prompt
 

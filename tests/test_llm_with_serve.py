@@ -21,7 +21,7 @@ from picoalign.data.llm import LLMClient
 from picoalign.data.llm_requests import PAIRS_ASK, STORIES_ASK, _specs_message
 from picoalign.data.llm_rows import PARTIAL
 from picoalign.data.make import make_data
-from picoalign.eval.generate import Sampling, generate_full
+from picoalign.generation.batched import Sampling, generate_full
 from picoalign.io import read_json
 from picoalign.train.batching import render_prompt
 

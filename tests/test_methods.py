@@ -20,6 +20,7 @@ from picoalign.models.load import read_marker
 from picoalign.pipeline import resolve_configs
 from picoalign.train.dpo import dpo
 from picoalign.train.kto import mismatched, spread_labels, unpaired_batches
+from picoalign.train.preference import train_preferences
 
 pref_dir, sft_full = test_dpo.pref_dir, test_dpo.sft_full  # test_dpo's fixtures: its pairs, its SFT model
 
@@ -191,7 +192,7 @@ def test_reference_free_methods_compute_no_reference(tmp_path, sft_full, pref_di
 
 def test_kto_trains_on_unpaired_rows_against_its_reference(tmp_path, sft_full, kto_dir):
     out = tmp_path / "kto"
-    summary = dpo(dpo_cfg(out, sft_full, kto_dir, loss="kto", train_file="kto_train.jsonl", val_file="kto_val.jsonl",
+    summary = train_preferences(dpo_cfg(out, sft_full, kto_dir, loss="kto", train_file="kto_train.jsonl", val_file="kto_val.jsonl",
                           eval_every=1, lr=1e-2, max_steps=3))
     assert summary["stop_reason"] == "max_steps"
     assert (out / "ref_logps.pt").exists()
@@ -240,7 +241,7 @@ def test_frontier_crosses_losses_with_betas(tmp_path):
 def test_kto_warns_when_the_weights_do_not_balance_the_labels(chat_model, chat_tokenizer):
     """3 desirable, 1 undesirable, weights 1 and 1: λ_D·n_D / (λ_U·n_U) = 3, outside [1, 4/3];
     desirable_weight 1/3 brings it to 1."""
-    from picoalign.train.dpo import KTOTask
+    from picoalign.train.kto import KTOTask
 
     rows = [{"prompt": f"Prompt {i}", "completion": f"Answer {i}.", "label": i != 0} for i in range(4)]
     model = torch.nn.Module()

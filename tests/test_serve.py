@@ -19,7 +19,7 @@ import torch
 from serving import running_server
 
 from picoalign.config import ServeConfig
-from picoalign.eval.generate import Sampling, generate_full
+from picoalign.generation.batched import Sampling, generate_full
 from picoalign.train.batching import render_prompt
 
 KEY = "test-key-123"
@@ -31,7 +31,7 @@ HELLO = [{"role": "user", "content": "Hello there."}]
 def server(chat_model):
     cfg = ServeConfig(model=str(chat_model), name="tiny", device="cpu", dtype="fp32", api_key=KEY,
                       max_new_tokens=16, max_tokens=64, max_prompt_chars=2000, max_body_bytes=4096,
-                      queue_size=1)
+                      queue_size=1, max_batch=2)
     with running_server(cfg) as (url, app):
         yield url, app
 
@@ -49,10 +49,22 @@ def test_server_binds_loopback_by_default():
     assert ServeConfig().host == "127.0.0.1"
 
 
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("max_batch", 0, "max_batch must be >= 1, got 0"),
+    ("deadline_s", -1.0, "deadline_s must be >= 0 (0 = no limit), got -1.0"),
+])
+def test_batch_settings_are_checked_at_load(setting, value, message):
+    from picoalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServeConfig(**{setting: value})
+
+
 def test_health_and_models(server, client):
     url, _ = server
     health = httpx.get(url + "/health").json()  # no key needed
-    assert health == {"status": "ok", "model": "tiny", "queue": {"running": 0, "waiting": 0, "queue_size": 1}}
+    assert health == {"status": "ok", "model": "tiny", "queue": {"running": 0, "waiting": 0, "max_batch": 2,
+                                                                 "queue_size": 1, "tokens_per_s": 0.0}}
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
@@ -195,32 +207,37 @@ def test_bad_chat_and_completion_fields(server):
         assert r.status_code == 400 and message in r.json()["error"]["message"], message
 
 
-def test_a_full_queue_answers_503_at_once(server):
-    """Hold the model busy from here (queue_size=1): one request may wait, the next gets a 503
-    without waiting; once the model is free the waiting one is answered."""
+def test_a_full_queue_answers_503_at_once(server, monkeypatch):
+    """Hold the batcher still (max_batch=2, queue_size=1): three requests may wait, the fourth
+    gets a 503 with Retry-After without waiting; once the batcher moves the three are answered."""
     url, app = server
-    gate = app.state.handlers.engine.gate
-    waiting: dict = {}
+    batcher = app.state.handlers.engine.batcher
+    real_step, go = batcher.step, threading.Event()
+    monkeypatch.setattr(batcher, "step", lambda: (go.wait(), real_step()))
+    answers: list = []
 
     def ask():
-        waiting["response"] = httpx.post(url + "/v1/generate", headers=AUTH, timeout=60,
-                                         json={"prompt": "Hello there.", "max_new_tokens": 4})
+        answers.append(httpx.post(url + "/v1/generate", headers=AUTH, timeout=60,
+                                  json={"prompt": "Hello there.", "max_new_tokens": 4}))
 
-    with gate.reserve():  # the model is busy
-        thread = threading.Thread(target=ask)
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
         thread.start()
-        deadline = time.monotonic() + 30
-        while gate.pending < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert httpx.get(url + "/health").json()["queue"] == {"running": 1, "waiting": 1, "queue_size": 1}
-        t0 = time.monotonic()
-        r = httpx.post(url + "/v1/generate", headers=AUTH, json={"prompt": "x", "max_new_tokens": 4})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
-        assert r.headers["retry-after"] == "1" and time.monotonic() - t0 < 5
-        assert "response" not in waiting  # still waiting for the model
-    thread.join(timeout=60)
-    assert waiting["response"].status_code == 200
-    assert gate.pending == 0
+    deadline = time.monotonic() + 30
+    while batcher.status()["waiting"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    queue = httpx.get(url + "/health").json()["queue"]
+    assert (queue["running"], queue["waiting"]) == (0, 3)
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/generate", headers=AUTH, json={"prompt": "x", "max_new_tokens": 4})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+    assert r.headers["retry-after"] == "1" and time.monotonic() - t0 < 5
+    assert answers == []  # still waiting for the model
+    go.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert batcher.status()["waiting"] == batcher.status()["running"] == 0
 
 
 def test_dtype_setting_reaches_the_served_model(chat_model):
@@ -300,14 +317,15 @@ def test_a_failure_inside_a_handler_is_a_json_500(server, monkeypatch):
         assert "RuntimeError" in r.json()["error"]["message"]
     monkeypatch.undo()
     assert httpx.post(url + "/v1/chat/completions", headers=AUTH, json={"messages": HELLO, "max_tokens": 2}).status_code == 200
-    assert engine.gate.pending == 0
+    assert (engine.batcher.status()["running"], engine.batcher.status()["waiting"]) == (0, 0)
 
 
 def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeypatch):
-    """A client gives up after 0.5 s on a 64-token answer that takes ~3 s (each decode step made
-    to last 50 ms, end-of-turn tokens masked so the answer cannot end by itself): the generation
-    stops within a few steps of the disconnect instead of running to max_tokens."""
-    from picoalign.eval.generate import end_ids
+    """A client gives up after 1 s on a 64-token answer that takes over 3 s (each decode step
+    made to last 50 ms more, end-of-turn tokens masked so the answer cannot end by itself): the
+    generation stops within a few steps of the disconnect instead of running to max_tokens
+    (at most 20 steps fit in the second before, and about as many in the second after)."""
+    from picoalign.generation.batched import end_ids
 
     url, app = server
     engine = app.state.handlers.engine
@@ -323,15 +341,15 @@ def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeyp
 
     monkeypatch.setattr(model, "forward", slow_forward)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=0.5,
+        httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=1.0,
                    json={"messages": HELLO, "max_tokens": 64, "temperature": 0})
     left = time.monotonic()
     deadline = left + 10
-    while engine.gate.pending and time.monotonic() < deadline:
+    while engine.batcher.running and time.monotonic() < deadline:
         time.sleep(0.02)
     monkeypatch.undo()
-    assert engine.gate.pending == 0
-    assert 3 < len(steps) < 40, len(steps)
+    assert (engine.batcher.status()["running"], engine.batcher.status()["waiting"]) == (0, 0)
+    assert 2 <= len(steps) < 45, len(steps)
     assert steps[-1] - left < 1.0  # the last step began within a second of the disconnect
 
 
@@ -376,3 +394,195 @@ def test_health_shows_the_models_name_and_its_path_only_to_the_key(chat_model):
         assert health["model"] == given["model"] == chat_model.name == models["data"][0]["id"]
         assert str(chat_model) not in json.dumps(health)
         assert given.get("model_path") == (str(chat_model) if key else None)
+
+
+# ---------------------------------------------------------------- continuous batching and log-probs
+
+
+def slowed(model, monkeypatch, seconds: float, masked: list[int] = ()) -> list[float]:
+    """Make each forward of `model` last `seconds` longer (and give the `masked` tokens no
+    chance, e.g. end-of-turn so that an answer cannot end by itself), so that requests overlap
+    in time; returns the list of the steps' start times."""
+    real_forward, steps = model.forward, []
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if masked:
+            out.logits[..., list(masked)] = -torch.inf
+        steps.append(time.monotonic())
+        time.sleep(seconds)
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+    return steps
+
+
+def test_concurrent_requests_run_as_one_batch_and_answer_as_alone(server, client, tiny_llama, chat_tokenizer,
+                                                                   monkeypatch):
+    """Three chat requests at once (max_batch=2): two decode together while the third waits,
+    then joins as soon as a row is free; each answer equals the greedy answer alone."""
+    url, app = server
+    prompts = [[{"role": "user", "content": c}] for c in ("Hello there.", "What is the capital of France?",
+                                                         "A story, please.")]
+    lengths = [6, 16, 10]
+    refs = [greedy(tiny_llama, chat_tokenizer, [p], n)[0] for p, n in zip(prompts, lengths)]
+    slowed(app.state.handlers.engine.model, monkeypatch, 0.03)
+    answers, seen = {}, []
+
+    def ask(i):
+        answers[i] = client.chat.completions.create(model="tiny", messages=prompts[i], max_tokens=lengths[i],
+                                                    temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        queue = httpx.get(url + "/health").json()["queue"]
+        seen.append((queue["running"], queue["waiting"]))
+        time.sleep(0.01)
+    assert max(r for r, _ in seen) == 2 and max(w for _, w in seen) >= 1  # batched, bounded, queued
+    for i, ref in enumerate(refs):
+        assert answers[i].choices[0].message.content == ref.text
+        assert answers[i].usage.completion_tokens == ref.completion_tokens
+    assert httpx.get(url + "/health").json()["queue"]["tokens_per_s"] > 0
+
+
+def test_a_stream_whose_client_leaves_frees_its_row(server, monkeypatch):
+    """A streaming client reads two pieces of a 60-token answer and closes the connection: its
+    row leaves the batch within a few steps, long before the answer would have ended."""
+    from picoalign.generation.batched import end_ids
+
+    url, app = server
+    engine = app.state.handlers.engine
+    steps = slowed(engine.model, monkeypatch, 0.03, end_ids(engine.model, engine.tokenizer))
+    body = {"messages": HELLO, "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+    left = time.monotonic()
+    assert any('"content"' in line for line in got)
+    while engine.batcher.running and time.monotonic() < left + 10:
+        time.sleep(0.02)
+    assert engine.batcher.running == [] and len(steps) < 40, len(steps)
+    assert steps[-1] - left < 1.0
+
+
+def test_a_request_past_the_deadline_ends_with_finish_reason_deadline(server, client, monkeypatch):
+    """A 60-token answer at 50 ms a step (it cannot end by itself) against a 0.4 s deadline."""
+    from picoalign.generation.batched import end_ids
+
+    url, app = server
+    engine = app.state.handlers.engine
+    slowed(engine.model, monkeypatch, 0.05, end_ids(engine.model, engine.tokenizer))
+    monkeypatch.setattr(app.state.handlers.cfg, "deadline_s", 0.4)
+    t0 = time.monotonic()
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=60, temperature=0)
+    assert r.choices[0].finish_reason == "deadline" and 2 <= r.usage.completion_tokens < 20
+    assert time.monotonic() - t0 < 2
+
+
+def model_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def greedy_path(model, ids: list[int], n: int) -> list[int]:
+    """`ids` and the `n` tokens greedy decoding adds, by argmax over full forwards (no cache)."""
+    path = list(ids)
+    for _ in range(n):
+        path.append(int(model_logprobs(model, path)[-1].argmax()))
+    return path
+
+
+def test_echo_gives_the_prompts_logprobs_as_lm_eval_reads_them(client, tiny_llama, chat_tokenizer):
+    """lm-evaluation-harness's local-completions request (token ids, max_tokens 1, logprobs 1,
+    echo) and its reading of the answer: token_logprobs[ctxlen:-1] is the continuation's
+    log-likelihood, equal to the model's own; top_logprobs says whether it is the greedy one."""
+    context, continuation = "Once upon a time", " there was a"
+    ctx = chat_tokenizer(context)["input_ids"]
+    full = chat_tokenizer(context + continuation)["input_ids"]
+    assert full[: len(ctx)] == ctx
+    logp = model_logprobs(tiny_llama, full)
+    r = client.completions.create(model="tiny", prompt=[full, ctx], max_tokens=1, logprobs=1, echo=True,
+                                  temperature=0, seed=1234)
+    choice = sorted(r.choices, key=lambda c: c.index)[0]
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(full) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [float(logp[i - 1, full[i]]) for i in range(1, len(full))]
+    assert lp.token_logprobs[1:len(full)] == pytest.approx(expected, abs=1e-5)
+    assert sum(lp.token_logprobs[len(ctx):-1]) == pytest.approx(sum(expected[len(ctx) - 1:]), abs=1e-4)
+    greedy_here = [int(logp[i - 1].argmax()) == full[i] for i in range(len(ctx), len(full))]
+    lm_eval_greedy = [tok == max(top.values()) for tok, top in zip(lp.token_logprobs[len(ctx):-1],
+                                                                   lp.top_logprobs[len(ctx):-1])]
+    assert lm_eval_greedy == greedy_here
+    assert lp.tokens == [chat_tokenizer.decode([t]) for t in full] + [lp.tokens[-1]]
+    assert choice.text.startswith(context + continuation) and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    scored = client.completions.create(model="tiny", prompt=context, max_tokens=0, logprobs=0, echo=True)
+    only = scored.choices[0]
+    assert only.text == context and only.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert only.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ctx)], abs=1e-5)
+
+
+def test_answer_logprobs_of_completions_and_chat_are_the_models_own(client, tiny_llama, chat_tokenizer):
+    prompt = "The door creaked open and"
+    ids = chat_tokenizer(prompt)["input_ids"]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, logprobs=3, temperature=0)
+    lp = r.choices[0].logprobs
+    path = greedy_path(tiny_llama, ids, 5)
+    logp = model_logprobs(tiny_llama, path)
+    assert lp.tokens == [chat_tokenizer.decode([t]) for t in path[len(ids):]]
+    assert lp.text_offset[0] == len(prompt) and lp.text_offset[1] == len(prompt) + len(lp.tokens[0])
+    for n, (token_lp, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+        assert token_lp == pytest.approx(float(logp[len(ids) - 1 + n, path[len(ids) + n]]), abs=1e-5)
+        best = logp[len(ids) - 1 + n].topk(3)
+        expected: dict = {}
+        for t, v in zip(best.indices.tolist(), best.values.tolist()):
+            expected.setdefault(chat_tokenizer.decode([t]), v)  # the likelier of two that read the same
+        assert top == pytest.approx(expected, abs=1e-5) and max(top.values()) == token_lp  # greedy: the top one
+    chat = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    ids = render_prompt(chat_tokenizer, HELLO)
+    path = greedy_path(tiny_llama, ids, len(content))
+    logp = model_logprobs(tiny_llama, path)
+    assert [t.token for t in content] == [chat_tokenizer.decode([t]) for t in path[len(ids):]]
+    assert [t.logprob for t in content] == pytest.approx(
+        [float(logp[len(ids) - 1 + n, t]) for n, t in enumerate(path[len(ids):])], abs=1e-5)
+    assert [len(t.top_logprobs) for t in content] == [2] * len(content)
+    assert content[0].top_logprobs[0].logprob == content[0].logprob and bytes(content[0].bytes).decode() == content[0].token
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": [5, 10**9]}, "prompt"),
+    ({"prompt": "Hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "Hi", "echo": True, "stream": True}, "stream"),
+])
+def test_bad_logprob_requests_get_a_400(server, body, param):
+    url, _ = server
+    r = httpx.post(url + "/v1/completions", headers=AUTH, json=body)
+    assert is_openai_error(r, 400) and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_load_benchmark_counts_answers_tokens_and_refusals(server, monkeypatch):
+    """bench/serve_load.py's round against this server (max_batch 2, queue 1, each step slowed
+    so that all five requests arrive before any ends): three answered with 4 tokens each, two
+    refused with a 503."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    from picoalign.generation.batched import end_ids
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import serve_load
+
+    url, app = server
+    engine = app.state.handlers.engine
+    slowed(engine.model, monkeypatch, 0.1, end_ids(engine.model, engine.tokenizer))
+    result = asyncio.run(serve_load.load_round(url, 5, 4, api_key=KEY))
+    assert (result["refused"], result["tokens"], len(result["latencies"])) == (2, 12, 3)
+    summary = serve_load.summarise([result])
+    assert summary["tokens_per_s"] == round(12 / result["wall_s"], 2) and summary["p95_s"] >= summary["p50_s"] > 0
+    assert "serve_load" in sys.modules

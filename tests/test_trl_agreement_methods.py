@@ -27,11 +27,8 @@ from test_trl_agreement import MAX_LENGTH, load, perturbed, story_pairs  # noqa:
 from picoalign.config import DPOConfig as PicoDPOConfig  # noqa: E402
 from picoalign.config import LoraConfig  # noqa: E402
 from picoalign.train.batching import Encoded, encode, pack_pairs  # noqa: E402
-from picoalign.train.dpo import (
-    KTOTask,  # noqa: E402
-    reference_free_loss,  # noqa: E402
-)
-from picoalign.train.kto import kto_batch  # noqa: E402
+from picoalign.train.dpo import reference_free_loss  # noqa: E402
+from picoalign.train.kto import KTOTask, kto_batch  # noqa: E402
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")

@@ -18,7 +18,7 @@ import torch
 
 from picoalign.cli import main
 from picoalign.config import ChatConfig, ConfigError, ExportConfig, GenerateConfig
-from picoalign.eval.generate import END_OF_TURN, Sampling, end_ids, generate_full
+from picoalign.generation.batched import END_OF_TURN, Sampling, end_ids, generate_full
 from picoalign.io import read_json
 from picoalign.models.load import pick_dtype
 from picoalign.train.batching import render_prompt

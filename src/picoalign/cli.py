@@ -45,6 +45,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         kwargs = {"dest": f"opt_{f.name}", "default": None, "help": help_text}
         if typ is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif f.metadata.get("bare") is not None:
+            kwargs.update(nargs="?", const=f.metadata["bare"], type=_flag_type(typ), metavar=f.name.upper())
         else:
             kwargs.update(type=_flag_type(typ), metavar=f.name.upper())
         p.add_argument(*names, **kwargs)

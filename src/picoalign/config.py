@@ -68,13 +68,14 @@ def check_device(value: str) -> None:
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
 
 
-def opt(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:
+def opt(default: Any, help: str, env: str | None = None, secret: bool = False, bare: Any = None) -> Any:
     """A config field with its help text and optional environment variable.
 
     A `secret` field (an API key) is left out of `to_dict`, so it never reaches a saved
-    config.yaml or a tracker's parameters.
+    config.yaml or a tracker's parameters. With `bare`, the CLI flag may be given without a
+    value and then means `bare` (`--lm-eval` alone = the offline tasks).
     """
-    meta = {"help": help, "env": env, "secret": secret}
+    meta = {"help": help, "env": env, "secret": secret, "bare": bare}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -194,10 +195,16 @@ class TrainConfig:
     mlflow_uri: str = opt("", "MLflow tracking URI (empty: ./mlruns; under `picoalign run`, runs/<tag>/mlruns)",
                           env="MLFLOW_TRACKING_URI")
     progress: bool = opt(True, "show a progress bar")
+    threads: int = opt(0, "torch threads on a CPU (0 = torch's default: one per physical core; on a box "
+                       "shared with another torch process, 1: see README)", env="PICOALIGN_THREADS")
+    compile: bool = opt(False, "torch.compile the decoder (its compile time shows in step 1; measured slower "
+                        "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = one per physical core); got {self.threads}")
         one_of("schedule", self.schedule, ("cosine", "constant"))
         check_dtype(self.dtype, training=True)
         check_device(self.device)
@@ -290,8 +297,18 @@ class EvalConfig:
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
     judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
+                       "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
+                       "(these download data); empty = off", bare="picoalign")
+    lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
+    lm_eval_batch_size: int = opt(8, "lm-eval batch size")
 
     def __post_init__(self) -> None:
+        for task in (t.strip() for t in self.lm_eval.split(",")):
+            if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
+                raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")
+        if self.lm_eval_limit < 0 or self.lm_eval_batch_size < 1:
+            raise ConfigError("lm_eval_limit must be >= 0 and lm_eval_batch_size >= 1")
         decodings = [d.strip() for d in self.decodings.split(",") if d.strip()]
         if not decodings or any(d not in ("greedy", "top_p") for d in decodings):
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
@@ -539,7 +556,10 @@ class ServeConfig(DecodeConfig):
     max_tokens: int = opt(1024, "the most tokens one request may ask for (larger asks get a 400)")
     max_prompt_chars: int = opt(32000, "longest prompt accepted, in characters (all messages together)")
     max_body_bytes: int = opt(1_000_000, "largest request body accepted, in bytes (larger gets a 413)")
-    queue_size: int = opt(8, "requests that may wait while one generates; beyond that a 503")
+    max_batch: int = opt(16, "requests generated together (continuous batching; bounds memory); 1 = one at a time")
+    queue_size: int = opt(8, "requests that may wait while max_batch generate; beyond that a 503")
+    deadline_s: float = opt(600.0, "seconds a request may take, waiting included; then it ends with finish_reason "
+                            "`deadline` (0 = no limit)")
     seed: int = opt(0, "seed of requests that give none (0 = a fresh random seed per request)", env="SEED")
     log_level: str = opt("info", "uvicorn log level: critical | error | warning | info | debug")
 
@@ -551,23 +571,35 @@ class ServeConfig(DecodeConfig):
             raise ConfigError(f"need 1 <= max_new_tokens ({self.max_new_tokens}) <= max_tokens ({self.max_tokens})")
         if min(self.max_prompt_chars, self.max_body_bytes) < 1 or self.queue_size < 0:
             raise ConfigError("max_prompt_chars and max_body_bytes must be >= 1, queue_size >= 0")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.deadline_s < 0:
+            raise ConfigError(f"deadline_s must be >= 0 (0 = no limit), got {self.deadline_s}")
 
 
 @dataclass
 class ExportConfig:
-    """`picoalign export`: merge a LoRA adapter into its base and save a plain HF model folder."""
+    """`picoalign export`: merge a LoRA adapter into its base and save a plain HF model folder,
+    or (--format gguf) one GGUF file for llama.cpp, with an Ollama Modelfile beside it (--ollama)."""
 
     STAGE = "EXPORT"
     model: str = opt("", "the model to export: a LoRA adapter folder (chains too), or any loadable model")
     out: str = opt("", "folder for the merged model (safetensors, tokenizer, chat template, generation config)")
-    dtype: str = opt("fp32", "dtype of the saved weights: fp32 | bf16 | fp16")
+    format: str = opt("hf", "hf (a Hugging Face folder) | gguf (one .gguf file for llama.cpp / Ollama in --out)")
+    dtype: str = opt("fp32", "dtype of the saved weights (hf): fp32 | bf16 | fp16")
+    gguf_type: str = opt("f16", "weight type of the GGUF file: f16 | bf16 | q8_0 (norms stay f32)")
+    ollama: bool = opt(False, "with --format gguf: write an Ollama Modelfile beside the .gguf")
     tolerance: float = opt(1e-4, "largest allowed |merged - (base + adapter)| logit difference (fp32)")
     overwrite: bool = opt(False, "replace an existing --out folder")
 
     def __post_init__(self) -> None:
         if not self.model or not self.out:
             raise ConfigError("export needs --model (the adapter or model) and --out (the new folder)")
+        one_of("format", self.format, ("hf", "gguf"))
         one_of("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        one_of("gguf_type", self.gguf_type, ("f16", "bf16", "q8_0"))
+        if self.ollama and self.format != "gguf":
+            raise ConfigError("ollama: the Modelfile points at a GGUF file; use it with --format gguf")
         if self.tolerance <= 0:
             raise ConfigError("tolerance must be > 0")
 

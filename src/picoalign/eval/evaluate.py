@@ -11,6 +11,8 @@ top-p generations for a few test prompts with two horror-style scores; and for D
 per-token KL(π_DPO ‖ π_ref) on its own greedy samples: how far DPO moved from the reference.
 With `--judge-provider` (a provider or MODEL@PROVIDER), an LLM judge compares the DPO and SFT
 greedy samples of each prompt in both orders: `judge.win_rate` of DPO over SFT (0.5 = even).
+With `--lm-eval [TASKS]`, lm-evaluation-harness scores every model too (eval/harness.py):
+`metrics.json` gets `lm_eval`, the report a table.
 Writes `metrics.json` (merged with what the run already recorded) and `samples.jsonl`.
 """
 
@@ -24,10 +26,10 @@ import torch
 
 from picoalign.config import EvalConfig, save_config
 from picoalign.data.formats import read_preferences, read_sft
-from picoalign.eval.generate import generate
 from picoalign.eval.judges import PRIMARY, VADER, Judge, judge_pairs, pair_accuracy
 from picoalign.eval.stats import mean_ci, paired
 from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
+from picoalign.generation.batched import generate
 from picoalign.io import read_json, write_json, write_jsonl
 from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
 from picoalign.train.batching import pair_batches, render_prompt, sft_batches
@@ -83,9 +85,13 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
             real[i, : len(p) + len(a)] = 1
             keep[i, len(p) - 1 : len(p) + len(a) - 1] = True
         ids, real, keep = ids.to(device), real.to(device), keep.to(device)
-        lp = torch.log_softmax(policy(ids, attention_mask=real).logits[keep].float(), -1)
-        lq = torch.log_softmax(reference(ids, attention_mask=real).logits[keep].float(), -1)
-        total += (lp.exp() * (lp - lq)).sum().item()
+        # the output layer runs only where an answer token is predicted (logits_to_keep), and the
+        # fp32 log-softmax over the vocabulary a block of those rows at a time
+        lp_rows = policy(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        lq_rows = reference(ids, attention_mask=real, logits_to_keep=keep).logits.flatten(0, -2)
+        for a, b in zip(lp_rows.split(256), lq_rows.split(256)):
+            lp, lq = a.float().log_softmax(-1), b.float().log_softmax(-1)
+            total += (lp.exp() * (lp - lq)).sum().item()
         count += int(keep.sum())
     return total / max(count, 1)
 
@@ -252,6 +258,11 @@ def evaluate(cfg: EvalConfig) -> dict:
               f"win rate {c['win_rate']:.0%}, n={c['n']}")
     if cfg.judge_provider:
         metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
+    if cfg.lm_eval:
+        from picoalign.eval.harness import lm_eval_scores, split_tasks
+
+        metrics["lm_eval"] = lm_eval_scores(models, data, split_tasks(cfg.lm_eval), out / "lm_eval", cfg.lm_eval_limit,
+                                            str(ev.device), str(ev.dtype).replace("torch.", ""), cfg.lm_eval_batch_size)
     metrics["judges"] = ev.judge_facts()
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))

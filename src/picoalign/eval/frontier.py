@@ -69,9 +69,9 @@ def frontier(cfg: C.FrontierConfig) -> dict:
               f"sft_weight={dcfg.sft_weight:g}")
         t0 = time.time()
         _reuse_reference_logps(run, Path(dcfg.out))
-        from picoalign.train.dpo import dpo
+        from picoalign.train.preference import train_preferences
 
-        dpo(dcfg)
+        train_preferences(dcfg)
         model, _ = load_model(dcfg.out, ev.device)
         model.to(ev.dtype).eval()
         points[name] = _score(ev, model, reference, tokenizer,

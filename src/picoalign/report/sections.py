@@ -286,7 +286,29 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
         of_hard=_n(held["dpo_test_hard"]))]
     if "metrics.png" in images:
         out += ["", f"![{t['metrics_alt']}](metrics.png)"]
+    if dig(run.metrics, "lm_eval", "models"):
+        out += ["", lm_eval_table(run, t)]
     return "\n".join(out)
+
+
+def lm_eval_table(run: Run, t: dict) -> str:
+    """lm-eval's scores (eval --lm-eval): one row per task and metric, one column per model."""
+    lm = run.metrics["lm_eval"]
+    names = [m for m in MODELS if m in lm["models"]] + [m for m in lm["models"] if m not in MODELS]
+    rows = {}
+    for name in names:
+        for task, values in lm["models"][name].items():
+            for metric, value in values.items():
+                if metric == "n" or metric.endswith("_stderr"):
+                    continue
+                err = num(values.get(f"{metric}_stderr"))
+                text = _plain_num(value) + (f" ± {_plain_num(err)}" if err is not None else "")
+                rows.setdefault((task, metric), {})[name] = f"{text} (n={values.get('n', DASH)})"
+    header_row = [t["task"], t["metric"], *(t.get(f"n_{m}", m) for m in names)]
+    body = [[code(task), metric, *(cells.get(m, DASH) for m in names)] for (task, metric), cells in rows.items()]
+    limit = t["lm_eval_limit"].format(limit=lm["limit"]) if lm.get("limit") else t["lm_eval_all"]
+    return "\n".join([t["lm_eval_intro"].format(version=lm.get("version") or "", limit=limit), "",
+                      table(header_row, body)])
 
 
 def effect(run: Run, t: dict, images: set[str]) -> str:
@@ -341,21 +363,13 @@ def frontier(run: Run, t: dict, images: set[str]) -> str:
     out = [t["frontier_intro"].format(judge=judge, n=_n(dig(points[0], judge, "n"))), ""]
     if "frontier.png" in images:
         out += [f"![{t['frontier_alt']}](frontier.png)", ""]
-    rows = [[_frontier_model(p, t), _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
+    rows = [[t["n_sft"] if p.get("beta") is None else f"{t['n_dpo']} ({p.get('loss') or 'sigmoid'})", _plain_num(p.get("beta")), _plain_num(p.get("sft_weight")),
              _n(p.get("steps")), fmt_ci(judge, p.get(judge)),
              fmt_metric("kl_to_ref", p.get("kl_to_ref")), fmt_metric("answer_words", dig(p, "answer_words", "mean"))]
             for p in points]
     out.append(table([t["model"], "β", "sft_weight", t["steps"], f"{judge} [95% CI]", t["m_kl_to_ref"],
                       t["m_answer_words"]], rows))
     return "\n".join(out)
-
-
-def _frontier_model(point: dict, t: dict) -> str:
-    """SFT, DPO, or the loss of a point trained with another (`frontier --losses`)."""
-    if point.get("beta") is None:
-        return t["n_sft"]
-    loss = point.get("loss") or "sigmoid"
-    return t["n_dpo"] if loss == "sigmoid" else plain(loss)
 
 
 def _plain_num(value: Any) -> str:

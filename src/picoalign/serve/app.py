@@ -6,9 +6,13 @@
 Endpoints: `GET /` (the chat page), `GET /health`, `GET /v1/models`, `POST /v1/generate`
 (`{prompt, max_new_tokens, temperature, top_p, ...}` -> `{output, finish_reason, usage}`, the
 prompt through the chat template unless `raw`), and the OpenAI-compatible
-`POST /v1/chat/completions` and `POST /v1/completions` (raw text; a list of prompts is one batch),
-both with `stream: true` as server-sent events. One request generates at a time; `queue_size`
-more may wait, and beyond that a request gets a 503 at once. Limits (`max_tokens`,
+`POST /v1/chat/completions` (with `logprobs`/`top_logprobs`) and `POST /v1/completions` (raw
+text or token ids, with `logprobs` and `echo`, so lm-evaluation-harness can score prompts), both
+with `stream: true` as server-sent events. Requests are batched continuously: up to `max_batch`
+generate together, each joining at the next decode step and leaving when done; `queue_size`
+more may wait, and beyond that a request gets a 503 with Retry-After at once; one that runs
+past `deadline_s` ends with finish_reason `deadline`. `/health` shows the batch, the queue
+and tokens/s. Limits (`max_tokens`,
 `max_prompt_chars`, `max_body_bytes`) answer 400/413 with the reason; with `PICOALIGN_API_KEY`
 set, /v1/* needs `Authorization: Bearer <key>`. Every error, a failure no check foresaw
 included, is JSON in OpenAI's shape; a client that goes away stops its generation.
@@ -21,7 +25,6 @@ import ipaddress
 import json
 import secrets
 import sys
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -31,12 +34,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from picoalign.config import ServeConfig
-from picoalign.eval.generate import Generation, Sampling
-from picoalign.serve.engine import ClientGone, Engine, Gate, QueueFull, Ticket
+from picoalign.generation.batched import Generation, Sampling
+from picoalign.generation.continuous import Batcher, Job, Wants
+from picoalign.serve.engine import Engine, QueueFull
 from picoalign.serve.guard import (
     ApiError,
     Guard,
@@ -47,6 +51,7 @@ from picoalign.serve.guard import (
     server_error,
     validation_error,
 )
+from picoalign.serve.logprobs import chat_logprobs, completion_logprobs
 from picoalign.serve.schemas import ChatRequest, CompletionRequest, GenerateRequest, Sampled
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -68,7 +73,7 @@ class Handlers:
 
     def sampling(self, req: Sampled, max_tokens: int | None, greedy: bool = False) -> Sampling:
         cfg = self.cfg
-        max_new = max_tokens or cfg.max_new_tokens
+        max_new = cfg.max_new_tokens if max_tokens is None else max_tokens
         if max_new > cfg.max_tokens:
             raise ApiError(400, f"max_tokens={max_new} is above this server's limit of {cfg.max_tokens}",
                            param="max_tokens", code="max_tokens_too_large")
@@ -85,6 +90,10 @@ class Handlers:
             seed=seed, stop=stop,
         )
 
+    def wants(self, logprobs: int | None = None, echo: bool = False) -> Wants:
+        deadline = time.monotonic() + self.cfg.deadline_s if self.cfg.deadline_s else None
+        return Wants(logprobs=logprobs, echo=echo, deadline=deadline)
+
     def encode(self, prompt, raw: bool, chars: int, max_new: int) -> list[int]:
         """Prompt ids, after the limits: characters, then prompt + answer within the context."""
         if chars > self.cfg.max_prompt_chars:
@@ -94,53 +103,60 @@ class Handlers:
             ids = self.engine.encode(prompt, raw)
         except ValueError as e:  # e.g. messages for a model without a chat template
             raise ApiError(400, str(e), param="messages") from None
+        return self.within_context(ids, max_new)
+
+    def within_context(self, ids: list[int], max_new: int) -> list[int]:
         if len(ids) + max_new > self.engine.context_length:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_new}) exceed the "
                            f"model's context of {self.engine.context_length} tokens", code="context_length_exceeded")
         return ids
 
-    def reserve(self) -> Ticket:
+    def submit(self, prompts: list[list[int]], sampling: Sampling, wants: Wants):
         try:
-            return self.engine.gate.reserve()
+            return self.engine.submit(prompts, sampling, wants)
         except QueueFull as e:
             raise ApiError(503, str(e), type_="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
 
-    async def complete(self, prompts: list, sampling: Sampling, raw: bool, request: Request) -> list[Generation]:
-        """The answers, generated in a worker thread; a client that goes away stops them."""
-        ticket = self.reserve()
-        gone = threading.Event()
-        watcher = asyncio.create_task(_watch_disconnect(request, gone))
+    async def complete(self, prompts: list[list[int]], sampling: Sampling, request: Request,
+                       wants: Wants | None = None) -> list[tuple[Job, Generation]]:
+        """The answers, from the batcher; a client that goes away cancels its jobs."""
+        submitted = self.submit(prompts, sampling, wants or self.wants())
+        watcher = asyncio.create_task(_watch_disconnect(request))
+        answers = asyncio.gather(*(listener.result() for _, listener in submitted))
         try:
-            return await run_in_threadpool(self.engine.complete, ticket, prompts, sampling, raw, gone)
-        except ClientGone as e:  # no one reads this answer; the access log shows the 499
-            raise ApiError(499, str(e), code="client_closed_request") from None
+            done, _ = await asyncio.wait({watcher, answers}, return_when=asyncio.FIRST_COMPLETED)
+            if answers not in done:  # no one reads this answer; the access log shows the 499
+                raise ApiError(499, "the client closed the connection before the answer was ready",
+                               code="client_closed_request")
+            return [(job, gen) for (job, _), gen in zip(submitted, answers.result())]
         finally:
             watcher.cancel()
-            ticket.release()  # no-op when the generation gave it back itself
+            answers.cancel()
+            for job, _ in submitted:
+                job.cancel()  # no-op for a job that is done
 
     def stream(self, prompt_ids: list[int], sampling: Sampling, chunk, last_chunk, include_usage: bool,
                first: dict | None = None):
         """An SSE response: `first`, `chunk(piece)` per piece of text, `last_chunk(result)`, usage, [DONE]."""
-        ticket = self.reserve()
-        try:
-            stream = self.engine.stream(ticket, prompt_ids, sampling)
-        except BaseException:
-            ticket.release()
-            raise
+        ((job, listener),) = self.submit([prompt_ids], sampling, self.wants())
 
         async def events():
             try:
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
-                async for piece in iterate_in_threadpool(iter(stream)):
-                    yield f"data: {json.dumps(chunk(piece), ensure_ascii=False)}\n\n"
-                yield f"data: {json.dumps(last_chunk(stream.result), ensure_ascii=False)}\n\n"
-                if include_usage:
-                    yield f"data: {json.dumps({**last_chunk(stream.result), 'choices': [], 'usage': usage([stream.result])})}\n\n"
+                async for kind, value in listener.events():
+                    if kind == "text":
+                        yield f"data: {json.dumps(chunk(value), ensure_ascii=False)}\n\n"
+                    elif kind == "error":
+                        raise value
+                    else:
+                        yield f"data: {json.dumps(last_chunk(value), ensure_ascii=False)}\n\n"
+                        if include_usage:
+                            yield f"data: {json.dumps({**last_chunk(value), 'choices': [], 'usage': usage([value])})}\n\n"
             except Exception as e:  # the status line is sent already: report in the stream
                 yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
             finally:
-                stream.cancel()  # a client that went away stops the model
+                job.cancel()  # a client that went away frees its row at the next step
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -150,8 +166,8 @@ class Handlers:
 
     async def generate(self, req: GenerateRequest, request: Request) -> dict:
         s = self.sampling(req, req.max_new_tokens, req.greedy)
-        self.encode(req.prompt, req.raw, len(req.prompt), s.max_new_tokens)  # the limits
-        (gen,) = await self.complete([req.prompt], s, req.raw, request)
+        ids = self.encode(req.prompt, req.raw, len(req.prompt), s.max_new_tokens)
+        ((_, gen),) = await self.complete([ids], s, request)
         return {"output": gen.text, "model": self.engine.name, "finish_reason": gen.finish_reason,
                 "usage": usage([gen])}
 
@@ -159,8 +175,12 @@ class Handlers:
         messages = [m.as_dict() for m in req.messages]
         s = self.sampling(req, req.max_completion_tokens or req.max_tokens)
         ids = self.encode(messages, False, sum(len(m["content"]) for m in messages), s.max_new_tokens)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.engine.name}
         if req.stream:
+            if req.logprobs:
+                raise ApiError(400, "logprobs are not streamed; ask without stream", param="logprobs")
             chunk = {**head, "object": "chat.completion.chunk"}
 
             def piece(text: str) -> dict:
@@ -173,24 +193,44 @@ class Handlers:
                                           "finish_reason": None}]}
             return self.stream(ids, s, piece, last, bool(req.stream_options and req.stream_options.include_usage),
                                first=role)
-        (gen,) = await self.complete([messages], s, False, request)
+        top = req.top_logprobs or 0
+        ((job, gen),) = await self.complete([ids], s, request, self.wants(top if req.logprobs else None))
         choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
-                  "finish_reason": gen.finish_reason, "logprobs": None}
+                  "finish_reason": gen.finish_reason,
+                  "logprobs": chat_logprobs(self.engine.tokenizer, job, top) if req.logprobs else None}
         return {**head, "object": "chat.completion", "choices": [choice], "usage": usage([gen])}
 
-    async def completions(self, req: CompletionRequest, request: Request):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    def completion_prompts(self, req: CompletionRequest, max_new: int) -> list[list[int]]:
+        """The prompts' ids: text (all of it under the character limit), or token ids as given."""
+        prompt = req.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         if not prompts or not all(prompts) or len(prompts) > MAX_PROMPTS:
-            raise ApiError(400, f"prompt: give a non-empty string or a list of 1 to {MAX_PROMPTS} of them",
-                           param="prompt")
+            raise ApiError(400, f"prompt: give a non-empty string or a list of 1 to {MAX_PROMPTS} of them "
+                           "(or token ids: a list of ints, or a list of such lists)", param="prompt")
+        texts = [p for p in prompts if isinstance(p, str)]
+        total = sum(map(len, texts))  # the character limit is for the whole request, like a chat's messages
+        vocab = self.engine.model.get_input_embeddings().num_embeddings
+        ids = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids.append(self.encode(p, True, total, max_new))
+            elif all(0 <= t < vocab for t in p):
+                ids.append(self.within_context(list(p), max_new))
+            else:
+                raise ApiError(400, f"prompt: token ids must be in 0..{vocab - 1}", param="prompt")
+        return ids
+
+    async def completions(self, req: CompletionRequest, request: Request):
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens 0 generates nothing; it takes echo: true (to score the prompt)",
+                           param="max_tokens")
         s = self.sampling(req, req.max_tokens)
-        total = sum(map(len, prompts))  # the character limit is for the whole request, like a chat's messages
-        ids = [self.encode(p, True, total, s.max_new_tokens) for p in prompts]
+        ids = self.completion_prompts(req, s.max_new_tokens)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.engine.name,
                 "object": "text_completion"}
         if req.stream:
-            if len(prompts) > 1:
-                raise ApiError(400, "stream takes one prompt, not a list", param="prompt")
+            if len(ids) > 1 or req.echo or req.logprobs is not None:
+                raise ApiError(400, "stream takes one prompt, without echo or logprobs", param="stream")
 
             def piece(text: str) -> dict:
                 return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
@@ -200,17 +240,23 @@ class Handlers:
                                              "finish_reason": result.finish_reason}]}
 
             return self.stream(ids[0], s, piece, last, bool(req.stream_options and req.stream_options.include_usage))
-        gens = await self.complete(prompts, s, True, request)
-        choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
-                   for i, g in enumerate(gens)]
-        return {**head, "choices": choices, "usage": usage(gens)}
+        wants = self.wants(req.logprobs, echo=req.echo and req.logprobs is not None)
+        answers = await self.complete(ids, s, request, wants)
+        tokenizer = self.engine.tokenizer
+        choices = []
+        for i, (job, gen) in enumerate(answers):
+            prompt_text = tokenizer.decode(job.prompt_ids) if req.echo or req.logprobs is not None else ""
+            logprobs = (completion_logprobs(tokenizer, job, req.echo, prompt_text)
+                        if req.logprobs is not None else None)
+            choices.append({"index": i, "text": (prompt_text if req.echo else "") + gen.text, "logprobs": logprobs,
+                            "finish_reason": gen.finish_reason})
+        return {**head, "choices": choices, "usage": usage([gen for _, gen in answers])}
 
 
-async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
-    """Set `gone` once the client has closed the connection (checked every DISCONNECT_POLL_S)."""
+async def _watch_disconnect(request: Request) -> None:
+    """Return once the client has closed the connection (checked every DISCONNECT_POLL_S)."""
     while not await request.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_S)
-    gone.set()
 
 
 def public_name(model: str) -> str:
@@ -230,9 +276,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         model, tokenizer = await run_in_threadpool(load_for_inference, cfg.model, cfg.device, cfg.dtype,
                                                    cfg.merge_adapter)
         name = cfg.name or public_name(cfg.model)
-        app.state.handlers = Handlers(cfg, Engine(model, tokenizer, name, Gate(cfg.queue_size)))
-        with credentials_out_of_access_log(cfg.api_key):
-            yield
+        batcher = Batcher(model, tokenizer, max_batch=cfg.max_batch, queue_size=cfg.queue_size)
+        app.state.handlers = Handlers(cfg, Engine(model, tokenizer, name, batcher))
+        batcher.start()
+        try:
+            with credentials_out_of_access_log(cfg.api_key):
+                yield
+        finally:
+            batcher.stop()
 
     app = FastAPI(title="picoalign", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
@@ -253,7 +304,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     def health(request: Request) -> dict:
         """Public: the model's name; its path only to a request with the key (when one is set)."""
         h = handlers(request)
-        body = {"status": "ok", "model": h.engine.name, "queue": h.engine.gate.status()}
+        body = {"status": "ok", "model": h.engine.name, "queue": h.engine.batcher.status()}
         if cfg.api_key and authorized(request.headers.get("authorization", ""), cfg.api_key):
             body["model_path"] = cfg.model
         return body

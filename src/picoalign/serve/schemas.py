@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 # probabilities (vLLM raises smaller temperatures to this value); 0 means greedy.
 MIN_TEMPERATURE = 0.01
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as OpenAI documents `seed`
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its legacy completions allow 5)
 
 
 def _unicode(value):
@@ -95,9 +96,15 @@ class ChatRequest(OpenAIRequest):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="each answer token's log-prob")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token")
 
 
 class CompletionRequest(OpenAIRequest):
-    """`POST /v1/completions`: raw text in, no chat template; a list of prompts is one batch."""
+    """`POST /v1/completions`: raw text (or token ids) in, no chat template; a list of prompts
+    joins the batch together. `max_tokens` 0 with `echo` scores the prompt without generating."""
 
-    prompt: Annotated[str | list[str], Unicode]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], Unicode]
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token")
+    echo: bool = Field(False, description="the prompt before the answer (and its tokens' log-probs)")

@@ -1,6 +1,5 @@
 """`picoalign dpo`: preference optimisation (DPO, cDPO, IPO, hinge, robust) against a frozen reference,
-and the methods beside it: ORPO and SimPO without a reference, KTO on unpaired examples (`KTOTask`
-below; its data and batches in train/kto.py).
+and the methods beside it: ORPO and SimPO without a reference, KTO on unpaired examples (train/kto.py).
 
     picoalign dpo --data runs/demo/data --model runs/demo/checkpoints/sft --out runs/demo/checkpoints/dpo
     picoalign dpo ... --beta 0.1 --label_smoothing 0.1     # cDPO
@@ -23,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import warnings
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,14 +33,10 @@ from picoalign.data.formats import read_preferences
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
-from picoalign.train.kto import read_unpaired_splits, unpaired_batches
-from picoalign.train.loop import autocast_for, fit
+from picoalign.train.loop import autocast_for, batches_used, fit
 from picoalign.train.losses import (
     DPO_LOSSES,
     dpo_stats,
-    kto_loss,
-    kto_reference_point,
-    kto_stats,
     orpo_loss,
     orpo_odds_ratio_loss,
     sequence_logps,
@@ -90,14 +85,18 @@ def _weights_stamp(spec: str) -> str:
     return stamp + ("|" + _weights_stamp(marker["base_model"]) if marker.get("base_model") else "")
 
 
-def _fingerprint(batches: list[PackedBatch], cfg: DPOConfig, dtype: torch.dtype) -> str:
-    """What the stored reference log-probs depend on: reference weights and the dtype they ran in
-    (a bf16 run keeps its frozen weights in bf16), loss, the exact batches."""
+def _reference_stamp(cfg: DPOConfig, dtype: torch.dtype) -> str:
+    """What stored reference log-probs depend on besides the batch: the reference weights and the
+    dtype they ran in (a bf16 run keeps its frozen weights in bf16), the loss (IPO normalises)."""
     reference = cfg.model if cfg.reference in ("precompute", "live") else cfg.reference
-    h = hashlib.sha256(f"{reference}|{_weights_stamp(reference)}|{dtype}|{cfg.loss}|{cfg.max_length}|"
-                       f"{cfg.batch_size}".encode())
-    for b in batches:
-        h.update(b.input_ids.numpy().tobytes())
+    return f"{reference}|{_weights_stamp(reference)}|{dtype}|{cfg.loss}"
+
+
+def batch_key(batch: PackedBatch) -> str:
+    """A batch's content: its tokens, their layout and its targets (what its log-probs are of)."""
+    h = hashlib.sha256()
+    for t in (batch.input_ids, batch.position_ids, batch.labels, batch.seq_index):
+        h.update(t.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -129,24 +128,42 @@ class DPOTask:
               f"loss={cfg.loss} beta={cfg.beta} reference={'none' if cfg.loss in REFERENCE_FREE else cfg.reference}")
 
     def _attach_reference(self) -> None:
-        cfg, batches = self.cfg, self.train + self.val
+        """Reference log-probs for the batches this run will use: the training batches its step or
+        epoch budget takes (in the loop's order) and the val batches, from `ref_logps.pt` where it
+        has them (stored per batch content, so a longer run or another β reuses them), the rest
+        computed now. A batch without them (a run limited only by time) is scored on first use,
+        inside the step and so inside `max_seconds`."""
+        cfg = self.cfg
+        self.setup_seconds, self._scored = 0.0, {}
         if cfg.reference == "live":
             if not cfg.lora.enabled:  # full fine-tuning: keep a frozen copy of the start
                 self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             return
-        cache = Path(cfg.out) / "ref_logps.pt"
-        key = _fingerprint(batches, cfg, self.dtype)
-        if cache.exists() and (saved := torch.load(cache, weights_only=False)).get("key") == key:
-            logps = saved["logps"]
-        else:
-            logps = dist.gather_shards(self._compute_reference, batches)  # each rank its share (torchrun)
+        used = batches_used(cfg, len(self.train), dist.world().size)
+        if used is None:  # only time limits the run: score on first use (another checkpoint: all now)
+            used = [] if cfg.reference == "precompute" else range(len(self.train))
+        needed = [self.train[i] for i in used] + self.val
+        cache, stamp = Path(cfg.out) / "ref_logps.pt", _reference_stamp(cfg, self.dtype)
+        saved = torch.load(cache, weights_only=False) if cache.exists() else {}
+        known = saved.get("logps", {}) if saved.get("stamp") == stamp else {}
+        keys = [batch_key(b) for b in needed]
+        missing = [b for b, k in zip(needed, keys) if k not in known]
+        if missing:
+            t0 = time.time()
+            logps = dist.gather_shards(self._compute_reference, missing)  # each rank its share (torchrun)
+            self.setup_seconds = time.time() - t0
+            known |= {batch_key(b): ref for b, ref in zip(missing, logps)}
             if dist.world().main:  # a cache keyed by its inputs: it leaves the folder's marker alone
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp")
-                torch.save({"key": key, "logps": logps}, tmp)
+                torch.save({"stamp": stamp, "logps": known}, tmp)
                 tmp.replace(cache)
-        for batch, ref in zip(batches, logps):
-            batch.ref_logps = ref
+        for batch, key in zip(needed, keys):
+            batch.ref_logps = known[key]
+        later = len(self.train) - len(needed) + len(self.val)
+        if later:
+            print(f"dpo: {later} training batches the budget may not reach: their reference log-probs "
+                  "are computed when first used")
 
     def _compute_reference(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
         pairs = sum(b.n_seqs // 2 for b in batches)
@@ -168,11 +185,21 @@ class DPOTask:
     def _reference(self, batch: PackedBatch) -> torch.Tensor:
         if batch.ref_logps is not None:
             return batch.ref_logps
+        key = None if self.cfg.reference == "live" else batch_key(batch)
+        if key in self._scored:
+            return self._scored[key]
+        bare = getattr(self.model, "module", self.model)  # inside a step the model may be DDP's wrapper
         with torch.no_grad():
             if self.live_ref is not None:
-                return batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
-            with self.model.disable_adapter():
-                return batch_sequence_logps(self.model, batch, self.normalise)[0]
+                ref = batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
+            elif self.cfg.reference not in ("precompute", "live"):  # another checkpoint (a resumed longer run)
+                ref = self._compute_reference([batch])[0].to(batch.input_ids.device)
+            else:
+                with bare.disable_adapter() if self.cfg.lora.enabled else nullcontext():
+                    ref = batch_sequence_logps(bare, batch, self.normalise)[0]
+        if key is not None:  # the frozen reference scores a batch once
+            self._scored[key] = ref.detach()
+        return ref
 
     def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(mean loss, TRL-style stats, Δ per pair) for one preference batch."""
@@ -243,75 +270,12 @@ def reference_free_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torc
 
 
 def dpo(cfg: DPOConfig) -> dict:
-    """Train `cfg.model` (the SFT checkpoint; for ORPO the base) on preferences; returns the summary."""
+    """Train `cfg.model` (the SFT checkpoint; for ORPO the base) on preference pairs; returns the
+    summary. (KTO's unpaired rows: train/kto.py; `picoalign dpo` picks through train/preference.py.)"""
     if cfg.loss == "kto":
-        return kto(cfg)
+        raise ValueError("loss=kto trains on unpaired rows: call picoalign.train.preference.train_preferences "
+                         "(what `picoalign dpo` runs) or picoalign.train.kto.kto")
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
     task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)
-    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)
-
-
-# ---------------------------------------------------------------- KTO (its data and batches: train/kto.py)
-
-
-class KTOTask(DPOTask):
-    """DPO's task with unpaired examples: its reference handling, its saving; its own batches and loss."""
-
-    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
-                 rows: tuple[list[dict], list[dict]] | None = None) -> None:
-        self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
-        self.loss_fn, self.normalise = None, False
-        train_rows, val_rows = rows or read_unpaired_splits(cfg)
-        self.train = unpaired_batches(tokenizer, train_rows, cfg)
-        val = unpaired_batches(tokenizer, val_rows, cfg)
-        self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
-        self.live_ref = None
-        self._attach_reference()
-        good = sum(r["label"] for r in train_rows)
-        bad = len(train_rows) - good
-        ratio = cfg.desirable_weight * good / max(cfg.undesirable_weight * bad, 1e-9)
-        if good and bad and not 1.0 <= ratio <= 4 / 3:  # the range of the KTO paper's eq. 8, as TRL warns
-            warnings.warn(f"kto: {good} desirable and {bad} undesirable examples with desirable_weight="
-                          f"{cfg.desirable_weight} and undesirable_weight={cfg.undesirable_weight}: "
-                          f"λ_D·n_D / (λ_U·n_U) = {ratio:.2f}, the paper recommends 1 to 1.33 "
-                          f"(e.g. desirable_weight={bad * cfg.undesirable_weight / good:.2f})", stacklevel=2)
-        print(f"kto: {len(train_rows)} training examples ({good} desirable, {len(train_rows) - good} undesirable) "
-              f"in {len(self.train)} batches, {len(self.val)} val batches, beta={cfg.beta} "
-              f"weights D={cfg.desirable_weight} U={cfg.undesirable_weight} reference={cfg.reference}")
-
-    def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """(mean loss, TRL's KTO metrics, β·r per example) for one unpaired batch."""
-        policy, _ = batch_sequence_logps(self.model, batch)
-        ref = self._reference(batch).to(policy.device)
-        desirable = batch.desirable.to(policy.device)
-        kl = kto_reference_point(policy[1::2], ref[1::2])
-        losses = kto_loss(policy[0::2], ref[0::2], desirable, kl, self.cfg.beta,
-                          self.cfg.desirable_weight, self.cfg.undesirable_weight)
-        stats = {k: v.detach() for k, v in kto_stats(policy[0::2], ref[0::2], desirable, kl, self.cfg.beta).items()}
-        return losses.mean(), stats, self.cfg.beta * (policy[0::2] - ref[0::2]).detach()
-
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss, the share of answers whose reward has their label's sign, and the reward
-        margin (mean reward of the desirable answers minus that of the undesirable ones)."""
-        if not self.val:
-            return {}
-        loss_sum, rewards, labels = 0.0, [], []
-        for batch in self.val:
-            loss, _, reward = self.pair_loss(batch.to(self.device))
-            loss_sum += loss.item() * len(reward)
-            rewards.append(reward.float().cpu())
-            labels.append(batch.desirable.cpu())
-        r, good = torch.cat(rewards), torch.cat(labels)
-        out = {"val/loss": round(loss_sum / len(r), 6), "val/reward_acc": round(((r > 0) == good).float().mean().item(), 4)}
-        if good.any() and (~good).any():
-            out["val/margin"] = round((r[good].mean() - r[~good].mean()).item(), 4)
-        return out
-
-
-def kto(cfg: DPOConfig) -> dict:
-    """Train `cfg.model` with KTO on unpaired examples (or split pairs); returns the training summary."""
-    rows = read_unpaired_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
-    p = prepare(cfg, "dpo")
-    task = KTOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)
     return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)

@@ -1,5 +1,4 @@
-"""KTO's data and batches (Ethayarajh et al. 2024): unpaired thumbs-up / thumbs-down answers.
-`picoalign dpo --loss kto` trains them with `train/dpo.py:KTOTask`.
+"""`picoalign dpo --loss kto`: KTO (Ethayarajh et al. 2024) on unpaired thumbs-up / thumbs-down answers.
 
     picoalign dpo --loss kto --data runs/demo/data --model runs/demo/checkpoints/sft --train_file kto_train.jsonl
     picoalign dpo --loss kto ...                  # on dpo_train.jsonl: each pair becomes two rows
@@ -15,6 +14,7 @@ Under torchrun each process estimates z₀ from its own micro-batch (TRL average
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +22,10 @@ import torch
 from picoalign.config import DPOConfig
 from picoalign.data.formats import read_unpaired
 from picoalign.train.batching import Encoded, PackedBatch, chunks, encode, pack_pairs
+from picoalign.train.dpo import DPOTask, batch_sequence_logps
+from picoalign.train.loop import fit
+from picoalign.train.losses import kto_loss, kto_reference_point, kto_stats
+from picoalign.train.stage import prepare
 
 
 def read_unpaired_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
@@ -77,3 +81,65 @@ def kto_batch(encoded: list[Encoded], labels: list[bool], share_prefix: bool, pa
     batch = pack_pairs(encoded, share_prefix, pad_id)
     batch.desirable = torch.tensor(labels, dtype=torch.bool)
     return batch
+
+
+class KTOTask(DPOTask):
+    """DPO's task with unpaired examples: its reference handling, its saving; its own batches and loss."""
+
+    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
+                 rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
+        self.loss_fn, self.normalise = None, False
+        train_rows, val_rows = rows or read_unpaired_splits(cfg)
+        self.train = unpaired_batches(tokenizer, train_rows, cfg)
+        val = unpaired_batches(tokenizer, val_rows, cfg)
+        self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
+        self.live_ref = None
+        self._attach_reference()
+        good = sum(r["label"] for r in train_rows)
+        bad = len(train_rows) - good
+        ratio = cfg.desirable_weight * good / max(cfg.undesirable_weight * bad, 1e-9)
+        if good and bad and not 1.0 <= ratio <= 4 / 3:  # the range of the KTO paper's eq. 8, as TRL warns
+            warnings.warn(f"kto: {good} desirable and {bad} undesirable examples with desirable_weight="
+                          f"{cfg.desirable_weight} and undesirable_weight={cfg.undesirable_weight}: "
+                          f"λ_D·n_D / (λ_U·n_U) = {ratio:.2f}, the paper recommends 1 to 1.33 "
+                          f"(e.g. desirable_weight={bad * cfg.undesirable_weight / good:.2f})", stacklevel=2)
+        print(f"kto: {len(train_rows)} training examples ({good} desirable, {len(train_rows) - good} undesirable) "
+              f"in {len(self.train)} batches, {len(self.val)} val batches, beta={cfg.beta} "
+              f"weights D={cfg.desirable_weight} U={cfg.undesirable_weight} reference={cfg.reference}")
+
+    def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(mean loss, TRL's KTO metrics, β·r per example) for one unpaired batch."""
+        policy, _ = batch_sequence_logps(self.model, batch)
+        ref = self._reference(batch).to(policy.device)
+        desirable = batch.desirable.to(policy.device)
+        kl = kto_reference_point(policy[1::2], ref[1::2])
+        losses = kto_loss(policy[0::2], ref[0::2], desirable, kl, self.cfg.beta,
+                          self.cfg.desirable_weight, self.cfg.undesirable_weight)
+        stats = {k: v.detach() for k, v in kto_stats(policy[0::2], ref[0::2], desirable, kl, self.cfg.beta).items()}
+        return losses.mean(), stats, self.cfg.beta * (policy[0::2] - ref[0::2]).detach()
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, the share of answers whose reward has their label's sign, and the reward
+        margin (mean reward of the desirable answers minus that of the undesirable ones)."""
+        if not self.val:
+            return {}
+        loss_sum, rewards, labels = 0.0, [], []
+        for batch in self.val:
+            loss, _, reward = self.pair_loss(batch.to(self.device))
+            loss_sum += loss.item() * len(reward)
+            rewards.append(reward.float().cpu())
+            labels.append(batch.desirable.cpu())
+        r, good = torch.cat(rewards), torch.cat(labels)
+        out = {"val/loss": round(loss_sum / len(r), 6), "val/reward_acc": round(((r > 0) == good).float().mean().item(), 4)}
+        if good.any() and (~good).any():
+            out["val/margin"] = round((r[good].mean() - r[~good].mean()).item(), 4)
+        return out
+
+
+def kto(cfg: DPOConfig) -> dict:
+    """Train `cfg.model` with KTO on unpaired examples (or split pairs); returns the training summary."""
+    rows = read_unpaired_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
+    p = prepare(cfg, "dpo")
+    task = KTOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)
+    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)

@@ -119,6 +119,18 @@ def planned_steps(cfg, n_batches: int, world_size: int = 1) -> int | None:
     return min(limits) if limits else None
 
 
+def batches_used(cfg, n_batches: int, world_size: int = 1) -> list[int] | None:
+    """Indices of the training micro-batches the step/epoch budget will take, in the loop's own
+    shuffled order (None when only `max_seconds` limits the run: then nobody knows in advance)."""
+    total = planned_steps(cfg, n_batches, world_size)
+    if total is None:
+        return None
+    micro = total * cfg.grad_accum * world_size
+    if micro >= n_batches:
+        return list(range(n_batches))
+    return sorted(batch_order(n_batches, 0, cfg.seed)[:micro])
+
+
 def batch_order(n: int, epoch: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(n, generator=g).tolist()
@@ -202,7 +214,10 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
                   "grad_accum": cfg.grad_accum, "effective_batch": effective})
     throughput = _throughput(task, batches, name, device, dtype, world)
     bar = _progress(cfg, total, state.step, name, world.main)
-    started, stop_reason = time.time() - state.elapsed, None
+    # Work the task did before its first step for the steps (DPO's reference log-probs) counts
+    # against max_seconds too, once: a resume finds it cached.
+    setup = 0.0 if cfg.resume else getattr(task, "setup_seconds", 0.0)
+    started, stop_reason = time.time() - state.elapsed - setup, None
     try:
         with sigterm_as_interrupt():  # kill, systemd, schedulers: saved like Ctrl-C
             while True:
@@ -234,6 +249,8 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
                             row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4),
                                    **metrics, "tokens": tokens, **speed, "elapsed": round(state.elapsed, 2)}
                             trackers.log(row)
+                            if cfg.compile and state.step == 1 and world.main:
+                                print(f"{name}: step 1 took {dt:.1f}s, torch.compile's compilation included")
                             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}",
                                             **({"mfu": f"{speed['mfu']:.0%}"} if "mfu" in speed else {}))
                         bar.update(1)

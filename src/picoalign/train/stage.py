@@ -21,6 +21,7 @@ from picoalign.models.load import (
     pick_device,
     pick_dtype,
     store_frozen_in,
+    unwrapped,
 )
 from picoalign.train import dist
 
@@ -39,6 +40,8 @@ def prepare(cfg, stage: str) -> Prepared:
     """Load the model for training (a fresh LoRA adapter unless full fine-tuning)."""
     device = dist.init(pick_device(cfg.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device, cfg.load_in)
     if cfg.gradient_checkpointing:
@@ -48,10 +51,16 @@ def prepare(cfg, stage: str) -> Prepared:
         model = add_lora(model, cfg.lora)
         if dtype != torch.float32 and cfg.load_in == "none" and not cfg.fsdp:
             store_frozen_in(model, dtype)  # the base is frozen: its weights live in the compute dtype
+    if cfg.compile:  # in place, so peft, saving and the span attention see the same modules
+        hf = unwrapped(model)
+        getattr(hf, "model", hf).compile(dynamic=True)  # the decoder (HF's `.model`); dynamic: lengths vary
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}), "
-          f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
+    print(f"{stage}: {cfg.model} on {device} ({str(dtype).replace('torch.', '')}"
+          + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+             if device.type == "cpu" else "")
+          + (", torch.compile: step 1 includes compiling" if cfg.compile else "")
+          + f"), {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M parameters trainable")
     log_dir = Path(cfg.logs) if cfg.logs else Path(cfg.out) / "logs"
     marker = {"stage": stage, "base_model": model_identity(cfg.model), "complete": False, "lora": cfg.lora.enabled}
     return Prepared(model, tokenizer, device, dtype, log_dir, marker)

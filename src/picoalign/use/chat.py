@@ -18,10 +18,10 @@ from dataclasses import replace
 
 from picoalign import config as C
 from picoalign.config import ChatConfig
+from picoalign.generation.stream import Stream
 from picoalign.models.load import load_for_inference
 from picoalign.train.batching import render_prompt
 from picoalign.use.generate import sampling_of
-from picoalign.use.stream import Stream
 
 DECODING = ("max_new_tokens", "greedy", "temperature", "top_p", "top_k", "seed", "context_tokens")
 HELP = "/reset forgets the conversation, /settings [key=value ...] shows or changes settings, /exit quits"

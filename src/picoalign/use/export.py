@@ -1,7 +1,9 @@
-"""`picoalign export`: merge a LoRA adapter into its base and save a plain Hugging Face folder.
+"""`picoalign export`: merge a LoRA adapter into its base and save a plain Hugging Face folder
+(or, with --format gguf, one GGUF file for llama.cpp and Ollama: use/gguf_export.py).
 
     picoalign export --model runs/demo/checkpoints/dpo --out exported/demo-dpo
     picoalign export --model runs/demo/checkpoints/sft --out exported/sft-bf16 --dtype bf16
+    picoalign export --model runs/demo/checkpoints/dpo --out exported/demo-gguf --format gguf --gguf-type q8_0 --ollama
 
 The folder (safetensors weights, config, tokenizer with its chat template, generation config
 that stops at end-of-turn) loads with `AutoModelForCausalLM.from_pretrained` alone, no peft. Two
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from picoalign.config import ExportConfig
-from picoalign.eval.generate import end_ids
+from picoalign.generation.batched import end_ids
 from picoalign.io import write_json
 from picoalign.models.load import MARKER, base_of_adapter, load_model, model_identity
 from picoalign.train.batching import render_answer, render_prompt
@@ -57,9 +59,19 @@ def export(cfg: ExportConfig) -> dict:
     is_adapter = hasattr(model, "merge_and_unload")
     if is_adapter:
         model = model.merge_and_unload()
-    merged_diff = (logits(model, ids) - before).abs().max().item()
+    merged = logits(model, ids)
+    merged_diff = (merged - before).abs().max().item()
     if merged_diff > cfg.tolerance:
         raise ValueError(f"merged logits differ from base + adapter by {merged_diff:.2e} > {cfg.tolerance:.0e}")
+    if cfg.format == "gguf":
+        from picoalign.use.gguf_export import export_gguf
+
+        prompt_ids = render_prompt(tokenizer, PROBE[0]) if tokenizer.chat_template else tokenizer(PROBE[0])["input_ids"]
+        return export_gguf(cfg, model, tokenizer, ids, merged, prompt_ids, {
+            "stage": "export", "complete": True, "source": model_identity(cfg.model),
+            "base_model": base_of_adapter(cfg.model) if is_adapter else model_identity(cfg.model),
+            "merged_adapter": is_adapter, "probe_tokens": ids.shape[1], "max_abs_logit_diff_merged": merged_diff,
+        })
 
     model.to(DTYPES[cfg.dtype])
     ends = end_ids(model, tokenizer)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from picoalign.config import GenerateConfig
-from picoalign.eval.generate import Sampling, generate_full
+from picoalign.generation.batched import Sampling, generate_full
 from picoalign.io import write_jsonl
 from picoalign.models.load import load_for_inference
 

@@ -17,19 +17,15 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from picoalign.eval.generate import (
+from picoalign.generation.batched import (
     Generation,
     Sampling,
     cancel_criteria,
     cut_at_stop,
     end_ids,
     finish,
+    held_back,
 )
-
-
-def _held_back(text: str, stop) -> int:
-    """How many characters at the end of `text` could be the start of a stop string."""
-    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 class Stream:
@@ -87,7 +83,7 @@ class Stream:
                         yield cut[shown:]
                     text = cut
                     break
-                safe = len(text) - _held_back(text, stop)
+                safe = len(text) - held_back(text, stop)
                 if safe > shown:
                     yield text[shown:safe]
                     shown = safe

@@ -95,6 +95,14 @@ def cut_at_stop(text: str, stop) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def held_back(text: str, stop) -> int:
+    """Characters at the end of a growing answer not to show yet: the start of a stop string
+    that may be coming, or a character whose bytes are not all decoded yet (U+FFFD)."""
+    partial = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    undecoded = len(text) - len(text.rstrip("\ufffd"))
+    return max(partial, undecoded)
+
+
 def finish(tokenizer, new_ids: list[int], ends: list[int], stop, prompt_tokens: int) -> Generation:
     """The answer in `new_ids` (what generate wrote after the prompt, padding included)."""
     first_end = next((i for i, t in enumerate(new_ids) if t in ends), None)
