@@ -113,13 +113,11 @@ def environment() -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    import torch
+
+    from picoalign.train.flops import machine_name
+
+    return machine_name(torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- data

@@ -27,6 +27,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def place_folder(tmp: Path, out: Path) -> None:
+    """Put a finished folder `tmp` (made beside `out`) in place of `out`, readable by others:
+    the export's folder appears whole or not at all (a previous one is replaced)."""
+    import shutil
+
+    tmp.chmod(0o755)  # mkdtemp makes 0700
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 

@@ -91,7 +91,8 @@ def model_peak(shapes: Counter, tokens: int, dtype: torch.dtype, device: torch.d
     return peak_from(shapes, tokens, measure_shapes(shapes, tokens, dtype, device))
 
 
-def _machine(device: torch.device) -> str:
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -111,7 +112,7 @@ def cached_peak(model, tokens: int, dtype: torch.dtype, device: torch.device, ca
     shapes = linear_shapes(model)
     tokens = max(64, round(tokens / 64) * 64)  # nearby token counts share one measurement
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    key = (f"{_machine(device)}|{device.type}|{torch.__version__}|{dtype}|threads={threads}|tokens={tokens}|"
+    key = (f"{machine_name(device)}|{device.type}|{torch.__version__}|{dtype}|threads={threads}|tokens={tokens}|"
            + ",".join(f"{i}x{o}:{n}" for (i, o), n in sorted(shapes.items())))
     path = Path(cache) if cache else cache_dir() / "peaks.json"
     try:

@@ -26,7 +26,7 @@ import torch
 
 from picoalign.config import ExportConfig
 from picoalign.generation.batched import end_ids
-from picoalign.io import write_json
+from picoalign.io import place_folder, write_json
 from picoalign.models.load import MARKER, base_of_adapter, load_model, model_identity
 from picoalign.train.batching import render_answer, render_prompt
 
@@ -94,10 +94,7 @@ def export(cfg: ExportConfig) -> dict:
             "max_abs_logit_diff": diff, "max_abs_logit_diff_merged": merged_diff,
         }
         write_json(tmp / MARKER, record)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        place_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"export: {cfg.model} -> {out} ({cfg.dtype}); max |Δlogit| of the saved folder vs base + adapter: "

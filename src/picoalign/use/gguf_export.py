@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from picoalign.generation.batched import END_OF_TURN, end_ids
-from picoalign.io import atomic_write_text, write_json
+from picoalign.io import atomic_write_text, place_folder, write_json
 from picoalign.models.load import MARKER
 from picoalign.use import llamacpp_check, ollama
 from picoalign.use.gguf_file import gguf_plan, write_gguf
@@ -154,10 +154,7 @@ def export_gguf(cfg, model, tokenizer, ids: torch.Tensor, expected: torch.Tensor
             atomic_write_text(tmp / "Modelfile", model_text)
             record["ollama_create"] = f"ollama create {ollama.ollama_name(out.name)} -f {out / 'Modelfile'}"
         write_json(tmp / MARKER, record)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        place_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     checked = record["llama_cpp"] or record["transformers"]
