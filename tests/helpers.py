@@ -15,3 +15,26 @@ def naive_answer_logps(model, prompt: list[int], answer: list[int]) -> torch.Ten
     start = len(prompt)
     rows = logps[start - 1 : start + len(answer) - 1]  # row k predicts answer[k]
     return rows.gather(1, torch.tensor(answer)[:, None]).squeeze(1)
+
+
+def t(*values: float) -> torch.Tensor:
+    """A 1-D fp32 tensor of hand-worked values."""
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def save_random_adapter(chat_model, folder, target_modules: list[str]):
+    """A LoRA adapter on the tiny chat Llama with random (non-zero) B, so merging changes the
+    logits, saved with its tokenizer and a picoalign marker naming its base; returns `folder`."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(chat_model)).save_pretrained(folder)
+    (folder / "picoalign.json").write_text(json.dumps({"base_model": str(chat_model), "complete": True}))
+    return folder

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import save_random_adapter
 
 from picoalign.cli import main
 from picoalign.config import ExportConfig
@@ -26,18 +27,7 @@ needs_llamacpp = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def adapter_dir(chat_model, tmp_path_factory):
     """A LoRA adapter with random (non-zero) B on the tiny chat Llama, so merging matters."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("gguf_adapter")
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
-                                            init_lora_weights=False, task_type="CAUSAL_LM"))
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(chat_model)).save_pretrained(folder)
-    (folder / "picoalign.json").write_text(json.dumps({"base_model": str(chat_model), "complete": True}))
-    return folder
+    return save_random_adapter(chat_model, tmp_path_factory.mktemp("gguf_adapter"), ["q_proj", "k_proj", "down_proj"])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import t
 
 from picoalign.train.losses import (
     DPO_LOSSES,
@@ -25,10 +26,6 @@ from picoalign.train.losses import (
     sigmoid_loss,
     token_logps,
 )
-
-
-def t(*values: float) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
 
 
 def test_registry_names_every_loss():

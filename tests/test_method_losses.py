@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import t
 
 from picoalign.train.losses import (
     kto_loss,
@@ -21,10 +22,6 @@ from picoalign.train.losses import (
     orpo_odds_ratio_loss,
     simpo_loss,
 )
-
-
-def t(*values: float) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
 
 
 def test_log1mexp_by_hand_on_both_branches():

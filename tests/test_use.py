@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from helpers import save_random_adapter
 
 from picoalign.cli import main
 from picoalign.config import ChatConfig, ConfigError, ExportConfig, GenerateConfig
@@ -201,18 +202,7 @@ def test_chat_settings_change_and_refuse(chat_model):
 @pytest.fixture(scope="module")
 def adapter_dir(chat_model, tmp_path_factory):
     """A LoRA adapter with random (non-zero) B, so merging changes the logits."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("adapter")
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                            init_lora_weights=False, task_type="CAUSAL_LM"))
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(chat_model)).save_pretrained(folder)
-    (folder / "picoalign.json").write_text(json.dumps({"base_model": str(chat_model), "complete": True}))
-    return folder
+    return save_random_adapter(chat_model, tmp_path_factory.mktemp("adapter"), ["q_proj", "v_proj", "down_proj"])
 
 
 def test_an_adapter_generates_the_same_merged_or_on_its_base(adapter_dir, chat_model):
