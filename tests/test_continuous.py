@@ -157,6 +157,24 @@ def test_the_queue_takes_max_batch_plus_queue_size_then_refuses(tiny_llama, chat
     assert batcher.status()["tokens_per_s"] > 0
 
 
+def test_a_request_is_not_counted_once_its_answer_is_out(tiny_llama, chat_tokenizer):
+    """The server answers a request as soon as it finishes, inside the step; the step drops its
+    cache row only at its end. Status read at the moment of the answer (as a client would right
+    after) must not count it, nor may it hold a place a new request could take."""
+    batcher = Batcher(tiny_llama, chat_tokenizer, max_batch=1, queue_size=0)
+    seen = []
+
+    def emit(kind, value):
+        if kind == "done":
+            seen.append(batcher.status()["running"])
+            batcher.submit(ids(chat_tokenizer, PROMPTS[2]), Sampling(2), Events())  # its place is free
+
+    job = batcher.submit(ids(chat_tokenizer, PROMPTS[2]), Sampling(3), emit)
+    run_until_done(batcher, [job])
+    assert seen == [0] and job.result.completion_tokens == 3
+    assert batcher.status()["waiting"] == 1
+
+
 def test_a_request_that_fails_fails_alone(tiny_llama, chat_tokenizer):
     """A prompt with a token id beyond the vocabulary fails its prefill; the request that
     joined at the same step, and the one already running, answer as they would alone."""

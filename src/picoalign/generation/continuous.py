@@ -118,7 +118,7 @@ class Batcher:
     def submit_all(self, jobs: list[Job]) -> list[Job]:
         """Queue all of `jobs` or, when they do not all fit, none (QueueFull)."""
         with self._wake:
-            if len(self.running) + len(self.joining) + len(self.waiting) + len(jobs) > self.max_batch + self.queue_size:
+            if self._generating() + len(self.waiting) + len(jobs) > self.max_batch + self.queue_size:
                 raise QueueFull(f"{self.max_batch} requests are generating and {self.queue_size} are already "
                                 "waiting; try again shortly")
             self.waiting.extend(jobs)
@@ -128,8 +128,13 @@ class Batcher:
     def status(self) -> dict:
         now = time.monotonic()
         recent = sum(n for t, n in list(self._written) if now - t <= TOKENS_PER_S_WINDOW_S)
-        return {"running": len(self.running) + len(self.joining), "waiting": len(self.waiting), "max_batch": self.max_batch,
+        return {"running": self._generating(), "waiting": len(self.waiting), "max_batch": self.max_batch,
                 "queue_size": self.queue_size, "tokens_per_s": round(recent / TOKENS_PER_S_WINDOW_S, 2)}
+
+    def _generating(self) -> int:
+        # A request answered in this step keeps its cache row until the step's end drops it; it is
+        # not generating any more (its client may already hold the answer), so it is not counted.
+        return sum(not job.done for job in [*self.running, *self.joining])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="picoalign-batcher", daemon=True)
