@@ -123,3 +123,56 @@ def test_sft_rows_use_one_causal_call_and_packed_rows_keep_the_mask(chat_tokeniz
     row.add([1, 2], [[3]], group=0)
     row.add([4, 5], [[6]], group=1)  # two examples in one row: only the mask keeps them apart
     assert row.spans() is None
+
+
+def test_causal_rows_equal_sdpa_in_fp32_and_stay_as_close_as_flash_in_bf16():
+    """`CausalRows` (whole-row matmuls, grouped heads laid end to end, scores a few rows at a
+    time) against torch's causal SDPA: in fp32 the same numbers and gradients up to round-off; in
+    bf16 no further from the fp32 result than torch's own bf16 kernel is."""
+    from picoalign.train import attention
+    from picoalign.train.attention import CausalRows
+
+    torch.manual_seed(0)
+    B, H, Hkv, L, d = 3, 6, 2, 37, 16
+    q = torch.randn(B, L, H, d).transpose(1, 2)  # the layout attention layers hand over
+    k, v = torch.randn(B, L, Hkv, d).transpose(1, 2), torch.randn(B, L, Hkv, d).transpose(1, 2)
+    upstream = torch.randn(B, H, L, d)
+
+    def run(fn, dtype):
+        x = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*x)
+        return [out.float(), *(g.float() for g in torch.autograd.grad((out.float() * upstream).sum(), x))]
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=0.3, enable_gqa=True)
+
+    old = attention.CHUNK_BYTES
+    attention.CHUNK_BYTES = 2 * (H // Hkv) * L * L * 4  # two (row, key/value head) pairs per chunk: 6 in 3 chunks
+    try:
+        want = run(sdpa, torch.float32)
+        for got, w in zip(run(lambda a, b, c: CausalRows.apply(a, b, c, 0.3), torch.float32), want):
+            torch.testing.assert_close(got, w, atol=2e-6, rtol=1e-5)
+        ours = run(lambda a, b, c: CausalRows.apply(a, b, c, 0.3), torch.bfloat16)
+        torchs = run(sdpa, torch.bfloat16)
+    finally:
+        attention.CHUNK_BYTES = old
+    for name, o, t, w in zip("out dq dk dv".split(), ours, torchs, want):
+        err_ours, err_torch = (o - w).abs().max().item(), (t - w).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-3, (name, err_ours, err_torch)
+
+
+def test_bf16_training_attention_takes_whole_row_matmuls_and_the_rest_keeps_sdpa(monkeypatch):
+    from picoalign.train import attention
+
+    used = []
+    monkeypatch.setattr(attention.CausalRows, "apply", lambda *a: used.append("rows") or torch.zeros(()))
+    calls = record_sdpa(monkeypatch)
+    q, k = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16), torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    attention._causal(q.requires_grad_(), k, k, 0.0, None)
+    with torch.no_grad():  # eval and generation
+        attention._causal(q, k, k, 0.0, None)
+    attention._causal(q.float(), k.float(), k.float(), 0.0, None)  # fp32: the flash kernel was as fast
+    attention._causal(q, k, k, 0.1, None)  # attention dropout: SDPA's
+    long = torch.randn(1, 2, attention.ROWS_MAX_LENGTH + 1, 16, dtype=torch.bfloat16, requires_grad=True)
+    attention._causal(long, long, long, 0.0, None)  # scores past the caches: the flash kernel tied
+    assert used == ["rows"] and calls == [(False, True)] * 4

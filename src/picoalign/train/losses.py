@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK_ROWS = 256  # logit rows per fp32 block: 256 x 49k x 4 bytes = 50 MB, reused by the allocator
+# Logit rows per fp32 block: 32 x 49k x 4 bytes = 6 MB, which stays in cache through the cast, the
+# exp and the sum. Blocks of 256 rows (50 MB) were 2.5x slower here (forward + backward of 1,020
+# targets: 440 vs 170 ms): glibc maps every block over 32 MB fresh from the OS, page faults and all.
+CHUNK_ROWS = 32
 
 
 class _TokenLogps(torch.autograd.Function):
