@@ -126,9 +126,10 @@ def test_sft_rows_use_one_causal_call_and_packed_rows_keep_the_mask(chat_tokeniz
 
 
 def test_causal_rows_equal_sdpa_in_fp32_and_stay_as_close_as_flash_in_bf16():
-    """`CausalRows` (whole-row matmuls, grouped heads laid end to end, scores a few rows at a
-    time) against torch's causal SDPA: in fp32 the same numbers and gradients up to round-off; in
-    bf16 no further from the fp32 result than torch's own bf16 kernel is."""
+    """`CausalRows` (blocks of queries against the keys up to their end, grouped heads laid end to
+    end, scores a few rows at a time) against torch's causal SDPA: in fp32 the same numbers and
+    gradients up to round-off; in bf16 no further from the fp32 result than torch's own bf16
+    kernel is."""
     from picoalign.train import attention
     from picoalign.train.attention import CausalRows
 
@@ -146,8 +147,10 @@ def test_causal_rows_equal_sdpa_in_fp32_and_stay_as_close_as_flash_in_bf16():
     def sdpa(a, b, c):
         return F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=0.3, enable_gqa=True)
 
-    old = attention.CHUNK_BYTES
-    attention.CHUNK_BYTES = 2 * (H // Hkv) * L * L * 4  # two (row, key/value head) pairs per chunk: 6 in 3 chunks
+    old = attention.CHUNK_BYTES, attention.QUERY_BLOCK
+    attention.QUERY_BLOCK = 10  # blocks 0-9, 9-18, 18-27, 27-37: uneven, the last one longest
+    attention.CHUNK_BYTES = 2 * (H // Hkv) * 9 * 18 * 4  # two (row, key/value head) pairs per chunk at most
+    assert attention.query_blocks(L) == [(0, 9), (9, 18), (18, 27), (27, 37)]
     try:
         want = run(sdpa, torch.float32)
         for got, w in zip(run(lambda a, b, c: CausalRows.apply(a, b, c, 0.3), torch.float32), want):
@@ -155,7 +158,7 @@ def test_causal_rows_equal_sdpa_in_fp32_and_stay_as_close_as_flash_in_bf16():
         ours = run(lambda a, b, c: CausalRows.apply(a, b, c, 0.3), torch.bfloat16)
         torchs = run(sdpa, torch.bfloat16)
     finally:
-        attention.CHUNK_BYTES = old
+        attention.CHUNK_BYTES, attention.QUERY_BLOCK = old
     for name, o, t, w in zip("out dq dk dv".split(), ours, torchs, want):
         err_ours, err_torch = (o - w).abs().max().item(), (t - w).abs().max().item()
         assert err_ours <= 2 * err_torch + 1e-3, (name, err_ours, err_torch)
@@ -173,6 +176,6 @@ def test_bf16_training_attention_takes_whole_row_matmuls_and_the_rest_keeps_sdpa
         attention._causal(q, k, k, 0.0, None)
     attention._causal(q.float(), k.float(), k.float(), 0.0, None)  # fp32: the flash kernel was as fast
     attention._causal(q, k, k, 0.1, None)  # attention dropout: SDPA's
-    long = torch.randn(1, 2, attention.ROWS_MAX_LENGTH + 1, 16, dtype=torch.bfloat16, requires_grad=True)
-    attention._causal(long, long, long, 0.0, None)  # scores past the caches: the flash kernel tied
+    monkeypatch.setattr(attention, "PROBS_MAX_BYTES", attention.CausalRows.kept_bytes(q) - 1)
+    attention._causal(q, k, k, 0.0, None)  # a softmax to keep past the memory bound: flash keeps none
     assert used == ["rows"] and calls == [(False, True)] * 4

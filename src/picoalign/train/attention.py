@@ -66,68 +66,102 @@ class SpanLayout:
 
 
 # Training in bf16 on a CPU, torch's flash kernel runs attention at ~55 GFLOP/s (no faster than in
-# fp32): it works in 64-row tiles of small matmuls. Scoring whole rows with batched matmuls wastes
-# the masked upper triangle but runs them at ~300 GFLOP/s; on the AVX-512-BF16 box, forward +
-# backward of one layer (4 rows, 9 heads on 3) took 7 vs 18 ms at 200 tokens, 27 vs 57 at 400, 59
-# vs 104 at 600, and tied at 1,024 (where the scores outgrow the caches). In fp32 it gained
-# nothing, and without gradients (eval, generation) neither: those keep the flash kernel.
-ROWS_MAX_LENGTH = 768
+# fp32): it works in 64-row tiles of small matmuls. Batched matmuls over blocks of ~128 queries
+# against the keys up to the block's end run at ~300 GFLOP/s. On the AVX-512-BF16 box, forward +
+# backward of one layer (4 rows, 9 heads on 3) took 3.6 vs 14 ms at 150 tokens, 19 vs 54 at 410, 79
+# vs 208 at 1,024 and 178 vs 319 at 1,536 (bench/README.md). In fp32 it gained nothing, and without
+# gradients (eval, generation) neither: those keep the flash kernel.
+QUERY_BLOCK = 128
 CHUNK_BYTES = 2 << 20  # scores of this many bytes at a time (a core's L2 here): in cache from matmul to softmax
+PROBS_MAX_BYTES = 64 << 20  # the softmax one layer keeps for backward; past it, the flash kernel (it keeps none)
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, dropout: float, scaling: float | None) -> Tensor:
-    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout == 0.0 and q.shape[2] <= ROWS_MAX_LENGTH
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout == 0.0
+            and CausalRows.kept_bytes(q) <= PROBS_MAX_BYTES
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return CausalRows.apply(q, k, v, q.shape[-1] ** -0.5 if scaling is None else scaling)
     gqa = q.shape[1] != k.shape[1]  # grouped-query attention: fewer key/value heads than query heads
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
 
 
-@lru_cache(maxsize=4)  # every layer of a forward asks for the same one
-def causal_bias(length: int, groups: int, dtype: torch.dtype) -> Tensor:
-    """(groups * length, length): 0 on and below the diagonal, -inf above, once per query head
-    of a key/value head (queries of a group laid end to end, as `CausalRows` lays them)."""
-    return torch.full((length, length), float("-inf"), dtype=dtype).triu(1).repeat(groups, 1)
+def query_blocks(length: int) -> list[tuple[int, int]]:
+    """[start, stop) of each block of about QUERY_BLOCK queries; a block reads the keys [0, stop)."""
+    parts = max(1, round(length / QUERY_BLOCK))
+    edges = [length * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@lru_cache(maxsize=64)  # the blocks of the few lengths a forward and its backward use
+def causal_bias(start: int, stop: int, groups: int, dtype: torch.dtype) -> Tensor:
+    """(groups * (stop - start), stop): queries start..stop-1 against keys 0..stop-1, 0 where the
+    key is not after the query, -inf where it is; once per query head of a key/value head (a
+    group's queries laid end to end, as `CausalRows` lays them)."""
+    return torch.full((stop - start, stop), float("-inf"), dtype=dtype).triu(start + 1).repeat(groups, 1)
 
 
 class CausalRows(torch.autograd.Function):
     """Causal attention of (B, H, L, d) queries on (B, Hkv, L, d) keys and values by batched
-    matmuls over whole rows, softmax kept for backward (B·H·L² values: bounded by
-    ROWS_MAX_LENGTH). The query heads that share a key/value head are laid end to end, (G·L, d)
-    against (L, d), so grouped-query attention needs no copies of k and v, and the key/value
-    gradients come out summed over their group by the matmul itself."""
+    matmuls: each block of queries against the keys up to its end (the masked corner above the
+    diagonal is skipped block by block), softmax kept for backward. The query heads that share a
+    key/value head are laid end to end, (G·Lq, d) against (Lk, d), so grouped-query attention
+    needs no copies of k and v, and the matmul itself sums the key/value gradients over the
+    group; across query blocks they add up in fp32."""
+
+    @staticmethod
+    def kept_bytes(q: Tensor) -> int:
+        B, H, L, _ = q.shape
+        return B * H * sum((b - a) * b for a, b in query_blocks(L)) * q.element_size()
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         B, H, L, d = q.shape
         n, G = B * k.shape[1], H // k.shape[1]
-        qf, kf, vf = q.reshape(n, G * L, d), k.reshape(n, L, d), v.reshape(n, L, d)
-        bias = causal_bias(L, G, q.dtype)
-        probs, out = q.new_empty(n, G * L, L), q.new_empty(n, G * L, d)
-        step = max(1, CHUNK_BYTES // (G * L * L * q.element_size()))
-        for i in range(0, n, step):
-            j = slice(i, i + step)
-            scores = torch.baddbmm(bias, qf[j], kf[j].transpose(1, 2), alpha=scale)
-            torch._softmax(scores, -1, False, out=probs[j])
-            torch.bmm(probs[j], vf[j], out=out[j])
-        ctx.save_for_backward(qf, kf, vf, probs)
-        ctx.scale, ctx.shapes, ctx.step = scale, (q.shape, k.shape), step
+        q4 = q.reshape(n, G, L, d)
+        kf, vf = k.reshape(n, L, d), v.reshape(n, L, d)
+        out = q.new_empty(n, G, L, d)
+        kept = []
+        for a, b in query_blocks(L):
+            qb = q4[:, :, a:b].reshape(n, G * (b - a), d)
+            bias = causal_bias(a, b, G, q.dtype)
+            probs, ob = q.new_empty(n, G * (b - a), b), q.new_empty(n, G * (b - a), d)
+            for j in _chunks(n, G * (b - a) * b * q.element_size()):
+                scores = torch.baddbmm(bias, qb[j], kf[j, :b].transpose(1, 2), alpha=scale)
+                torch._softmax(scores, -1, False, out=probs[j])
+                torch.bmm(probs[j], vf[j, :b], out=ob[j])
+            out[:, :, a:b] = ob.view(n, G, b - a, d)
+            kept += [qb, probs]
+        ctx.save_for_backward(kf, vf, *kept)
+        ctx.scale, ctx.shapes = scale, (q.shape, k.shape)
         return out.view(B, H, L, d)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        qf, kf, vf, probs = ctx.saved_tensors
+        kf, vf, *kept = ctx.saved_tensors
         q_shape, kv_shape = ctx.shapes
-        go = grad_out.reshape(qf.shape)
-        dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
-        for i in range(0, len(qf), ctx.step):
-            j = slice(i, i + ctx.step)
-            torch.bmm(probs[j].transpose(1, 2), go[j], out=dv[j])
-            d_probs = torch.bmm(go[j], vf[j].transpose(1, 2))
-            d_scores = torch._softmax_backward_data(d_probs, probs[j], -1, probs.dtype)
-            torch.bmm(d_scores, kf[j], out=dq[j])
-            torch.bmm(d_scores.transpose(1, 2), qf[j], out=dk[j])
-        return dq.mul_(ctx.scale).view(q_shape), dk.mul_(ctx.scale).view(kv_shape), dv.view(kv_shape), None
+        n, L, d = kf.shape
+        G = q_shape[0] * q_shape[1] // n
+        go = grad_out.reshape(n, G, L, d)
+        dq = grad_out.new_empty(n, G, L, d)
+        dk, dv = torch.zeros(kf.shape, device=kf.device), torch.zeros(vf.shape, device=vf.device)
+        for (a, b), qb, probs in zip(query_blocks(L), kept[0::2], kept[1::2]):
+            gb = go[:, :, a:b].reshape(qb.shape)
+            dqb = torch.empty_like(qb)
+            for j in _chunks(n, probs[0].numel() * probs.element_size()):
+                dv[j, :b] += torch.bmm(probs[j].transpose(1, 2), gb[j])
+                d_probs = torch.bmm(gb[j], vf[j, :b].transpose(1, 2))
+                d_scores = torch._softmax_backward_data(d_probs, probs[j], -1, probs.dtype)
+                torch.bmm(d_scores, kf[j, :b], out=dqb[j])
+                dk[j, :b] += torch.bmm(d_scores.transpose(1, 2), qb[j])
+            dq[:, :, a:b] = dqb.view(n, G, b - a, d)
+        dq, dk = dq.mul_(ctx.scale), dk.mul_(ctx.scale)
+        return dq.view(q_shape), dk.to(kf.dtype).view(kv_shape), dv.to(vf.dtype).view(kv_shape), None
+
+
+def _chunks(n: int, bytes_each: int) -> list[slice]:
+    """Slices of range(n), each of about CHUNK_BYTES of scores."""
+    step = max(1, CHUNK_BYTES // bytes_each)
+    return [slice(i, i + step) for i in range(0, n, step)]
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
