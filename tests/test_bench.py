@@ -33,3 +33,16 @@ def test_one_benchmark_step_through_the_public_api(compare, tmp_path, chat_model
         assert isinstance(row["loss"], float) and row["loss"] > 0
     assert (first["pairs"] > 0) == (mode == "dpo")
     assert first["loss"] != second["loss"]  # the second step trained on what the first changed
+
+
+def test_the_attention_benchmark_prints_a_row_per_length_with_small_errors(capsys):
+    spec = importlib.util.spec_from_file_location("bench_attention", BENCH.parent / "attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--lengths", "20", "33", "--rows", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                 "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [int(r[0]) for r in rows] == [20, 33]
+    for r in rows:
+        assert float(r[1]) > 0 and float(r[2]) > 0
+        assert float(r[4]) < 0.05 and float(r[5]) < 0.05  # bf16 against fp32, both kernels
