@@ -68,9 +68,9 @@ class SpanLayout:
 # Training in bf16 on a CPU, torch's flash kernel runs attention at ~55 GFLOP/s (no faster than in
 # fp32): it works in 64-row tiles of small matmuls. Batched matmuls over blocks of ~128 queries
 # against the keys up to the block's end run at ~300 GFLOP/s. On the AVX-512-BF16 box, forward +
-# backward of one layer (4 rows, 9 heads on 3) took 3.6 vs 14 ms at 150 tokens, 19 vs 54 at 410, 79
-# vs 208 at 1,024 and 178 vs 319 at 1,536 (bench/README.md). In fp32 it gained nothing, and without
-# gradients (eval, generation) neither: those keep the flash kernel.
+# backward of one layer (4 rows, 9 heads on 3) took 7.5 vs 16.6 ms at 150 tokens, 26 vs 55 at 410
+# and 100 vs 179 at 1,024 (`python bench/attention.py`). In fp32 it gained little or nothing, and
+# without gradients (eval, generation) nothing: those keep the flash kernel.
 QUERY_BLOCK = 128
 CHUNK_BYTES = 2 << 20  # scores of this many bytes at a time (a core's L2 here): in cache from matmul to softmax
 PROBS_MAX_BYTES = 64 << 20  # the softmax one layer keeps for backward; past it, the flash kernel (it keeps none)
@@ -127,7 +127,7 @@ class CausalRows(torch.autograd.Function):
             probs, ob = q.new_empty(n, G * (b - a), b), q.new_empty(n, G * (b - a), d)
             for j in _chunks(n, G * (b - a) * b * q.element_size()):
                 scores = torch.baddbmm(bias, qb[j], kf[j, :b].transpose(1, 2), alpha=scale)
-                torch._softmax(scores, -1, False, out=probs[j])
+                torch._softmax(scores, -1, False, out=probs[j])  # aten's softmax, written in place
                 torch.bmm(probs[j], vf[j, :b], out=ob[j])
             out[:, :, a:b] = ob.view(n, G, b - a, d)
             kept += [qb, probs]
@@ -150,7 +150,7 @@ class CausalRows(torch.autograd.Function):
             for j in _chunks(n, probs[0].numel() * probs.element_size()):
                 dv[j, :b] += torch.bmm(probs[j].transpose(1, 2), gb[j])
                 d_probs = torch.bmm(gb[j], vf[j, :b].transpose(1, 2))
-                d_scores = torch._softmax_backward_data(d_probs, probs[j], -1, probs.dtype)
+                d_scores = torch._softmax_backward_data(d_probs, probs[j], -1, probs.dtype)  # one fused pass
                 torch.bmm(d_scores, kf[j, :b], out=dqb[j])
                 dk[j, :b] += torch.bmm(d_scores.transpose(1, 2), qb[j])
             dq[:, :, a:b] = dqb.view(n, G, b - a, d)
