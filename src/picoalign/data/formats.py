@@ -274,14 +274,21 @@ def _sft_record(row: dict, where: Where) -> dict:
     return {"id": _row_id(row, where), **record}
 
 
-def _plain_record(row: dict, where: Where) -> dict:
-    p, r = _first(row, PROMPT_KEYS), _first(row, RESPONSE_KEYS)
-    if p is None and r is None:
-        raise _unknown(row, where, SFT_FORMATS)
+def _prompt_answer_keys(row: dict, where: Where, formats, answer: str, aliases: str) -> tuple[str, str]:
+    """The row's prompt and answer keys (PROMPT_KEYS, RESPONSE_KEYS); a row with neither is of an
+    unknown format, one without either names the missing field (`answer`, or its `aliases`)."""
+    p, a = _first(row, PROMPT_KEYS), _first(row, RESPONSE_KEYS)
+    if p is None and a is None:
+        raise _unknown(row, where, formats)
     if p is None:
         raise where.error("prompt", "missing (or give it as 'input')")
-    if r is None:
-        raise where.error("response", "missing (or give it as 'output' or 'completion')")
+    if a is None:
+        raise where.error(answer, f"missing (or give it as {aliases})")
+    return p, a
+
+
+def _plain_record(row: dict, where: Where) -> dict:
+    p, r = _prompt_answer_keys(row, where, SFT_FORMATS, "response", "'output' or 'completion'")
     return {"prompt": _text(row[p], p, where), "response": _text(row[r], r, where)}
 
 
@@ -446,13 +453,7 @@ def split_pairs(pairs: list[dict]) -> list[dict]:
 
 
 def _unpaired_record(row: dict, where: Where) -> dict:
-    p, c = _first(row, PROMPT_KEYS), _first(row, RESPONSE_KEYS)
-    if p is None and c is None:
-        raise _unknown(row, where, UNPAIRED_FORMATS)
-    if p is None:
-        raise where.error("prompt", "missing (or give it as 'input')")
-    if c is None:
-        raise where.error("completion", "missing (or give it as 'response' or 'output')")
+    p, c = _prompt_answer_keys(row, where, UNPAIRED_FORMATS, "completion", "'response' or 'output'")
     completion = row[c]
     if isinstance(completion, list):  # TRL's conversational form: one assistant message
         msgs = _messages(completion, c, where)
