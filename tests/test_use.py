@@ -70,6 +70,23 @@ def test_stop_strings_cut_the_answer(tiny_llama, chat_tokenizer):
     assert cut.completion_tokens < ref.completion_tokens and ref.finish_reason == "length"
 
 
+def test_n_answers_per_prompt_come_prompt_by_prompt_with_their_token_ids(tiny_llama, chat_tokenizer):
+    prompts = ["Hello there.", "What is the capital of France?"]
+    groups = generate_full(tiny_llama, chat_tokenizer, prompts,
+                           Sampling(12, greedy=False, temperature=1.5, top_p=1.0, seed=5), n=3)
+    assert len(groups) == 6
+    alone = generate_full(tiny_llama, chat_tokenizer, [prompts[1]], Sampling(12, greedy=True))[0]
+    greedy_groups = generate_full(tiny_llama, chat_tokenizer, prompts, Sampling(12, greedy=True), n=2)
+    assert [g.text for g in greedy_groups[2:]] == [alone.text] * 2  # prompt 1's two answers follow prompt 0's
+    assert len({g.text for g in groups[:3]}) > 1  # sampled: the group's answers differ
+    for g in groups + greedy_groups:
+        assert len(g.token_ids) == g.completion_tokens
+        body = g.token_ids[:-1] if g.finish_reason == "stop" else g.token_ids
+        assert chat_tokenizer.decode(body, skip_special_tokens=True) == g.text
+    with pytest.raises(ValueError, match="n must be"):
+        generate_full(tiny_llama, chat_tokenizer, prompts, Sampling(4), n=0)
+
+
 # ---------------------------------------------------------------- generate
 
 

@@ -9,7 +9,7 @@ or after `max_new_tokens`.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,12 +42,16 @@ class Sampling:
 
 @dataclass
 class Generation:
-    """One answer: its text, the tokens it read and wrote, and `finish_reason` stop | length."""
+    """One answer: its text, the tokens it read and wrote, and `finish_reason` stop | length.
+
+    `token_ids` are the answer's own token ids as sampled (the end-of-turn token included where
+    one ended it; nothing after a stop string's token): what RL scores the policy's log-probs on."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
 
 
 def end_ids(model, tokenizer) -> list[int]:
@@ -109,20 +113,25 @@ def finish(tokenizer, new_ids: list[int], ends: list[int], stop, prompt_tokens: 
     body = new_ids if first_end is None else new_ids[:first_end]
     text, stopped = cut_at_stop(tokenizer.decode(body, skip_special_tokens=True), stop)
     if stopped:  # generation stopped on the string; what follows it is padding
-        return Generation(text, prompt_tokens, len(body), "stop")
+        return Generation(text, prompt_tokens, len(body), "stop", list(body))
     if first_end is not None:
-        return Generation(text, prompt_tokens, first_end + 1, "stop")
-    return Generation(text, prompt_tokens, len(new_ids), "length")
+        return Generation(text, prompt_tokens, first_end + 1, "stop", list(new_ids[: first_end + 1]))
+    return Generation(text, prompt_tokens, len(new_ids), "length", list(new_ids))
 
 
 @torch.no_grad()
 def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_size: int = 8,
-                  raw: bool = False, cancel: threading.Event | None = None) -> list[Generation]:
+                  raw: bool = False, cancel: threading.Event | None = None, n: int = 1) -> list[Generation]:
     """Answers to `prompts` (strings or message lists), generated `batch_size` at a time.
 
     Prompts are left-padded so every row's last token is its own; `raw` skips the template.
     Once `cancel` is set, generation ends at the next token (the answers then end "length").
+    `n` answers per prompt (RL's group, OpenAI's `n`) come back prompt by prompt: prompt 0's n,
+    then prompt 1's.
     """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    prompts = [p for p in prompts for _ in range(n)]
     device = next(model.parameters()).device
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
