@@ -548,6 +548,8 @@ class ServeConfig(DecodeConfig):
 
     STAGE = "SERVE"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    allowed_hosts: str = opt("", "more Host names to answer to, comma-separated (a reverse proxy's public name; "
+                             "* = any); others get a 400, against DNS rebinding", env="PICOALIGN_ALLOWED_HOSTS")
     port: int = opt(8000, "TCP port")
     name: str = opt("", "the model id the API reports (default: the model folder's name; a hub id as given)")
     api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/* (empty = no key; prefer the "

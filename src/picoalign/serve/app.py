@@ -44,6 +44,7 @@ from picoalign.serve.engine import Engine, QueueFull
 from picoalign.serve.guard import (
     ApiError,
     Guard,
+    HostNames,
     authorized,
     credentials_out_of_access_log,
     error_body,
@@ -286,7 +287,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             batcher.stop()
 
     app = FastAPI(title="picoalign", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
+                       hosts=HostNames(cfg.host, cfg.allowed_hosts))
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, server_error)  # what slips through: a JSON 500, not plain text
