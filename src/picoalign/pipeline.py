@@ -27,12 +27,14 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
 
 from picoalign import config as C
 from picoalign.io import atomic_write_text, read_json, write_json
+from picoalign.lock import FolderBusy, folder_lock, output_folder
 from picoalign.models.builtin import BuiltinUnavailable
 from picoalign.stages import STAGES, Stage, check_run_stages, run_order, run_sections
 
@@ -136,7 +138,12 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
     for stage in chosen:  # before any work: what one stage lacks stops the run now
         if stage.run.check:
             stage.run.check(configs.get(stage.name))
-    root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(root, "run"):  # a second `run` of this tag is refused before it writes anything
+        _run_locked(root, configs, chosen)
+    return root
+
+
+def _run_locked(root: Path, configs: dict, chosen: list[Stage]) -> None:
     resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in run_sections()}}
     atomic_write_text(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     with open(root / "output.log", "a", encoding="utf-8") as file:
@@ -152,14 +159,13 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
             sys.stdout, sys.stderr = out, err
             for log in logs:
                 log.close()
-    return root
 
 
 def _timed(root: Path, stage: str, fn) -> None:
     t0 = time.time()
     try:
         did = fn()
-    except StageFailed:
+    except (StageFailed, FolderBusy):
         raise
     except Exception as e:  # noqa: BLE001 - a core stage failure stops the run, with where to look
         traceback.print_exc()
@@ -185,8 +191,12 @@ def run_stage(stage: Stage, configs: dict) -> bool:
         from picoalign.train.loop import resumable
 
         cfg.resume = resumable(Path(cfg.out)) is not None  # last/, or the last.old/ a crash mid-swap leaves
+    folder = output_folder(stage.name, cfg)
     try:
-        result = stage.function(rules.call)(cfg if stage.config else root)
+        with folder_lock(folder, stage.name) if folder else nullcontext():  # against `picoalign sft --out` beside
+            result = stage.function(rules.call)(cfg if stage.config else root)
+    except FolderBusy:
+        raise
     except Exception as e:  # noqa: BLE001 - an optional stage (the report) warns and keeps the run
         if not rules.optional:
             raise
@@ -217,7 +227,7 @@ def main(argv: list[str]) -> int:
     except C.ConfigError as e:
         print(f"picoalign run: config error: {e}", file=sys.stderr)
         return 2
-    except (StageFailed, BuiltinUnavailable) as e:
+    except (StageFailed, BuiltinUnavailable, FolderBusy) as e:
         print(f"picoalign run: {e}", file=sys.stderr)
         return 1
     return 0
