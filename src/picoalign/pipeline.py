@@ -19,6 +19,7 @@ stage stops it with the reason and the path of the log.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -108,6 +109,10 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     """The run config and each stage's config, with the run's paths forced into them."""
     tree = overrides if isinstance(overrides, Mapping) else C.parse_overrides(overrides)
     sections = run_sections()
+    known = set(sections) | {"run"} | {f.name for f in dataclasses.fields(C.RunConfig)}
+    for key in tree:  # `--set sftt.lr=1` names no section: refused here, not read as a run setting
+        if key not in known:
+            raise C.ConfigError(f"unknown section or setting {key}{C.did_you_mean(key, known)}")
     own = {k: v for k, v in tree.items() if k not in sections and k != "run"}
     own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
     run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
