@@ -823,21 +823,24 @@ def load_config(
     return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
-# `scheme://user:password@host`: the userinfo is a credential wherever a URL is shown or kept.
-URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s]*@", re.IGNORECASE)
-
-
 def strip_userinfo(text: str) -> str:
     """`text` with the user:password part of every URL in it replaced by ***."""
-    return URL_USERINFO.sub(r"\1***@", text)
+    from picoalign.scrub import MASK, URL_USERINFO
+
+    return URL_USERINFO.sub(rf"\1{MASK}@", text)
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config as plain data, without its secret fields nor the passwords of its URLs."""
+    """The config as plain data, without its secret fields, and its strings through the secret
+    scrubber (picoalign/scrub.py: URL passwords, credential query values, configured keys)."""
+    from picoalign.scrub import scrub
+
+    hidden = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("secret")]
+
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return to_dict(v)
-        return strip_userinfo(v) if isinstance(v, str) else copy.deepcopy(v)
+        return scrub(v, also=hidden) if isinstance(v, str) else copy.deepcopy(v)
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
 

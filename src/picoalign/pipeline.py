@@ -37,6 +37,7 @@ from picoalign import config as C
 from picoalign.io import atomic_write_text, read_json, write_json
 from picoalign.lock import FolderBusy, folder_lock, output_folder
 from picoalign.models.builtin import BuiltinUnavailable
+from picoalign.scrub import scrub
 from picoalign.stages import STAGES, Stage, check_run_stages, run_order, run_sections
 
 
@@ -93,7 +94,7 @@ class LogLines:
                 self.pending += part
 
     def _emit(self, line: str) -> None:
-        self.file.write(line.rstrip() + "\n")
+        self.file.write(scrub(line.rstrip()) + "\n")  # what the terminal shows, without secrets
         self.file.flush()
 
     def flush(self) -> None:

@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 from picoalign.config import ServeConfig
 from picoalign.generation.batched import Generation, Sampling
 from picoalign.generation.continuous import Batcher, Job, Wants
+from picoalign.scrub import register
 from picoalign.serve.engine import Engine, QueueFull
 from picoalign.serve.guard import (
     ApiError,
@@ -269,6 +270,7 @@ def public_name(model: str) -> str:
 
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI app; the model loads when the app starts (its lifespan), not here."""
+    register(cfg.api_key)  # whatever this process writes, the key stays out (picoalign/scrub.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -7,15 +7,16 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-import re
 import socket
 from contextlib import contextmanager
-from urllib.parse import quote, unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from picoalign.scrub import scrub
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -187,24 +188,11 @@ class Guard:
 
 # ---------------------------------------------------------------- the access log
 
-# Query parameters that clients use for credentials (`?api_key=`, `?token=`, ...).
-CREDENTIAL_PARAM = re.compile(r"(api[-_]?key|key|token|access[-_]?token|auth|authorization|password|secret)",
-                              re.IGNORECASE)
-
-
 def hide_credentials(path: str, api_key: str = "") -> str:
-    """`path?query` with the values of credential parameters, and any parameter holding the
-    server's own key, replaced by ***."""
-    base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    keys = {api_key, quote(api_key, safe="")} - {""}
-    parts = []
-    for part in query.split("&"):
-        name, eq, value = part.partition("=")
-        secret = CREDENTIAL_PARAM.fullmatch(unquote_plus(name)) or any(k in value for k in keys)
-        parts.append(f"{name}{eq}***" if eq and secret else part)
-    return f"{base}?{'&'.join(parts)}"
+    """`path?query` through the secret scrubber (picoalign/scrub.py): the values of credential
+    parameters (`?api_key=`, `?token=`, ...) and the server's own key however it is encoded
+    (plain, percent-encoded, in part or whole) become ***."""
+    return scrub(path, also=[api_key])
 
 
 class AccessLogCredentials(logging.Filter):
