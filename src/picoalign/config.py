@@ -181,6 +181,8 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = no limit)", env="{STAGE}_MAX_STEPS")
     epochs: float = opt(1.0, "stop after this many passes over the data", env="{STAGE}_EPOCHS")
     max_seconds: float = opt(0.0, "stop after this much wall-clock time (0 = no limit)", env="{STAGE}_MAX_SECONDS")
+    min_steps: int = opt(1, "fewest optimiser steps a run must make: with fewer (its budgets ran out "
+                         "first) the stage fails and its output is not marked complete (0 = accept any)")
     eval_every: int = opt(0, "validate every N steps (0 = only at the end)")
     eval_batches: int = opt(0, "validation micro-batches per eval (0 = all)")
     early_stop: int = opt(0, "stop after K evals without improvement (0 = off)")
@@ -212,6 +214,9 @@ class TrainConfig:
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
+        if self.min_steps < 0 or (0 < self.max_steps < self.min_steps):
+            raise ConfigError(f"min_steps must be >= 0 and at most max_steps; got min_steps={self.min_steps}, "
+                              f"max_steps={self.max_steps}")
 
 
 @dataclass
