@@ -73,11 +73,10 @@ def check_device(value: str) -> None:
 
 # Each numeric setting's range, by name, whatever config it is in; checked when the config is built,
 # before any data or model is read, with the setting's name in the message. Floats must be finite.
-POSITIVE = ("lr", "beta", "alpha", "llm_timeout", "tolerance", "repetition_penalty", "desirable_weight",
-            "undesirable_weight")
+# (DPOConfig checks its method weights itself: label_smoothing, sft_weight, simpo_gamma, ...)
+POSITIVE = ("lr", "beta", "alpha", "llm_timeout", "tolerance", "repetition_penalty")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_seconds", "epochs", "max_steps", "warmup_steps",
-                "eval_every", "eval_batches", "early_stop", "save_every", "sft_weight", "simpo_gamma",
-                "label_smoothing", "llm_temperature", "llm_retry_base_seconds", "llm_max_output_tokens",
+                "eval_every", "eval_batches", "early_stop", "save_every", "llm_temperature", "llm_retry_base_seconds", "llm_max_output_tokens",
                 "llm_max_calls", "llm_max_total_tokens", "llm_max_consec_fails", "temperature", "dropout",
                 "context_tokens", "min_confidence")
 LENGTHS = ("max_length", "max_new_tokens", "max_tokens", "context_tokens", "r", "log_every")
