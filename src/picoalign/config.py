@@ -69,6 +69,77 @@ def check_device(value: str) -> None:
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
 
 
+# ---------------------------------------------------------------- numbers checked at load
+
+# Each numeric setting's range, by name, whatever config it is in; checked when the config is built,
+# before any data or model is read, with the setting's name in the message. Floats must be finite.
+# (DPOConfig checks its method weights itself: label_smoothing, sft_weight, simpo_gamma, ...)
+POSITIVE = ("lr", "beta", "alpha", "llm_timeout", "tolerance", "repetition_penalty")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_seconds", "epochs", "max_steps", "warmup_steps",
+                "eval_every", "eval_batches", "early_stop", "save_every", "llm_temperature", "llm_retry_base_seconds", "llm_max_output_tokens",
+                "llm_max_calls", "llm_max_total_tokens", "llm_max_consec_fails", "temperature", "dropout",
+                "context_tokens", "min_confidence")
+LENGTHS = ("max_length", "max_new_tokens", "max_tokens", "context_tokens", "r", "log_every")
+# No model this tool trains has a context of a million tokens: a larger length is a typo (1e9).
+MAX_TOKENS = 1 << 20
+BUILTIN_CONTEXT = 8192  # SmolLM2-135M-Instruct's max_position_embeddings
+
+
+def check_numbers(cfg: Any) -> None:
+    """Refuse a number outside its setting's range (the tables above), naming the setting."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if f.name in POSITIVE and value <= 0:
+            raise ConfigError(f"{f.name} must be > 0, got {value}")
+        if f.name in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{f.name} must be >= 0, got {value}")
+        low = 0 if f.name == "context_tokens" else 1  # 0 = the model's own context
+        if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
+            raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
+
+
+def model_context(model: str) -> int | None:
+    """The context length of `model` where its config is cheap to read (a local folder's
+    config.json, a LoRA adapter's base, the built-in model); None where it is not."""
+    if model == BUILTIN_MODEL:
+        return BUILTIN_CONTEXT
+    import json
+
+    folder = Path(model)
+    for _ in range(3):  # an adapter names its base, which may be an adapter too
+        try:
+            if (folder / "config.json").is_file():
+                conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                for key in ("max_position_embeddings", "n_positions", "max_seq_len", "max_length"):
+                    if isinstance(conf.get(key), int) and conf[key] > 0:
+                        return conf[key]
+                return None
+            if not (folder / "adapter_config.json").is_file():
+                return None
+            base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        base_name = str(base.get("base_model_name_or_path") or "")
+        if base_name == BUILTIN_MODEL:
+            return BUILTIN_CONTEXT
+        folder = Path(base_name) if Path(base_name).is_absolute() else folder.parent / base_name
+        if not folder.exists():
+            folder = Path(base_name)
+    return None
+
+
+def check_length(name: str, value: int, model: str) -> None:
+    """`max_length` within the model's context (when it can be read without loading the model)."""
+    context = model_context(model) if model else None
+    if context is not None and value > context:
+        raise ConfigError(f"{name}={value} is longer than the context of {model} ({context} tokens); "
+                          f"set {name} <= {context}")
+
+
 def opt(default: Any, help: str, env: str | None = None, secret: bool = False, bare: Any = None) -> Any:
     """A config field with its help text and optional environment variable.
 
@@ -131,6 +202,7 @@ class DataConfig:
     deid: bool = opt(False, "replace names, emails, phone numbers... with placeholders (Presidio)")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         one_of("llm_fallback", self.llm_fallback, ("template", "stop"))
         if min(self.llm_batch_size, self.llm_concurrency) < 1 or self.llm_max_retries < 0:
             raise ConfigError("llm_batch_size and llm_concurrency must be >= 1, llm_max_retries >= 0")
@@ -154,6 +226,11 @@ class LoraConfig:
     alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     dropout: float = opt(0.0, "LoRA dropout")
     target_modules: str = opt("all-linear", "modules to adapt: all-linear or a comma-separated list")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        if self.dropout >= 1:
+            raise ConfigError(f"lora.dropout must be < 1, got {self.dropout}")
 
 
 @dataclass
@@ -204,6 +281,7 @@ class TrainConfig:
                         "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # lr > 0, budgets >= 0, lengths sane, ... (before any data or model is read)
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
         if self.threads < 0:
@@ -217,6 +295,8 @@ class TrainConfig:
         if self.min_steps < 0 or (0 < self.max_steps < self.min_steps):
             raise ConfigError(f"min_steps must be >= 0 and at most max_steps; got min_steps={self.min_steps}, "
                               f"max_steps={self.max_steps}")
+        if not self.model.startswith("pico:"):
+            check_length("max_length", self.max_length, self.model)
 
 
 @dataclass
@@ -310,6 +390,7 @@ class EvalConfig:
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         for task in (t.strip() for t in self.lm_eval.split(",")):
             if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
                 raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")
@@ -362,6 +443,7 @@ class FrontierConfig:
     seed: int = opt(1234, "random seed", env="SEED")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not self.run:
             raise ConfigError("run is required: the run folder whose SFT checkpoint the points start from")
         if not parse_floats(self.betas, "betas", positive=True):
@@ -500,6 +582,7 @@ class DecodeConfig:
     seed: int = opt(1234, "random seed for sampling", env="SEED")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_dtype(self.dtype)
         check_device(self.device)
         if self.max_new_tokens < 1:
