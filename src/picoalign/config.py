@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -553,6 +554,8 @@ class ServeConfig(DecodeConfig):
 
     STAGE = "SERVE"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    allowed_hosts: str = opt("", "more Host names to answer to, comma-separated (a reverse proxy's public name; "
+                             "* = any); others get a 400, against DNS rebinding", env="PICOALIGN_ALLOWED_HOSTS")
     port: int = opt(8000, "TCP port")
     name: str = opt("", "the model id the API reports (default: the model folder's name; a hub id as given)")
     api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/* (empty = no key; prefer the "
@@ -651,11 +654,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """`; did you mean <prefix>lr? (known: ...)`: the closest known name (difflib), then all of them."""
+    known = sorted(set(known))
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    return f"{hint} (known: {', '.join(known)})"
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]}{did_you_mean(unknown[0], names, prefix)}")
     kwargs = {k: _coerce(v, _field_type(cls, k), prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -679,6 +690,48 @@ def parse_overrides(pairs: Iterable[str]) -> dict:
         key, raw = pair.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return tree
+
+
+# Environment variables read outside the configs; with the configs' own, the known names of the
+# prefixes `check_environment` owns.
+OTHER_ENV = ("PICOALIGN_CACHE",)
+
+
+def known_environment() -> set[str]:
+    """Every environment variable a config reads, for every stage ({STAGE} filled in)."""
+    from picoalign.stages import STAGES
+
+    classes = {s.config for s in STAGES.values() if s.config} | {RunConfig}
+    names: set[str] = set(OTHER_ENV)
+
+    def walk(cls: type, stage: str) -> None:
+        for f in dataclasses.fields(cls):
+            typ = _field_type(cls, f.name)
+            if dataclasses.is_dataclass(typ):
+                walk(typ, stage)
+            elif f.metadata.get("env"):
+                names.add(f.metadata["env"].format(STAGE=stage))
+
+    for cls in classes:
+        walk(cls, getattr(cls, "STAGE", ""))
+    return names
+
+
+def check_environment(cls: type, environ: Mapping[str, str]) -> None:
+    """Refuse a misspelt variable in picoalign's own namespaces: PICOALIGN_*, and a training
+    stage's `{STAGE}_*` (`SFT_MAX_SECOND=60` would otherwise train without a time limit)."""
+    prefixes = ["PICOALIGN_"]
+    stage = getattr(cls, "STAGE", "")
+    if any("{STAGE}" in (f.metadata.get("env") or "") for f in dataclasses.fields(cls)):
+        prefixes.append(f"{stage}_")
+    ours = [k for k in environ if k.startswith(tuple(prefixes))]
+    if not ours:
+        return
+    known = known_environment()
+    for name in sorted(ours):
+        if name not in known:
+            mine = [k for k in known if k.startswith(tuple(prefixes))]
+            raise ConfigError(f"environment variable {name} is not a setting{did_you_mean(name, mine)}")
 
 
 def env_overrides(cls: type, environ: Mapping[str, str], stage: str | None = None) -> dict:
@@ -720,6 +773,24 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def section_names() -> set[str]:
+    """The sections a YAML file may have: `run` and every stage with a config."""
+    from picoalign.stages import STAGES
+
+    return {"run"} | {name for name, s in STAGES.items() if s.config}
+
+
+def check_sections(data: Mapping, cls: type, path: str | Path, section: str) -> None:
+    """Refuse a top-level key of a (run) file that is no section and no setting: a misspelt
+    `sftt:` used to be skipped, and the stage trained on its defaults."""
+    known = section_names() | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown section or setting {key!r}{did_you_mean(str(key), known)}")
+    if section in data and not isinstance(data[section], Mapping):
+        raise ConfigError(f"{path}: section {section!r} must be a mapping of settings, got {data[section]!r}")
+
+
 def load_config(
     cls: type,
     path: str | Path | None = None,
@@ -738,6 +809,7 @@ def load_config(
     if path:
         data = read_yaml(path)
         if section:
+            check_sections(data, cls, path, section)
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
             shared = {
@@ -748,27 +820,32 @@ def load_config(
             own = data.get(section) if isinstance(data.get(section), dict) else {}
             data = deep_merge(shared, own)
         tree = deep_merge(tree, data)
-    tree = deep_merge(tree, env_overrides(cls, os.environ if environ is None else environ))
+    environ = os.environ if environ is None else environ
+    check_environment(cls, environ)
+    tree = deep_merge(tree, env_overrides(cls, environ))
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     tree = deep_merge(tree, extra)
     return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
-# `scheme://user:password@host`: the userinfo is a credential wherever a URL is shown or kept.
-URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s]*@", re.IGNORECASE)
-
-
 def strip_userinfo(text: str) -> str:
     """`text` with the user:password part of every URL in it replaced by ***."""
-    return URL_USERINFO.sub(r"\1***@", text)
+    from picoalign.scrub import MASK, URL_USERINFO
+
+    return URL_USERINFO.sub(rf"\1{MASK}@", text)
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config as plain data, without its secret fields nor the passwords of its URLs."""
+    """The config as plain data, without its secret fields, and its strings through the secret
+    scrubber (picoalign/scrub.py: URL passwords, credential query values, configured keys)."""
+    from picoalign.scrub import scrub
+
+    hidden = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("secret")]
+
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return to_dict(v)
-        return strip_userinfo(v) if isinstance(v, str) else copy.deepcopy(v)
+        return scrub(v, also=hidden) if isinstance(v, str) else copy.deepcopy(v)
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
 
