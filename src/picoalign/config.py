@@ -187,6 +187,9 @@ class DataConfig:
                               env="LLM_JSON_MODE")
     llm_fallback: str = opt("template", "a failed request: template (fill its rows from the templates) | "
                             "stop (no more requests; keep the rows made)", env="LLM_FALLBACK")
+    llm_required: bool = opt(True, "with an LLM provider, a data set without a single row from the LLM (an "
+                             "endpoint that does not answer) fails the stage and writes nothing; false: write the "
+                             "template rows in its place", env="LLM_REQUIRED")
     llm_max_consec_fails: int = opt(3, "stop calling after this many failed requests in a row (0 = never)",
                                     env="LLM_MAX_CONSEC_FAILS")
     llm_max_calls: int = opt(0, "budget: HTTP requests, retries and health check included (0 = no limit)",

@@ -241,6 +241,7 @@ def data(run: Run, t: dict, images: set[str]) -> str:
         version=plain(meta.get("generator_version")), seed=plain(meta.get("seed")),
         seconds=fmt_seconds(meta.get("seconds")), created=plain(meta.get("created")),
     ), ""]
+    out += _rows_from(meta, t)
     rows = [[t[split]] + [_count_cell(run, f"{kind}_{split}", t) for kind in ("sft", "dpo")] for split in SPLITS]
     out.append(table([t["split"], t["sft_rows"], t["dpo_pairs"]], rows))
     pair = _first_row(run.dir / "data" / "dpo_train.jsonl")
@@ -249,6 +250,18 @@ def data(run: Run, t: dict, images: set[str]) -> str:
         for key, limit in (("prompt", CLIP_PROMPT), ("chosen", 300), ("rejected", 300)):
             out += [f"**{t[key]}**", "", fence(clip(pair[key], limit, t)), ""]
     return "\n".join(out).rstrip()
+
+
+def _rows_from(meta: dict, t: dict) -> list[str]:
+    """Where an LLM was asked: how many rows it wrote and how many the templates filled in."""
+    r = meta.get("rows_from")
+    if not isinstance(r, dict) or not r.get("llm_asked"):
+        return []
+    missing = t["rows_missing"].format(n=_n(r.get("missing"))) if num(r.get("missing")) else ""
+    out = [t["rows_from"].format(llm=_n(r.get("llm")), template=_n(r.get("template")), missing=missing), ""]
+    if num(r.get("template")) or num(r.get("missing")):
+        out += [t["rows_fallback_warn"], ""]
+    return out
 
 
 def _count_cell(run: Run, name: str, t: dict) -> str:
