@@ -68,6 +68,16 @@ def check_device(value: str) -> None:
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
 
 
+def check_columns(text: str) -> None:
+    """A `columns` mapping that parses (data/formats.py:parse_columns), refused at load otherwise."""
+    from picoalign.data.formats import DataError, parse_columns
+
+    try:
+        parse_columns(text)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def opt(default: Any, help: str, env: str | None = None, secret: bool = False, bare: Any = None) -> Any:
     """A config field with its help text and optional environment variable.
 
@@ -160,7 +170,9 @@ class TrainConfig:
     """Settings every training stage shares: model, optimiser, budgets, eval, checkpoints."""
 
     STAGE = "TRAIN"
-    data: str = opt("data", "folder made by `picoalign data`")
+    data: str = opt("data", "folder made by `picoalign data`, or one source for training: a .jsonl/.json/.csv/"
+                    ".parquet/.arrow file, a parquet or save_to_disk folder, or hf:OWNER/NAME:SPLIT")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
     model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
     logs: str = opt("", "folder for the logs (empty = <out>/logs)")
@@ -211,6 +223,7 @@ class TrainConfig:
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
+        check_columns(self.columns)
 
 
 @dataclass
@@ -273,7 +286,9 @@ class EvalConfig:
 
     STAGE = "EVAL"
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
-    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data)")
+    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
+                    "(a file, a parquet or save_to_disk folder, hf:OWNER/NAME:SPLIT)")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
     models: str = opt("", "name=PATH,... to evaluate instead of a run's checkpoints")
     reference: str = opt("", "reference model for DPO rewards (default: the run's SFT model)")
     out: str = opt("", "where metrics.json and samples.jsonl go (default: the run folder)")
@@ -304,6 +319,7 @@ class EvalConfig:
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
 
     def __post_init__(self) -> None:
+        check_columns(self.columns)
         for task in (t.strip() for t in self.lm_eval.split(",")):
             if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
                 raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")

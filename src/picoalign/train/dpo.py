@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from picoalign.config import REFERENCE_FREE, DPOConfig
-from picoalign.data.formats import read_preferences
+from picoalign.data.formats import parse_columns, read_preferences
+from picoalign.data.sources import data_split
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
@@ -103,10 +104,10 @@ def batch_key(batch: PackedBatch) -> str:
 def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     """(train, val) pairs above `min_confidence`, read and checked (a bad row raises file:line)
     before a model loads."""
-    data = Path(cfg.data)
-    train = read_preferences(data / cfg.train_file, min_confidence=cfg.min_confidence)
-    val_path = data / cfg.val_file
-    val = read_preferences(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+    columns = parse_columns(cfg.columns)
+    train = read_preferences(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
+    val_path = data_split(cfg.data, cfg.val_file, main=False)
+    val = read_preferences(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
     return train, val
 
 
