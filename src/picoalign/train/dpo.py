@@ -33,6 +33,7 @@ from picoalign.data.formats import parse_columns, read_preferences
 from picoalign.data.sources import data_split
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
+from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
 from picoalign.train.loop import autocast_for, batches_used, fit
 from picoalign.train.losses import (
@@ -114,6 +115,7 @@ def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
 class DPOTask:
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.loss_fn = DPO_LOSSES.get(cfg.loss)  # None for orpo / simpo: `reference_free_loss` instead
         self.normalise = cfg.loss == "ipo"
