@@ -179,3 +179,19 @@ def test_stages_read_a_single_source_with_columns(tmp_path):
     assert sft_rows == [] and [p["rejected"] for p in pairs["test"]] == ["B1", "B2"]
     with pytest.raises(ConfigError, match="'answer' is not a field we read"):
         DPOConfig(data=str(path), columns="answer=good", max_steps=1)
+
+
+def test_run_takes_sft_model_and_a_source_per_stage(tmp_path):
+    """`picoalign run --set sft.model=X` names the run's base model (the run would otherwise force
+    its own over it), and a stage's train_file may be a parquet file or a hub id."""
+    from picoalign.pipeline import resolve_configs
+    from picoalign.stages import STAGES, _no_training_rows
+
+    path = write_parquet(tmp_path / "own.parquet", {"q": ["Q"], "a": ["A"]})
+    configs = resolve_configs(None, ["sft.model=/models/gemma.gguf", f"sft.train_file={path}",
+                                     "sft.columns=prompt=q,response=a", "dpo.train_file=hf:o/n:train",
+                                     f"run.runs_dir={tmp_path}"], environ={})
+    assert configs["run"].model == configs["sft"].model == "/models/gemma.gguf"
+    assert read_sft(path, columns=parse_columns(configs["sft"].columns))[0]["response"] == "A"
+    assert STAGES["sft"].run.blocked(configs["sft"], configs["root"]) is None  # a source is not an empty file
+    assert _no_training_rows(configs["dpo"], configs["root"]) is None  # a hub id: read by the stage itself
