@@ -126,3 +126,16 @@ def test_sft_rows_step_aside_too():
     first = reference(model, [(PROMPT[:4], CHOSEN[:3]), (PROMPT[:4] + CHOSEN[:3] + PROMPT[4:], REJECTED)])
     second = reference(model, [(PROMPT, CHOSEN)])
     torch.testing.assert_close(ours, torch.cat([first, second]), rtol=1e-5, atol=1e-5)
+
+
+def test_pairs_are_scored_unshared_where_the_model_needs_its_own_attention(capsys):
+    from picoalign.config import DPOConfig
+    from picoalign.train.attention import fit_prefix_sharing, shared_prefix_why_not
+
+    cfg = DPOConfig(max_length=32, max_steps=1)
+    assert shared_prefix_why_not(tiny_gemma3(window=64), 32) is None
+    assert fit_prefix_sharing(tiny_gemma3(window=64), cfg) is cfg
+    short = tiny_gemma3(window=40)  # rows of one answer fit (32), shared rows (up to 64) do not
+    assert shared_prefix_why_not(short, 32) == "its sliding window (40 tokens) is shorter than the rows (64)"
+    assert fit_prefix_sharing(short, cfg).prefix_sharing is False
+    assert "prefix_sharing off" in capsys.readouterr().out

@@ -33,6 +33,7 @@ from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
 from picoalign.generation.batched import generate
 from picoalign.io import read_json, write_json, write_jsonl
 from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
+from picoalign.train.attention import shared_prefix_why_not
 from picoalign.train.batching import pair_batches, render_prompt, sft_batches
 from picoalign.train.loop import autocast_for
 from picoalign.train.scoring import mean_response_nll, pair_logps
@@ -180,7 +181,8 @@ class Evaluator:
         """Preference accuracy and margin on one split, in one unit for every model: log pi(chosen) -
         log pi(rejected) in nats (and per answer token); for DPO also its implicit reward margin
         beta * (that - the reference's), which is a different quantity and gets its own keys."""
-        batches = pair_batches(tokenizer, pairs, self.cfg, sort=False)
+        share = not shared_prefix_why_not(model, self.cfg.max_length)  # Gemma 3's window, say
+        batches = pair_batches(tokenizer, pairs, self.cfg, share, sort=False)
         chosen, rejected = pair_logps(model, batches, self.device)
         counts = torch.cat([b.token_counts() for b in batches]).float()
         diff = (chosen - rejected).tolist()

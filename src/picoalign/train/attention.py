@@ -213,10 +213,16 @@ def own_attention_needed(config, length: int) -> str | None:
     return None
 
 
+def shared_prefix_why_not(model, max_length: int) -> str | None:
+    """Why `model` cannot score pairs as shared-prefix rows (up to 2 x max_length tokens: the
+    prompt and both answers): it needs its own attention there, whose masks cannot keep the two
+    answers apart. None when it can."""
+    return own_attention_needed(getattr(unwrapped(model), "config", None), 2 * max_length)
+
+
 def fit_prefix_sharing(model, cfg):
-    """`cfg` with prefix_sharing off when the model needs its own attention on shared rows (up to
-    2 x max_length: prompt and both answers), which cannot keep the two answers apart."""
-    why = own_attention_needed(getattr(unwrapped(model), "config", None), 2 * cfg.max_length)
+    """`cfg` with prefix_sharing off where `shared_prefix_why_not` says so."""
+    why = shared_prefix_why_not(model, cfg.max_length)
     if not (cfg.prefix_sharing and why):
         return cfg
     print(f"dpo: prefix_sharing off: the model needs its own attention ({why})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from picoalign.config import SFTConfig
 from picoalign.data.formats import parse_columns, read_preferences, read_sft
 from picoalign.data.sources import data_split
+from picoalign.train.attention import shared_prefix_why_not
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches, sft_batches
 from picoalign.train.loop import fit
 from picoalign.train.losses import masked_lm_loss
@@ -52,7 +53,7 @@ class SFTTask:
         self.train = sft_batches(tokenizer, rows.train, cfg)
         val = sft_batches(tokenizer, rows.val, cfg)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
-        self.monitor = pair_batches(tokenizer, rows.monitor, cfg)
+        self.monitor = pair_batches(tokenizer, rows.monitor, cfg, not shared_prefix_why_not(model, cfg.max_length))
         truncated = sum(b.n_truncated for b in self.train)
         print(f"sft: {sum(b.n_seqs for b in self.train)} training examples in {len(self.train)} batches "
               f"({truncated} truncated at max_length={cfg.max_length}), {len(self.val)} val batches")
