@@ -267,6 +267,88 @@ class DPOConfig(TrainConfig):
                               "examples of the batch (with one, it is the example's own reward)")
 
 
+# Online RL (`picoalign rl`, train/rl.py): the methods and GRPO's options, as TRL 1.16 names them.
+RL_METHODS = ("grpo", "rloo", "online-dpo")
+RL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+RL_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """`picoalign rl`: online RL (GRPO, RLOO, online DPO) on the model's own samples, scored by rewards."""
+
+    STAGE = "RL"
+    model: str = opt("checkpoints/sft", "the checkpoint to start from (normally the run's SFT model)")
+    out: str = opt("checkpoints/rl", "folder for the RL checkpoint; logs go to <out>/logs/")
+    method: str = opt("grpo", " | ".join(RL_METHODS))
+    prompts: str = opt("arith", "arith (the built-in arithmetic word problems) or a .jsonl/.csv file of rows with "
+                       "`prompt` (relative to --data); the rows' other fields reach the rewards as columns")
+    n_prompts: int = opt(256, "training prompts (arith: how many to draw; a file: the first N, 0 = all)")
+    val_prompts: int = opt(16, "held-out prompts scored greedily at each eval (arith: the test split; a file: "
+                           "its first N rows, kept out of training)")
+    rewards: str = opt("arith", "comma list: arith | spec | darkness | fluency | llm-judge | random | "
+                       "module:function (TRL's signature f(prompts, completions, **columns))")
+    reward_weights: str = opt("", "comma list, one weight per reward (empty: 1 each)")
+    num_generations: int = opt(4, "G: completions sampled per prompt (a group)")
+    batch_size: int = opt(4, "prompts per micro-batch (each with its G completions)")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)")
+    top_k: int = opt(0, "top-k sampling of the rollouts (0 = off)")
+    max_completion_length: int = opt(64, "tokens sampled at most per completion")
+    mask_truncated_completions: bool = opt(False, "leave completions cut at max_completion_length out of the loss")
+    num_iterations: int = opt(1, "optimiser steps per rollout (> 1: the clipped ratio to the old log-probs acts)")
+    loss_type: str = opt("dapo", "GRPO's normalisation: " + " | ".join(RL_LOSS_TYPES) + " (TRL's default dapo)")
+    scale_rewards: str = opt("group", "GRPO: divide advantages by the std of the " + " | ".join(RL_SCALE_REWARDS))
+    normalize_advantages: bool = opt(False, "RLOO: normalise the advantages over the batch")
+    epsilon: float = opt(0.2, "clipping: ratio kept within [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float = opt(0.0, "upper clipping bound (0 = epsilon; DAPO uses 0.28)")
+    beta: float = opt(0.0, "KL weight to the starting model (GRPO/RLOO; TRL's default 0); online-dpo: DPO's β")
+    lr: float = opt(5e-5, "peak learning rate")
+    warmup_steps: int = opt(2, "linear warmup steps")
+    max_length: int = opt(1024, "not used by rl (prompt + completion lengths are set by the prompts and "
+                          "max_completion_length)")
+    generate_batch_size: int = opt(0, "rows sampled together (0 = a micro-batch's prompts x G at once)")
+    sample_every: int = opt(5, "write prompts, completions and rewards of every Nth rollout to "
+                            "<logs>/rl_samples.jsonl (0 = never)")
+    sample_prompts: int = opt(2, "prompts (each with its G completions) written per sample")
+    fluency_model: str = opt("", "fluency reward: the frozen model that scores (empty: the base model)")
+    fluency_repetition_weight: float = opt(1.0, "fluency reward: penalty per unit share of repeated 3-grams")
+    llm_provider: str = opt("auto", "llm-judge reward: provider or MODEL@PROVIDER (as `picoalign data`)")
+    llm_model: str = opt("", "llm-judge reward: model (empty: the provider's default)")
+    llm_base_url: str = opt("", "llm-judge reward: base URL (empty: from the environment)")
+    llm_max_calls: int = opt(0, "llm-judge reward: budget of HTTP requests (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "llm-judge reward: budget of tokens (0 = no limit)", env="LLM_MAX_TOTAL_TOKENS")
+    llm_max_retries: int = opt(5, "llm-judge reward: retries of a request", env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(60.0, "llm-judge reward: seconds one request may take", env="LLM_TIMEOUT")
+    judge_criteria: str = opt(JUDGE_CRITERIA, "llm-judge reward: what it grades")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from picoalign.rewards import RewardError, parse_names
+
+        one_of("method", self.method, RL_METHODS)
+        one_of("loss_type", self.loss_type, RL_LOSS_TYPES)
+        one_of("scale_rewards", self.scale_rewards, RL_SCALE_REWARDS)
+        try:
+            parse_names(self.rewards, self.reward_weights)
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 for method={self.method} (advantages and pairs "
+                              f"compare the completions of one prompt); got {self.num_generations}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("rollouts sample: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+        if self.max_completion_length < 1 or self.num_iterations < 1:
+            raise ConfigError("max_completion_length and num_iterations must be >= 1")
+        if self.epsilon < 0 or self.epsilon_high < 0 or self.beta < 0:
+            raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
+        if self.method == "online-dpo" and self.beta <= 0:
+            raise ConfigError("method=online-dpo needs beta > 0 (the DPO loss's β; 0.1 is usual)")
+        for name in ("n_prompts", "val_prompts", "sample_every", "sample_prompts", "generate_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass
 class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
