@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
