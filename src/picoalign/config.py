@@ -303,6 +303,8 @@ class RLConfig(TrainConfig):
     epsilon: float = opt(0.2, "clipping: ratio kept within [1 - epsilon, 1 + epsilon_high]")
     epsilon_high: float = opt(0.0, "upper clipping bound (0 = epsilon; DAPO uses 0.28)")
     beta: float = opt(0.0, "KL weight to the starting model (GRPO/RLOO; TRL's default 0); online-dpo: DPO's β")
+    bias_correction_kl: bool = opt(True, "GRPO with beta > 0: weight the KL term by the ratio to the rollout's "
+                                   "policy (TRL's use_bias_correction_kl, default on)")
     lr: float = opt(5e-5, "peak learning rate")
     warmup_steps: int = opt(2, "linear warmup steps")
     max_length: int = opt(1024, "not used by rl (prompt + completion lengths are set by the prompts and "

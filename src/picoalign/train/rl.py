@@ -291,7 +291,8 @@ class RLTask:
         return L.grpo_loss(logps, r.advantages, r.mask, old_logps=r.old_logps, ref_logps=r.ref_logps,
                            loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,
                            epsilon_high=cfg.epsilon_high or cfg.epsilon, beta=cfg.beta,
-                           max_completion_length=cfg.max_completion_length)
+                           max_completion_length=cfg.max_completion_length,
+                           bias_correction_kl=cfg.bias_correction_kl)
 
     def _rloo(self, r: Rollout, logps: torch.Tensor):
         cfg = self.cfg

@@ -93,8 +93,13 @@ def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
               loss_type: str = "dapo", epsilon_low: float = 0.2, epsilon_high: float = 0.2,
               beta: float = 0.0, max_completion_length: int | None = None,
-              num_items: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              num_items: float | None = None, bias_correction_kl: bool = True,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's clipped surrogate (+ β·KL): (loss, TRL's stats: kl, clip_ratio/*).
+
+    `bias_correction_kl` (TRL 1.16's default `use_bias_correction_kl`): the KL term is multiplied
+    by the ratio ρ_t (with its gradient), which makes its gradient the unbiased reverse-KL one
+    (DeepSeek-V3.2); the logged `kl` is that product too, as TRL's.
 
     `old_logps` None: the rollout's own policy (num_iterations 1), ρ = 1 with its gradient.
     `num_items`: dapo's token count (default: this batch's). Worked example (grpo, one token per
@@ -112,6 +117,8 @@ def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     stats: dict[str, torch.Tensor] = {}
     if beta != 0.0:
         kl = k3_kl(logps, ref_logps)
+        if bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + beta * kl
         stats["kl"] = _masked_mean(kl.detach(), mask)
     if loss_type == "grpo":
