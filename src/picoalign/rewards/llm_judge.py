@@ -25,9 +25,11 @@ def _score(obj) -> float:
 
 
 def make_llm_judge(ctx: dict):
-    from picoalign.data.llm import BudgetExhausted, Limits, LLMClient, LLMError, Meter, endpoint
+    from picoalign.data.llm import BudgetExhausted, Limits, LLMClient, LLMError, Meter, endpoint, parse_endpoint
 
-    ep = endpoint(ctx.get("llm_provider") or "auto", ctx.get("llm_model", ""), ctx.get("llm_base_url", ""))
+    provider = ctx.get("llm_provider") or "auto"
+    ep = (parse_endpoint(provider) if "@" in provider
+          else endpoint(provider, ctx.get("llm_model", ""), ctx.get("llm_base_url", "")))
     meter = Meter(max_calls=int(ctx.get("llm_max_calls", 0)), max_total_tokens=int(ctx.get("llm_max_total_tokens", 0)))
     limits = Limits(temperature=0.0, max_output_tokens=20, max_retries=int(ctx.get("llm_max_retries", 5)),
                     timeout=float(ctx.get("llm_timeout", 60.0)), json_mode=bool(ctx.get("llm_json_mode", True)))
