@@ -74,3 +74,32 @@ def test_bad_reward_stops_before_the_model_and_keeps_a_finished_checkpoint(tmp_p
     with pytest.raises(RewardError, match="does not import"):
         rl(cfg_for(tmp_path, chat_model, rewards="rl_missing_module:f", reward_weights=""))
     assert marker.read_text() == '{"complete": true}' and sorted(p.name for p in out.iterdir()) == ["picoalign.json"]
+
+
+def test_the_rl_preset_runs_end_to_end_on_a_tiny_model(tmp_path, chat_model):
+    """configs/rl.yaml with the tiny model and small budgets: data, SFT, GRPO on arith, eval with
+    the RL section (accuracy with intervals, paired RL vs SFT, a verdict), report."""
+    from importlib import resources
+
+    from picoalign.io import read_json
+    from picoalign.pipeline import run_pipeline
+
+    preset = resources.files("picoalign") / "configs" / "rl.yaml"
+    small = {"max_steps": 2, "lora": {"r": 2, "alpha": 4}, "progress": False}
+    overrides = {"runs_dir": str(tmp_path), "tag": "rl", "model": str(chat_model), "device": "cpu", "dtype": "fp32",
+                 "data": {"n_sft_train": 4, "n_sft_val": 2, "n_sft_test": 2, "n_dpo_train": 2, "n_dpo_val": 2,
+                          "n_dpo_test": 2},
+                 "sft": {**small, "max_length": 256},
+                 "rl": {**small, "n_prompts": 8, "num_generations": 2, "batch_size": 2, "max_completion_length": 6},
+                 "eval": {"rl_prompts": 6, "n_samples": 2, "max_new_tokens": 8}}
+    root = run_pipeline(str(preset), overrides, environ={})
+    section = read_json(root / "metrics.json")["rl"]
+    assert section["task"] == "arith" and section["n"] == 6 and section["rewards"] == ["arith"]
+    assert set(section["models"]) == {"base", "sft", "rl"}
+    acc = section["models"]["rl"]["arith"]
+    assert acc["n"] == 6 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+    assert section["comparisons"]["rl_vs_sft"]["arith"]["n"] == 6
+    assert "kl_rl_to_sft" in section["cost"] and section["verdict"].startswith("RL ")
+    assert (root / "checkpoints" / "rl" / "picoalign.json").exists()
+    cfg = read_json(root / "checkpoints" / "rl" / "picoalign.json")
+    assert cfg["complete"]

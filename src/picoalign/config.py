@@ -43,7 +43,7 @@ DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 METHOD_NAMES = ("orpo", "simpo", "kto")
 REFERENCE_FREE = ("orpo", "simpo")
 # `run.method`: SFT then a preference stage (any loss above), or ORPO alone from the base model.
-RUN_METHODS = ("sft+dpo", "orpo")
+RUN_METHODS = ("sft+dpo", "orpo", "sft+rl")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -386,6 +386,7 @@ class EvalConfig:
                        "(these download data); empty = off", bare="picoalign")
     lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
+    rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
 
     def __post_init__(self) -> None:
         for task in (t.strip() for t in self.lm_eval.split(",")):
@@ -471,7 +472,9 @@ class RunConfig:
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
     stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
     method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
-                      "the base model in place of both (checkpoints/dpo; eval compares it with the base)")
+                      "the base model in place of both (checkpoints/dpo; eval compares it with the base) | "
+                      "sft+rl: SFT, then the rl stage in place of dpo (rl follows dpo instead when run.stages "
+                      "names both)")
 
     def __post_init__(self) -> None:
         one_of("method", self.method, RUN_METHODS)
@@ -484,6 +487,8 @@ class RunConfig:
         """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
         dpo stage starts from the base model)."""
         names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        if self.method == "sft+rl" and "rl" not in names:  # rl takes dpo's place
+            names = ["rl" if s == "dpo" else s for s in names]
         return [s for s in names if not (self.method == "orpo" and s == "sft")]
 
 

@@ -25,7 +25,15 @@ def _score(obj) -> float:
 
 
 def make_llm_judge(ctx: dict):
-    from picoalign.data.llm import BudgetExhausted, Limits, LLMClient, LLMError, Meter, endpoint, parse_endpoint
+    from picoalign.data.llm import (
+        BudgetExhausted,
+        Limits,
+        LLMClient,
+        LLMError,
+        Meter,
+        endpoint,
+        parse_endpoint,
+    )
 
     provider = ctx.get("llm_provider") or "auto"
     ep = (parse_endpoint(provider) if "@" in provider
