@@ -162,6 +162,7 @@ class RLTask:
         self.reference_forward = self.needs_ref  # the FLOPs line counts the reference's forward
         self._slots: dict[int, Rollout] = {}
         self._calls = 0
+        self._visits: dict[int, int] = {}
         self.rollouts = 0
         print(f"rl: {sum(len(b.rows) for b in self.train)} training prompts in {len(self.train)} batches of "
               f"{cfg.batch_size} x {self.g} completions, {len(self.val)} val prompts; method={cfg.method}, "
@@ -188,7 +189,9 @@ class RLTask:
 
     def _sampling(self, batch: PromptBatch) -> Sampling:
         cfg = self.cfg
-        seed = cfg.seed + 100_003 * batch.index + 7 * self.rollouts  # the same prompts draw the same on any rank
+        # from the batch and how often it was sampled: the same prompts draw the same on any rank
+        visits = self._visits[batch.index] = self._visits.get(batch.index, -1) + 1
+        seed = cfg.seed + 100_003 * batch.index + 7919 * visits
         return Sampling(max_new_tokens=cfg.max_completion_length, greedy=False, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed)
 
