@@ -69,7 +69,7 @@ class Rollout:
     old_logps: torch.Tensor | None = None  # (P·G, T) at sampling time (num_iterations > 1, RLOO)
     ref_logps: torch.Tensor | None = None  # (P·G, T) under the frozen reference (β > 0, online DPO)
     stats: dict = field(default_factory=dict)
-    uses: int = 0
+    n_tokens: int = 0
 
 
 def read_prompt_rows(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
@@ -185,7 +185,10 @@ class RLTask:
         self._calls += 1
         if iteration == 0 or slot not in self._slots:
             self._slots[slot] = self.rollout(batch)
-        return self._slots[slot]
+            return self._slots[slot]
+        r = self._slots[slot]  # reused: this step sampled nothing
+        batch.n_tokens, r.stats["time/rollout"] = r.n_tokens, torch.zeros((), device=self.device)
+        return r
 
     def _sampling(self, batch: PromptBatch) -> Sampling:
         cfg = self.cfg
@@ -213,7 +216,7 @@ class RLTask:
                 mask[i, : len(ids)] = 1
         r = Rollout([render_prompt(self.tokenizer, p) for p in prompts], completion_ids, texts, finish,
                     per_func, self.rewards.total(per_func), mask.to(self.device))
-        batch.n_tokens = sum(map(len, completion_ids)) + sum(map(len, r.prompt_ids))
+        batch.n_tokens = r.n_tokens = sum(map(len, completion_ids)) + sum(map(len, r.prompt_ids))
         if cfg.num_iterations > 1 or (cfg.method == "rloo" and cfg.beta > 0):
             r.old_logps = self._logps(r, self.bare)
         if self.needs_ref:
