@@ -123,3 +123,16 @@ def test_bad_reward_settings_name_the_setting(tmp_path, monkeypatch):
         RewardSet.build(["my_rewards:short"], [1.0])(["p", "p"], ["a", "b"])
     with pytest.raises(RewardError, match=r"reward 'my_rewards:boom' raised KeyError"):
         RewardSet.build(["my_rewards:boom"], [1.0])(["p"], ["a"])
+
+
+def test_arith_sft_rows_teach_the_answer_format_and_stay_out_of_the_test_split():
+    from picoalign.data.arith import arith_sft_rows
+
+    rows = arith_sft_rows(200, seed=3)
+    test = {r["prompt"] for r in arith_rows(200, seed=3, split="test")}
+    assert not {r["prompt"] for r in rows} & test
+    by_prompt = {r["prompt"]: r for r in arith_rows(4096, seed=3, split="sft")}
+    for r in rows:
+        right = by_prompt[r["prompt"]]["answer"]
+        assert arith([r["prompt"]], [r["response"]], answer=[right]) == [1.0]  # the worked answer scores 1
+        assert r["response"].endswith(f"The answer is {right}.")

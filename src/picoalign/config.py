@@ -99,6 +99,8 @@ class DataConfig:
     n_dpo_train: int = opt(256, "preference training pairs", env="N_DPO_TRAIN")
     n_dpo_val: int = opt(64, "preference validation pairs", env="N_DPO_VAL")
     n_dpo_test: int = opt(64, "preference test pairs", env="N_DPO_TEST")
+    n_arith_sft: int = opt(0, "arithmetic word problems with worked answers added to the SFT training rows "
+                           "(data/arith.py; the RL preset's answer format)")
     # LLM settings (data/llm.py); API keys are read from the environment only, never stored here.
     llm_model: str = opt("", "LLM model (empty: DEEPSEEK_MODEL, OPENAI_MODEL, ... or the provider's default)")
     llm_base_url: str = opt("", "LLM base URL (empty: DEEPSEEK_BASE_URL, LLM_BASE_URL, ... or the provider's)")
@@ -136,7 +138,7 @@ class DataConfig:
         answers = [a.strip() for a in self.answer_models.split(",") if a.strip()]
         if self.judge and (len(answers) < 2 or len(set(answers)) < len(answers)):
             raise ConfigError("judge needs answer_models with two or more different MODEL@PROVIDER entries")
-        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test"):
+        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test", "n_arith_sft"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         one_of("source", self.source, ("stories", "tinystories-instruct"))

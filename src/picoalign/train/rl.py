@@ -231,9 +231,10 @@ class RLTask:
     def _packed(self, r: Rollout):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         groups = [Encoded(p, r.completion_ids[i * self.g:(i + 1) * self.g]) for i, p in enumerate(r.prompt_ids)]
-        # The G answers of a prompt share its one copy in the row when G <= 2 (the span kernels);
-        # beyond that each answer is a row of its own (causal kernels beat a dense mask on a CPU).
-        return pack_pairs(groups, share_prefix=self.g <= 2, pad_id=pad).to(self.device)
+        # One row per prompt: the prompt once, its G answers branching from it (G <= 2: the span
+        # kernels; more: a dense mask). Measured on the built-in model, 4 prompts x 8 answers of 24
+        # tokens: 6.5-7.0 s forward + backward against 17.7-19.0 s with a row (and a prompt copy) each.
+        return pack_pairs(groups, share_prefix=True, pad_id=pad).to(self.device)
 
     def _logps(self, r: Rollout, model, entropy: bool = False):
         logps, ent = forward_logps_entropy(model, self._packed(r), r.mask.shape[1], entropy)
