@@ -288,6 +288,8 @@ class RLConfig(TrainConfig):
     n_prompts: int = opt(256, "training prompts (arith: how many to draw; a file: the first N, 0 = all)")
     val_prompts: int = opt(16, "held-out prompts scored greedily at each eval (arith: the test split; a file: "
                            "its first N rows, kept out of training)")
+    test_file: str = opt("", "held-out prompts eval scores the models on (relative to --data; empty: arith's test "
+                         "split, or a prompt file's val rows)")
     rewards: str = opt("arith", "comma list: arith | spec | darkness | fluency | llm-judge | random | "
                        "module:function (TRL's signature f(prompts, completions, **columns))")
     reward_weights: str = opt("", "comma list, one weight per reward (empty: 1 each)")

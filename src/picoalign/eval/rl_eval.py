@@ -34,13 +34,18 @@ def rl_setup(run: Path) -> dict | None:
 
 
 def heldout_rows(setup: dict, n: int) -> list[dict]:
-    if setup.get("prompts", "arith") == "arith":
+    if setup.get("prompts", "arith") == "arith" and not setup.get("test_file"):
         from picoalign.data.arith import arith_rows
 
         return arith_rows(n, int(setup.get("seed", 0)), "test")
     from picoalign.train.rl import read_prompt_rows
 
-    return read_prompt_rows(rl_config(setup))[1][:n]
+    cfg = rl_config(setup)
+    if cfg.test_file:  # e.g. the story task's sft_test.jsonl: prompts neither SFT nor RL trained on
+        from picoalign.data.formats import iter_rows
+
+        return [row for _, row in iter_rows(Path(cfg.data) / cfg.test_file)][:n]
+    return read_prompt_rows(cfg)[1][:n]
 
 
 def rl_config(setup: dict):
