@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -66,6 +67,77 @@ def check_dtype(value: str, training: bool = False) -> None:
 def check_device(value: str) -> None:
     if not DEVICE.fullmatch(value):
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
+
+
+# ---------------------------------------------------------------- numbers checked at load
+
+# Each numeric setting's range, by name, whatever config it is in; checked when the config is built,
+# before any data or model is read, with the setting's name in the message. Floats must be finite.
+# (DPOConfig checks its method weights itself: label_smoothing, sft_weight, simpo_gamma, ...)
+POSITIVE = ("lr", "beta", "alpha", "llm_timeout", "tolerance", "repetition_penalty")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_seconds", "epochs", "max_steps", "warmup_steps",
+                "eval_every", "eval_batches", "early_stop", "save_every", "llm_temperature", "llm_retry_base_seconds", "llm_max_output_tokens",
+                "llm_max_calls", "llm_max_total_tokens", "llm_max_consec_fails", "temperature", "dropout",
+                "context_tokens", "min_confidence")
+LENGTHS = ("max_length", "max_new_tokens", "max_tokens", "context_tokens", "r", "log_every")
+# No model this tool trains has a context of a million tokens: a larger length is a typo (1e9).
+MAX_TOKENS = 1 << 20
+BUILTIN_CONTEXT = 8192  # SmolLM2-135M-Instruct's max_position_embeddings
+
+
+def check_numbers(cfg: Any) -> None:
+    """Refuse a number outside its setting's range (the tables above), naming the setting."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if f.name in POSITIVE and value <= 0:
+            raise ConfigError(f"{f.name} must be > 0, got {value}")
+        if f.name in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{f.name} must be >= 0, got {value}")
+        low = 0 if f.name == "context_tokens" else 1  # 0 = the model's own context
+        if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
+            raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
+
+
+def model_context(model: str) -> int | None:
+    """The context length of `model` where its config is cheap to read (a local folder's
+    config.json, a LoRA adapter's base, the built-in model); None where it is not."""
+    if model == BUILTIN_MODEL:
+        return BUILTIN_CONTEXT
+    import json
+
+    folder = Path(model)
+    for _ in range(3):  # an adapter names its base, which may be an adapter too
+        try:
+            if (folder / "config.json").is_file():
+                conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                for key in ("max_position_embeddings", "n_positions", "max_seq_len", "max_length"):
+                    if isinstance(conf.get(key), int) and conf[key] > 0:
+                        return conf[key]
+                return None
+            if not (folder / "adapter_config.json").is_file():
+                return None
+            base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        base_name = str(base.get("base_model_name_or_path") or "")
+        if base_name == BUILTIN_MODEL:
+            return BUILTIN_CONTEXT
+        folder = Path(base_name) if Path(base_name).is_absolute() else folder.parent / base_name
+        if not folder.exists():
+            folder = Path(base_name)
+    return None
+
+
+def check_length(name: str, value: int, model: str) -> None:
+    """`max_length` within the model's context (when it can be read without loading the model)."""
+    context = model_context(model) if model else None
+    if context is not None and value > context:
+        raise ConfigError(f"{name}={value} is longer than the context of {model} ({context} tokens); "
+                          f"set {name} <= {context}")
 
 
 def opt(default: Any, help: str, env: str | None = None, secret: bool = False, bare: Any = None) -> Any:
@@ -132,6 +204,7 @@ class DataConfig:
     deid: bool = opt(False, "replace names, emails, phone numbers... with placeholders (Presidio)")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         one_of("llm_fallback", self.llm_fallback, ("template", "stop"))
         if min(self.llm_batch_size, self.llm_concurrency) < 1 or self.llm_max_retries < 0:
             raise ConfigError("llm_batch_size and llm_concurrency must be >= 1, llm_max_retries >= 0")
@@ -155,6 +228,11 @@ class LoraConfig:
     alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     dropout: float = opt(0.0, "LoRA dropout")
     target_modules: str = opt("all-linear", "modules to adapt: all-linear or a comma-separated list")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        if self.dropout >= 1:
+            raise ConfigError(f"lora.dropout must be < 1, got {self.dropout}")
 
 
 @dataclass
@@ -182,6 +260,8 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = no limit)", env="{STAGE}_MAX_STEPS")
     epochs: float = opt(1.0, "stop after this many passes over the data", env="{STAGE}_EPOCHS")
     max_seconds: float = opt(0.0, "stop after this much wall-clock time (0 = no limit)", env="{STAGE}_MAX_SECONDS")
+    min_steps: int = opt(1, "fewest optimiser steps a run must make: with fewer (its budgets ran out "
+                         "first) the stage fails and its output is not marked complete (0 = accept any)")
     eval_every: int = opt(0, "validate every N steps (0 = only at the end)")
     eval_batches: int = opt(0, "validation micro-batches per eval (0 = all)")
     early_stop: int = opt(0, "stop after K evals without improvement (0 = off)")
@@ -203,6 +283,7 @@ class TrainConfig:
                         "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # lr > 0, budgets >= 0, lengths sane, ... (before any data or model is read)
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
         if self.threads < 0:
@@ -213,6 +294,11 @@ class TrainConfig:
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
+        if self.min_steps < 0 or (0 < self.max_steps < self.min_steps):
+            raise ConfigError(f"min_steps must be >= 0 and at most max_steps; got min_steps={self.min_steps}, "
+                              f"max_steps={self.max_steps}")
+        if not self.model.startswith("pico:"):
+            check_length("max_length", self.max_length, self.model)
 
 
 @dataclass
@@ -393,6 +479,7 @@ class EvalConfig:
     rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         for task in (t.strip() for t in self.lm_eval.split(",")):
             if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
                 raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")
@@ -445,6 +532,7 @@ class FrontierConfig:
     seed: int = opt(1234, "random seed", env="SEED")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not self.run:
             raise ConfigError("run is required: the run folder whose SFT checkpoint the points start from")
         if not parse_floats(self.betas, "betas", positive=True):
@@ -587,6 +675,7 @@ class DecodeConfig:
     seed: int = opt(1234, "random seed for sampling", env="SEED")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_dtype(self.dtype)
         check_device(self.device)
         if self.max_new_tokens < 1:
@@ -641,6 +730,8 @@ class ServeConfig(DecodeConfig):
 
     STAGE = "SERVE"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    allowed_hosts: str = opt("", "more Host names to answer to, comma-separated (a reverse proxy's public name; "
+                             "* = any); others get a 400, against DNS rebinding", env="PICOALIGN_ALLOWED_HOSTS")
     port: int = opt(8000, "TCP port")
     name: str = opt("", "the model id the API reports (default: the model folder's name; a hub id as given)")
     api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/* (empty = no key; prefer the "
@@ -739,11 +830,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """`; did you mean <prefix>lr? (known: ...)`: the closest known name (difflib), then all of them."""
+    known = sorted(set(known))
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    return f"{hint} (known: {', '.join(known)})"
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]}{did_you_mean(unknown[0], names, prefix)}")
     kwargs = {k: _coerce(v, _field_type(cls, k), prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -767,6 +866,48 @@ def parse_overrides(pairs: Iterable[str]) -> dict:
         key, raw = pair.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return tree
+
+
+# Environment variables read outside the configs; with the configs' own, the known names of the
+# prefixes `check_environment` owns.
+OTHER_ENV = ("PICOALIGN_CACHE",)
+
+
+def known_environment() -> set[str]:
+    """Every environment variable a config reads, for every stage ({STAGE} filled in)."""
+    from picoalign.stages import STAGES
+
+    classes = {s.config for s in STAGES.values() if s.config} | {RunConfig}
+    names: set[str] = set(OTHER_ENV)
+
+    def walk(cls: type, stage: str) -> None:
+        for f in dataclasses.fields(cls):
+            typ = _field_type(cls, f.name)
+            if dataclasses.is_dataclass(typ):
+                walk(typ, stage)
+            elif f.metadata.get("env"):
+                names.add(f.metadata["env"].format(STAGE=stage))
+
+    for cls in classes:
+        walk(cls, getattr(cls, "STAGE", ""))
+    return names
+
+
+def check_environment(cls: type, environ: Mapping[str, str]) -> None:
+    """Refuse a misspelt variable in picoalign's own namespaces: PICOALIGN_*, and a training
+    stage's `{STAGE}_*` (`SFT_MAX_SECOND=60` would otherwise train without a time limit)."""
+    prefixes = ["PICOALIGN_"]
+    stage = getattr(cls, "STAGE", "")
+    if any("{STAGE}" in (f.metadata.get("env") or "") for f in dataclasses.fields(cls)):
+        prefixes.append(f"{stage}_")
+    ours = [k for k in environ if k.startswith(tuple(prefixes))]
+    if not ours:
+        return
+    known = known_environment()
+    for name in sorted(ours):
+        if name not in known:
+            mine = [k for k in known if k.startswith(tuple(prefixes))]
+            raise ConfigError(f"environment variable {name} is not a setting{did_you_mean(name, mine)}")
 
 
 def env_overrides(cls: type, environ: Mapping[str, str], stage: str | None = None) -> dict:
@@ -808,6 +949,24 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def section_names() -> set[str]:
+    """The sections a YAML file may have: `run` and every stage with a config."""
+    from picoalign.stages import STAGES
+
+    return {"run"} | {name for name, s in STAGES.items() if s.config}
+
+
+def check_sections(data: Mapping, cls: type, path: str | Path, section: str) -> None:
+    """Refuse a top-level key of a (run) file that is no section and no setting: a misspelt
+    `sftt:` used to be skipped, and the stage trained on its defaults."""
+    known = section_names() | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown section or setting {key!r}{did_you_mean(str(key), known)}")
+    if section in data and not isinstance(data[section], Mapping):
+        raise ConfigError(f"{path}: section {section!r} must be a mapping of settings, got {data[section]!r}")
+
+
 def load_config(
     cls: type,
     path: str | Path | None = None,
@@ -826,6 +985,7 @@ def load_config(
     if path:
         data = read_yaml(path)
         if section:
+            check_sections(data, cls, path, section)
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
             shared = {
@@ -836,27 +996,32 @@ def load_config(
             own = data.get(section) if isinstance(data.get(section), dict) else {}
             data = deep_merge(shared, own)
         tree = deep_merge(tree, data)
-    tree = deep_merge(tree, env_overrides(cls, os.environ if environ is None else environ))
+    environ = os.environ if environ is None else environ
+    check_environment(cls, environ)
+    tree = deep_merge(tree, env_overrides(cls, environ))
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     tree = deep_merge(tree, extra)
     return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
-# `scheme://user:password@host`: the userinfo is a credential wherever a URL is shown or kept.
-URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s]*@", re.IGNORECASE)
-
-
 def strip_userinfo(text: str) -> str:
     """`text` with the user:password part of every URL in it replaced by ***."""
-    return URL_USERINFO.sub(r"\1***@", text)
+    from picoalign.scrub import MASK, URL_USERINFO
+
+    return URL_USERINFO.sub(rf"\1{MASK}@", text)
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config as plain data, without its secret fields nor the passwords of its URLs."""
+    """The config as plain data, without its secret fields, and its strings through the secret
+    scrubber (picoalign/scrub.py: URL passwords, credential query values, configured keys)."""
+    from picoalign.scrub import scrub
+
+    hidden = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("secret")]
+
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return to_dict(v)
-        return strip_userinfo(v) if isinstance(v, str) else copy.deepcopy(v)
+        return scrub(v, also=hidden) if isinstance(v, str) else copy.deepcopy(v)
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
 

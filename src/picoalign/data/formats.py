@@ -194,9 +194,19 @@ def _text(value: Any, field: str, where: Where) -> str:
     return value
 
 
-def _first(row: dict, keys: tuple[str, ...]) -> str | None:
-    """The first of `keys` (aliases such as prompt/input) that `row` has a value for."""
-    return next((k for k in keys if row.get(k) is not None), None)
+NULL = "null; a null is not read as missing: give the text, or leave the field out"
+
+
+def _first(row: dict, keys: tuple[str, ...], where: Where) -> str | None:
+    """The first of `keys` (aliases such as prompt/input) that `row` has, None if it has none.
+
+    A null there is an error, not a missing field: read as missing, `"prompt": null` beside
+    `input` trained on `input` without a word (generated rows carry both; a hand edit that blanks
+    `prompt` went unnoticed). Every reader goes through here, so null means the same in all."""
+    key = next((k for k in keys if k in row), None)
+    if key is not None and row[key] is None:
+        raise where.error(key, NULL)
+    return key
 
 
 def _optional(row: dict, key: str) -> Any:
@@ -264,7 +274,7 @@ def _not_empty(records: list[dict], path: str | Path, allow_empty: bool) -> list
 
 
 def _sft_record(row: dict, where: Where) -> dict:
-    chat_key = _first(row, CHAT_KEYS)
+    chat_key = _first(row, CHAT_KEYS, where)
     if chat_key:
         record = _chat_record(_messages(row[chat_key], chat_key, where), chat_key, where)
     elif "instruction" in row:
@@ -277,7 +287,7 @@ def _sft_record(row: dict, where: Where) -> dict:
 def _prompt_answer_keys(row: dict, where: Where, formats, answer: str, aliases: str) -> tuple[str, str]:
     """The row's prompt and answer keys (PROMPT_KEYS, RESPONSE_KEYS); a row with neither is of an
     unknown format, one without either names the missing field (`answer`, or its `aliases`)."""
-    p, a = _first(row, PROMPT_KEYS), _first(row, RESPONSE_KEYS)
+    p, a = _first(row, PROMPT_KEYS, where), _first(row, RESPONSE_KEYS, where)
     if p is None and a is None:
         raise _unknown(row, where, formats)
     if p is None:
@@ -295,12 +305,12 @@ def _plain_record(row: dict, where: Where) -> dict:
 def _alpaca_record(row: dict, where: Where) -> dict:
     """Alpaca: the instruction is the prompt; a non-empty `input` is its context, after a blank line."""
     prompt = _text(row["instruction"], "instruction", where)
-    extra = row.get("input")
-    if extra is not None and not isinstance(extra, str):
+    extra = row[_first(row, ("input",), where)] if "input" in row else ""
+    if not isinstance(extra, str):
         raise where.error("input", f"expected text, got {_kind(extra)}")
-    if extra and extra.strip():
+    if extra.strip():
         prompt += "\n\n" + extra
-    r = _first(row, RESPONSE_KEYS)
+    r = _first(row, RESPONSE_KEYS, where)
     if r is None:
         raise where.error("output", "missing")
     return {"prompt": prompt, "response": _text(row[r], r, where)}
@@ -338,19 +348,14 @@ def _preference_record(row: dict, where: Where) -> dict:
     if not {"prompt", "input", "chosen", "rejected"} & row.keys():
         raise _unknown(row, where, PREFERENCE_FORMATS)
     for key in ("chosen", "rejected"):
-        if row.get(key) is None:
+        if _first(row, (key,), where) is None:
             raise where.error(key, "missing")
-    p = _first(row, PROMPT_KEYS)
     if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
-        prompt, chosen, rejected = _chat_pair(row, p, where)
-    elif p is not None:
+        prompt, chosen, rejected = _chat_pair(row, where)
+    # A null prompt is an error (_first), not a cue to take the answers' common beginning as one.
+    elif (p := _first(row, PROMPT_KEYS, where)) is not None:
         prompt = _prompt(row[p], p, where)
         chosen, rejected = _text(row["chosen"], "chosen", where), _text(row["rejected"], "rejected", where)
-    elif named := next((k for k in PROMPT_KEYS if k in row), None):
-        # A row that names its prompt is not a transcript: a null there is a missing prompt, not
-        # a cue to take the answers' common beginning as one.
-        raise where.error(named, "missing (null); give the prompt text, or leave the field out "
-                          "when 'chosen' and 'rejected' are full transcripts")
     else:
         prompt, chosen, rejected = _transcript_pair(row, where)
     if chosen.strip() == rejected.strip():
@@ -367,8 +372,9 @@ def _prompt(value: Any, field: str, where: Where) -> str | list[dict]:
     return _text(value, field, where)
 
 
-def _chat_pair(row: dict, p: str | None, where: Where) -> tuple[str | list[dict], str, str]:
-    """Message lists: the last assistant message is the answer, the shared earlier turns the prompt."""
+def _chat_pair(row: dict, where: Where) -> tuple[str | list[dict], str, str]:
+    """Message lists: the last assistant message is the answer, the shared earlier turns the prompt
+    (then a prompt field is not read at all, so a null there is no error: a column some rows lack)."""
     chosen = _messages(row["chosen"], "chosen", where)
     rejected = _messages(row["rejected"], "rejected", where)
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
@@ -380,6 +386,7 @@ def _chat_pair(row: dict, p: str | None, where: Where) -> tuple[str | list[dict]
                           "(only the last assistant message may differ)")
     if any(m["role"] == "user" for m in earlier):
         return earlier, chosen[-1]["content"], rejected[-1]["content"]  # a full transcript
+    p = _first(row, PROMPT_KEYS, where)
     if p is None:
         raise where.error("prompt", "missing, and 'chosen' has no user turn before its answer")
     prompt = _prompt(row[p], p, where)
@@ -461,15 +468,17 @@ def _unpaired_record(row: dict, where: Where) -> dict:
             raise where.error(c, "expected one assistant message (the answer)")
         completion = msgs[0]["content"]
     return {"id": _row_id(row, where), "prompt": _prompt(row[p], p, where),
-            "completion": _text(completion, c, where), "label": _label(row.get("label"), where)}
+            "completion": _text(completion, c, where), "label": _label(row, where)}
 
 
-def _label(value: Any, where: Where) -> bool:
+def _label(row: dict, where: Where) -> bool:
     """true/false (JSON), or true/false/1/0/yes/no as text (CSV cells)."""
+    value = row.get("label")
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
         return LABEL_WORDS[value.strip().lower()]
     if value is None:
-        raise where.error("label", "missing: true for a desirable answer, false for an undesirable one")
+        problem = NULL if "label" in row else "missing"
+        raise where.error("label", f"{problem}: true for a desirable answer, false for an undesirable one")
     raise where.error("label", f"expected true or false, got {value!r}")

@@ -31,8 +31,9 @@ from picoalign.eval.stats import mean_ci, paired
 from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
 from picoalign.generation.batched import generate
 from picoalign.io import read_json, write_json, write_jsonl
+from picoalign.models.chat import render_prompt
 from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
-from picoalign.train.batching import pair_batches, render_prompt, sft_batches
+from picoalign.train.batching import pair_batches, sft_batches
 from picoalign.train.loop import autocast_for
 from picoalign.train.scoring import mean_response_nll, pair_logps
 
