@@ -93,7 +93,8 @@ def check_numbers(cfg: Any) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number, got {value}")
-        if f.name in POSITIVE and value <= 0:
+        zero_ok = value == 0 and f.name in getattr(cfg, "ZERO_ALLOWED", ())  # rl: beta 0 = no KL term (TRL's default)
+        if f.name in POSITIVE and value <= 0 and not zero_ok:
             raise ConfigError(f"{f.name} must be > 0, got {value}")
         if f.name in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value}")
@@ -366,6 +367,7 @@ class RLConfig(TrainConfig):
     """`picoalign rl`: online RL (GRPO, RLOO, online DPO) on the model's own samples, scored by rewards."""
 
     STAGE = "RL"
+    ZERO_ALLOWED = ("beta",)  # check_numbers: β = 0 means no KL term here
     model: str = opt("checkpoints/sft", "the checkpoint to start from (normally the run's SFT model)")
     out: str = opt("checkpoints/rl", "folder for the RL checkpoint; logs go to <out>/logs/")
     method: str = opt("grpo", " | ".join(RL_METHODS))
