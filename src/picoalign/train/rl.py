@@ -160,6 +160,8 @@ class RLTask:
         if self.needs_ref and not cfg.lora.enabled:  # full fine-tuning: a frozen copy of the start
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
         self.reference_forward = self.needs_ref  # the FLOPs line counts the reference's forward
+        # what the loop's too-few-steps error suggests besides a larger budget (train/loop.py)
+        self.budget_advice = "fewer num_generations, batch_size or max_completion_length (a step samples them all)"
         self._slots: dict[int, Rollout] = {}
         self._calls = 0
         self._visits: dict[int, int] = {}
