@@ -46,7 +46,7 @@ DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 METHOD_NAMES = ("orpo", "simpo", "kto")
 REFERENCE_FREE = ("orpo", "simpo")
 # `run.method`: SFT then a preference stage (any loss above), or ORPO alone from the base model.
-RUN_METHODS = ("sft+dpo", "orpo")
+RUN_METHODS = ("sft+dpo", "orpo", "sft+rl")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -105,7 +105,8 @@ def check_numbers(cfg: Any) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number, got {value}")
-        if f.name in POSITIVE and value <= 0:
+        zero_ok = value == 0 and f.name in getattr(cfg, "ZERO_ALLOWED", ())  # rl: beta 0 = no KL term (TRL's default)
+        if f.name in POSITIVE and value <= 0 and not zero_ok:
             raise ConfigError(f"{f.name} must be > 0, got {value}")
         if f.name in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value}")
@@ -183,6 +184,8 @@ class DataConfig:
     n_dpo_train: int = opt(256, "preference training pairs", env="N_DPO_TRAIN")
     n_dpo_val: int = opt(64, "preference validation pairs", env="N_DPO_VAL")
     n_dpo_test: int = opt(64, "preference test pairs", env="N_DPO_TEST")
+    n_arith_sft: int = opt(0, "arithmetic word problems with worked answers added to the SFT training rows "
+                           "(data/arith.py; the RL preset's answer format)")
     # LLM settings (data/llm.py); API keys are read from the environment only, never stored here.
     llm_model: str = opt("", "LLM model (empty: DEEPSEEK_MODEL, OPENAI_MODEL, ... or the provider's default)")
     llm_base_url: str = opt("", "LLM base URL (empty: DEEPSEEK_BASE_URL, LLM_BASE_URL, ... or the provider's)")
@@ -224,7 +227,7 @@ class DataConfig:
         answers = [a.strip() for a in self.answer_models.split(",") if a.strip()]
         if self.judge and (len(answers) < 2 or len(set(answers)) < len(answers)):
             raise ConfigError("judge needs answer_models with two or more different MODEL@PROVIDER entries")
-        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test"):
+        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test", "n_arith_sft"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         one_of("source", self.source, ("stories", "tinystories-instruct"))
@@ -372,6 +375,93 @@ class DPOConfig(TrainConfig):
                               "examples of the batch (with one, it is the example's own reward)")
 
 
+# Online RL (`picoalign rl`, train/rl.py): the methods and GRPO's options, as TRL 1.16 names them.
+RL_METHODS = ("grpo", "rloo", "online-dpo")
+RL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+RL_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """`picoalign rl`: online RL (GRPO, RLOO, online DPO) on the model's own samples, scored by rewards."""
+
+    STAGE = "RL"
+    ZERO_ALLOWED = ("beta",)  # check_numbers: β = 0 means no KL term here
+    model: str = opt("checkpoints/sft", "the checkpoint to start from (normally the run's SFT model)")
+    out: str = opt("checkpoints/rl", "folder for the RL checkpoint; logs go to <out>/logs/")
+    method: str = opt("grpo", " | ".join(RL_METHODS))
+    prompts: str = opt("arith", "arith (the built-in arithmetic word problems) or a .jsonl/.csv file of rows with "
+                       "`prompt` (relative to --data); the rows' other fields reach the rewards as columns")
+    n_prompts: int = opt(256, "training prompts (arith: how many to draw; a file: the first N, 0 = all)")
+    val_prompts: int = opt(16, "held-out prompts scored greedily at each eval (arith: the test split; a file: "
+                           "its first N rows, kept out of training)")
+    test_file: str = opt("", "held-out prompts eval scores the models on (relative to --data; empty: arith's test "
+                         "split, or a prompt file's val rows)")
+    rewards: str = opt("arith", "comma list: arith | spec | darkness | fluency | llm-judge | random | "
+                       "module:function (TRL's signature f(prompts, completions, **columns))")
+    reward_weights: str = opt("", "comma list, one weight per reward (empty: 1 each)")
+    num_generations: int = opt(4, "G: completions sampled per prompt (a group)")
+    batch_size: int = opt(4, "prompts per micro-batch (each with its G completions)")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)")
+    top_k: int = opt(0, "top-k sampling of the rollouts (0 = off)")
+    max_completion_length: int = opt(64, "tokens sampled at most per completion")
+    mask_truncated_completions: bool = opt(False, "leave completions cut at max_completion_length out of the loss")
+    num_iterations: int = opt(1, "optimiser steps per rollout (> 1: the clipped ratio to the old log-probs acts)")
+    loss_type: str = opt("dapo", "GRPO's normalisation: " + " | ".join(RL_LOSS_TYPES) + " (TRL's default dapo)")
+    scale_rewards: str = opt("group", "GRPO: divide advantages by the std of the " + " | ".join(RL_SCALE_REWARDS))
+    normalize_advantages: bool = opt(False, "RLOO: normalise the advantages over the batch")
+    epsilon: float = opt(0.2, "clipping: ratio kept within [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float = opt(0.0, "upper clipping bound (0 = epsilon; DAPO uses 0.28)")
+    beta: float = opt(0.0, "KL weight to the starting model (GRPO/RLOO; TRL's default 0); online-dpo: DPO's β")
+    bias_correction_kl: bool = opt(True, "GRPO with beta > 0: weight the KL term by the ratio to the rollout's "
+                                   "policy (TRL's use_bias_correction_kl, default on)")
+    lr: float = opt(5e-5, "peak learning rate")
+    warmup_steps: int = opt(2, "linear warmup steps")
+    max_length: int = opt(1024, "not used by rl (prompt + completion lengths are set by the prompts and "
+                          "max_completion_length)")
+    generate_batch_size: int = opt(0, "rows sampled together (0 = a micro-batch's prompts x G at once)")
+    sample_every: int = opt(5, "write prompts, completions and rewards of every Nth rollout to "
+                            "<logs>/rl_samples.jsonl (0 = never)")
+    sample_prompts: int = opt(2, "prompts (each with its G completions) written per sample")
+    fluency_model: str = opt("", "fluency reward: the frozen model that scores (empty: the base model)")
+    fluency_repetition_weight: float = opt(1.0, "fluency reward: penalty per unit share of repeated 3-grams")
+    llm_provider: str = opt("auto", "llm-judge reward: provider or MODEL@PROVIDER (as `picoalign data`)")
+    llm_model: str = opt("", "llm-judge reward: model (empty: the provider's default)")
+    llm_base_url: str = opt("", "llm-judge reward: base URL (empty: from the environment)")
+    llm_max_calls: int = opt(0, "llm-judge reward: budget of HTTP requests (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "llm-judge reward: budget of tokens (0 = no limit)", env="LLM_MAX_TOTAL_TOKENS")
+    llm_max_retries: int = opt(5, "llm-judge reward: retries of a request", env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(60.0, "llm-judge reward: seconds one request may take", env="LLM_TIMEOUT")
+    judge_criteria: str = opt(JUDGE_CRITERIA, "llm-judge reward: what it grades")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from picoalign.rewards import RewardError, parse_names
+
+        one_of("method", self.method, RL_METHODS)
+        one_of("loss_type", self.loss_type, RL_LOSS_TYPES)
+        one_of("scale_rewards", self.scale_rewards, RL_SCALE_REWARDS)
+        try:
+            parse_names(self.rewards, self.reward_weights)
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 for method={self.method} (advantages and pairs "
+                              f"compare the completions of one prompt); got {self.num_generations}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("rollouts sample: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+        if self.max_completion_length < 1 or self.num_iterations < 1:
+            raise ConfigError("max_completion_length and num_iterations must be >= 1")
+        if self.epsilon < 0 or self.epsilon_high < 0 or self.beta < 0:
+            raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
+        if self.method == "online-dpo" and self.beta <= 0:
+            raise ConfigError("method=online-dpo needs beta > 0 (the DPO loss's β; 0.1 is usual)")
+        for name in ("n_prompts", "val_prompts", "sample_every", "sample_prompts", "generate_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass
 class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
@@ -409,6 +499,7 @@ class EvalConfig:
                        "(these download data); empty = off", bare="picoalign")
     lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
+    rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
 
     def __post_init__(self) -> None:
         check_columns(self.columns)
@@ -498,7 +589,9 @@ class RunConfig:
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
     stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
     method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
-                      "the base model in place of both (checkpoints/dpo; eval compares it with the base)")
+                      "the base model in place of both (checkpoints/dpo; eval compares it with the base) | "
+                      "sft+rl: SFT, then the rl stage in place of dpo (rl follows dpo instead when run.stages "
+                      "names both)")
 
     def __post_init__(self) -> None:
         one_of("method", self.method, RUN_METHODS)
@@ -511,6 +604,8 @@ class RunConfig:
         """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
         dpo stage starts from the base model)."""
         names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        if self.method == "sft+rl" and "rl" not in names:  # rl takes dpo's place
+            names = ["rl" if s == "dpo" else s for s in names]
         return [s for s in names if not (self.method == "orpo" and s == "sft")]
 
 

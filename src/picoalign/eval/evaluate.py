@@ -48,7 +48,7 @@ def run_models(run: Path) -> dict[str, str]:
     base = read_marker(run / "checkpoints" / first).get("base_model")
     if base:
         models["base"] = base
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "rl"):
         if read_marker(run / "checkpoints" / stage).get("complete"):
             models[stage] = str(run / "checkpoints" / stage)
     return models
@@ -276,6 +276,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         c = scores[PRIMARY]
         print(f"eval: {pair} on {PRIMARY}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], "
               f"win rate {c['win_rate']:.0%}, n={c['n']}")
+    if run is not None:  # the RL stage's own task (arith accuracy, ...): eval/rl_eval.py
+        from picoalign.eval.rl_eval import rl_task_section
+
+        if section := rl_task_section(run, models, ev.device, ev.dtype, cfg.seed, cfg.rl_prompts):
+            metrics["rl"] = section
     if cfg.judge_provider:
         metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
     if cfg.lm_eval:

@@ -530,12 +530,20 @@ def _scorer(run: Run, t: dict, key: str, default: str) -> str:
 
 
 # (phrase key of the heading, section function), in report order
+def rl(run: Run, t: dict, images: set[str]) -> str:
+    """Online RL's task scores, reward curve and rollouts (report/rl.py)."""
+    from picoalign.report.rl import rl_section
+
+    return rl_section(run, t, images)
+
+
 SECTIONS: list[tuple[str, Callable[[Run, dict, set[str]], str]]] = [
     ("h_setup", setup),
     ("h_data", data),
     ("h_effect", effect),
     ("h_metrics", metrics),
     ("h_frontier", frontier),
+    ("h_rl", rl),
     ("h_curves", curves),
     ("h_samples", samples),
     ("h_meaning", meaning),

@@ -67,6 +67,7 @@ EN: dict[str, str] = {
     "rejected": "Rejected",
     # metrics
     "h_frontier": "Reward vs KL: the frontier across β",
+    "h_rl": "Online RL: the task's held-out score",
     "no_frontier": "No frontier yet: `picoalign frontier --run runs/{tag}` trains DPO at several β from this run's SFT model and draws the judge's score against the KL each one cost (as the DPO paper's figure 2).",
     "frontier_intro": "Each row is one DPO run from this run's SFT model, with this run's DPO settings except β (and sft_weight); every model answers the same {n} test prompts greedily. The judge is `{judge}`; KL(π ‖ π_SFT) is the mean per token over those answers. A good method buys more of the judge's score for less KL: points up and to the left.",
     "frontier_alt": "Judge score vs KL to the SFT model, one point per β",
@@ -231,6 +232,7 @@ ZH: dict[str, str] = {
     "rejected": "劣选回答（rejected）",
     # metrics
     "h_frontier": "奖励与 KL：不同 β 下的前沿",
+    "h_rl": "在线强化学习：任务的留出得分",
     "no_frontier": "尚无前沿：`picoalign frontier --run runs/{tag}` 会从本次运行的 SFT 模型出发，用多个 β 分别训练 DPO，并画出评审得分与各自付出的 KL（如 DPO 论文图 2）。",
     "frontier_intro": "每一行是从本次运行的 SFT 模型出发的一次 DPO 训练，除 β（和 sft_weight）外其余设置与本次运行相同；每个模型用贪心解码回答同样的 {n} 个测试提示。评审为 `{judge}`；KL(π ‖ π_SFT) 是这些回答上每个 token 的平均值。好的方法用更少的 KL 换来更高的评审得分：点越靠左上越好。",
     "frontier_alt": "评审得分与相对 SFT 模型的 KL，每个 β 一个点",
