@@ -316,7 +316,6 @@ class EvalConfig:
     judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
-    judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers (the DPO-vs-SFT win rate)")
     judge_axes: str = opt("darkness,spec,coherence", "what the pairwise LLM judge compares, comma list of "
                           + ", ".join(LLM_JUDGE_AXES))
     judge_prompts: int = opt(0, "prompts the LLM judge reads per model pair (0 = every sampled prompt)")

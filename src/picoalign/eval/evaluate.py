@@ -9,8 +9,10 @@ log π(rejected) (margin in nats), for DPO whether its implicit reward β·(log 
 is higher for chosen (margin β-scaled), the reference being the run's SFT model; greedy and
 top-p generations for a few test prompts with two horror-style scores; and for DPO, the mean
 per-token KL(π_DPO ‖ π_ref) on its own greedy samples: how far DPO moved from the reference.
-With `--judge-provider` (a provider or MODEL@PROVIDER), an LLM judge compares the DPO and SFT
-greedy samples of each prompt in both orders: `judge.win_rate` of DPO over SFT (0.5 = even).
+With `--judge-provider` (a provider, MODEL@PROVIDER or MODEL@http://host:port/v1), an outside LLM
+judges each model pair (SFT vs base, DPO vs SFT, RL vs SFT) in both orders on darkness, spec and
+coherence (eval/llm_judge.py): `llm_judge` has the win rates with intervals, the position-bias
+rate, the replies that did not parse, the budget and the usage.
 With `--lm-eval [TASKS]`, lm-evaluation-harness scores every model too (eval/harness.py):
 `metrics.json` gets `lm_eval`, the report a table.
 Writes `metrics.json` (merged with what the run already recorded) and `samples.jsonl`.
@@ -405,7 +407,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 print(f"eval: {pair} on {judge}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], "
                       f"win rate {c['win_rate']:.0%}, n={c['n']}")
     if cfg.judge_provider:
-        metrics["judge"] = judge_dpo_vs_sft(cfg, samples)
+        metrics["llm_judge"] = judge_with_llm(cfg, samples, ev.decodings[0])
     if cfg.lm_eval:
         from picoalign.eval.harness import lm_eval_scores, split_tasks
 
@@ -430,28 +432,31 @@ def _headline(m: dict) -> str:
     return ", ".join(parts) + f" over {n} samples" if parts else "no samples scored (pair metrics only)"
 
 
-def judge_dpo_vs_sft(cfg: EvalConfig, samples: list[dict]) -> dict:
-    """Win rate of the DPO model's greedy samples over the SFT model's, by an LLM judge in both
-    orders per prompt (data/judge.py); a judge that cannot be reached is reported, not fatal."""
-    from picoalign.data.judge import win_rate
-    from picoalign.data.llm import BudgetExhausted, LLMClient, LLMError, parse_endpoint, redact
+def judge_with_llm(cfg: EvalConfig, samples: list[dict], decoding: str) -> dict:
+    """The pairwise LLM judge (eval/llm_judge.py) on every model pair, each asked axis, both
+    orders; an endpoint that does not answer is reported, not fatal."""
+    from picoalign.data.llm import (
+        BudgetExhausted,
+        Limits,
+        LLMClient,
+        LLMError,
+        Meter,
+        parse_endpoint,
+        redact,
+    )
+    from picoalign.eval.llm_judge import judge_models
 
-    greedy = {(s["model"], s["id"]): s for s in samples if s["decoding"] == "greedy"}
-    ids = [i for (m, i) in greedy if m == "dpo" and ("sft", i) in greedy]
-    if not ids:
-        return {"error": "no greedy samples of both a dpo and an sft model"}
     spec = cfg.judge_provider if "@" in cfg.judge_provider else f"{cfg.judge_model}@{cfg.judge_provider}"
+    budget = {"max_calls": cfg.llm_max_calls, "max_total_tokens": cfg.llm_max_total_tokens}
     try:
-        client = LLMClient(parse_endpoint(spec))
+        client = LLMClient(parse_endpoint(spec), Limits.from_config(cfg), Meter(**budget))
         client.health_check()
-        result = win_rate(client, [greedy["dpo", i]["prompt"] for i in ids], [greedy["dpo", i]["text"] for i in ids],
-                          [greedy["sft", i]["text"] for i in ids], cfg.judge_criteria)
     except (LLMError, BudgetExhausted, ValueError) as e:
-        print(f"eval: judge skipped: {redact(str(e))}")
-        return {"error": redact(str(e))}
-    result["usage"] = client.meter.snapshot()
-    print(f"eval: judge win rate of DPO over SFT {result['win_rate']} on {result['prompts']} prompts")
-    return result
+        print(f"eval: LLM judge skipped: {redact(str(e))}")
+        return {"error": redact(str(e)), "budget": budget}
+    result = judge_models(client, samples, decoding, split_names(cfg.judge_axes), cfg.judge_prompts, cfg.seed)
+    return {"judge_model": str(client.endpoint), **result, "budget": budget, "usage": client.meter.snapshot(),
+            **client.meter.problems()}
 
 
 def _run_facts(ev: Evaluator, models: dict) -> dict:
