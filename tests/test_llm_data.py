@@ -223,7 +223,7 @@ def test_malformed_json_every_time_falls_back_to_the_template_row(tmp_path):
         return writer(body) if kind_of(body) == "health" else Reply(content="I cannot write that.")
 
     with ScriptedLLM(respond) as server, pytest.warns(UserWarning, match="unusable reply"):
-        cfg = make_cfg(tmp_path, server.url, sft=(1, 0, 0), dpo=(1, 0, 0), llm_max_retries=1)
+        cfg = make_cfg(tmp_path, server.url, sft=(1, 0, 0), dpo=(1, 0, 0), llm_max_retries=1, llm_required=False)
         meta = make_data(cfg)
     assert meta["openai_usage"] == usage(5, failures=2, retries=2, fallbacks=2)
     template, made = story_rows(cfg), rows(cfg)
@@ -247,7 +247,8 @@ def test_a_story_too_short_counts_as_missing(tmp_path):
 
 
 def test_dead_server_falls_back_to_the_templates(tmp_path):
-    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 1, 0), dpo=(1, 0, 0), llm_fallback="stop")
+    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 1, 0), dpo=(1, 0, 0), llm_fallback="stop",
+                   llm_required=False)
     with pytest.warns(UserWarning, match="not usable.*using the offline templates"):
         meta = make_data(cfg)
     assert meta["provider"] == "template" and meta["llm"]["health_check"].startswith("failed: ")
@@ -261,7 +262,8 @@ def test_server_failing_after_the_health_check_template_policy(tmp_path):
         return writer(body) if kind_of(body) == "health" else Reply(status=500)
 
     with ScriptedLLM(respond) as server, pytest.warns(UserWarning, match="HTTP 500"):
-        cfg = make_cfg(tmp_path, server.url, sft=(4, 0, 0), llm_max_retries=1, llm_max_consec_fails=2)
+        cfg = make_cfg(tmp_path, server.url, sft=(4, 0, 0), llm_max_retries=1, llm_max_consec_fails=2,
+                       llm_required=False)
         meta = make_data(cfg)
     # health 1 + two requests of 2 attempts each; then 2 failures in a row end the calls
     assert len(server.requests) == 5
@@ -358,7 +360,7 @@ def test_a_budget_spent_on_the_health_check_keeps_the_real_failure(tmp_path):
     """LLM_MAX_CALLS=2 and a dead server: both calls go to the health check's first attempt and
     its retry. The meta names the connection error, counts the failure, and says how many calls
     the health check took."""
-    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 0, 0), llm_max_calls=2)
+    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 0, 0), llm_max_calls=2, llm_required=False)
     with pytest.warns(UserWarning, match="not usable"):
         meta = make_data(cfg)
     check = meta["llm"]["health_check"]
@@ -374,7 +376,8 @@ def test_unusable_answers_of_a_small_teacher_say_why(tmp_path, capsys):
     the second, all unusable; every row comes from the templates. The first 5 reasons, with the
     start of each answer and the key redacted, are in the log and dataset_meta.json."""
     with ScriptedLLM(lambda body, n: small_teacher(body, n, KEY)) as server, pytest.warns(UserWarning):
-        cfg = make_cfg(tmp_path, server.url, sft=(8, 0, 0), llm_batch_size=4, llm_max_calls=8, llm_max_retries=3)
+        cfg = make_cfg(tmp_path, server.url, sft=(8, 0, 0), llm_batch_size=4, llm_max_calls=8, llm_max_retries=3,
+                       llm_required=False)
         meta = make_data(cfg)
     assert len(server.requests) == 8
     assert (meta["llm"]["llm_rows"], meta["llm"]["template_rows"]) == (0, 8)

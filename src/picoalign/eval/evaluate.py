@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from picoalign.config import EvalConfig, save_config, split_names
-from picoalign.data.formats import read_preferences, read_sft
+from picoalign.data.formats import iter_rows, parse_columns, read_preferences, read_sft
+from picoalign.data.sources import data_split
 from picoalign.eval.axis_judges import (
     AxisJudge,
     axis_accuracy,
@@ -40,8 +41,10 @@ from picoalign.eval.stats import mean_ci, paired
 from picoalign.eval.style import SCORE_NOTES, StyleClassifier, lexicon_score
 from picoalign.generation.batched import Sampling, generate_full
 from picoalign.io import read_json, write_json, write_jsonl
+from picoalign.models.chat import render_prompt
 from picoalign.models.load import load_model, pick_device, pick_dtype, read_marker
-from picoalign.train.batching import pair_batches, render_prompt, sft_batches
+from picoalign.train.attention import shared_prefix_why_not
+from picoalign.train.batching import pair_batches, sft_batches
 from picoalign.train.loop import autocast_for
 from picoalign.train.scoring import mean_response_nll, pair_logps
 
@@ -54,7 +57,7 @@ def run_models(run: Path) -> dict[str, str]:
     base = read_marker(run / "checkpoints" / first).get("base_model")
     if base:
         models["base"] = base
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "rl"):
         if read_marker(run / "checkpoints" / stage).get("complete"):
             models[stage] = str(run / "checkpoints" / stage)
     return models
@@ -105,12 +108,31 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
     return total / max(count, 1)
 
 
-def _read_pairs(path: Path, limit: int) -> list[dict]:
-    pairs = read_preferences(path, allow_empty=True) if path.exists() else []
+def _read_pairs(data: Path, name: str, limit: int) -> list[dict]:
+    path = data_split(data, name, main=False)
+    pairs = read_preferences(path, allow_empty=True) if path else []
     return pairs[:limit] if limit else pairs
 
 
-COMPARISONS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"))
+def test_rows(data, cfg: EvalConfig) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(SFT test rows, {"test": pairs, "test_hard": pairs}) of a data folder; when `data` is one
+    source (a file, a parquet or saved folder, hf:...), its rows are the SFT test rows, or the
+    test pairs when its first row has chosen and rejected."""
+    if data_split(data, "sft_test.jsonl", main=True) != data:
+        sft_path = data_split(data, "sft_test.jsonl", main=False)
+        sft_rows = read_sft(sft_path, allow_empty=True) if sft_path else []
+        # the template test pairs, and the held-out ones made by a different generator (data/stories_heldout.py)
+        return sft_rows, {"test": _read_pairs(data, "dpo_test.jsonl", cfg.max_pairs),
+                          "test_hard": _read_pairs(data, "dpo_test_hard.jsonl", cfg.max_pairs)}
+    columns = parse_columns(cfg.columns)
+    first = next(iter_rows(data, columns), (None, {}))[1]
+    if {"chosen", "rejected"} <= first.keys():
+        pairs = read_preferences(data, columns=columns)
+        return [], {"test": pairs[: cfg.max_pairs] if cfg.max_pairs else pairs, "test_hard": []}
+    return read_sft(data, columns=columns), {"test": [], "test_hard": []}
+
+
+COMPARISONS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"), ("rl", "sft"))
 
 
 class Evaluator:
@@ -118,11 +140,8 @@ class Evaluator:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
-        sft_rows = read_sft(data / "sft_test.jsonl", allow_empty=True) if (data / "sft_test.jsonl").exists() else []
+        sft_rows, self.splits = test_rows(data, cfg)
         self.sft_rows = sft_rows[: cfg.max_sft_examples] if cfg.max_sft_examples else sft_rows
-        # the template test pairs, and the held-out ones made by a different generator (data/stories_heldout.py)
-        self.splits = {"test": _read_pairs(data / "dpo_test.jsonl", cfg.max_pairs),
-                       "test_hard": _read_pairs(data / "dpo_test_hard.jsonl", cfg.max_pairs)}
         source = sft_rows or self.splits["test"]
         self.prompts = [r["prompt"] for r in source[: cfg.n_samples]]
         self.prompt_ids = [r["id"] for r in source[: cfg.n_samples]]
@@ -130,7 +149,7 @@ class Evaluator:
         self.darkness = [VADER, Judge("horror_lexicon", lambda texts: [lexicon_score(t) for t in texts],
                                       SCORE_NOTES["horror_lexicon"])]
         self.style = None
-        train_pairs = _read_pairs(data / "dpo_train.jsonl", 0)
+        train_pairs = _read_pairs(data, "dpo_train.jsonl", 0)
         if train_pairs and self.splits["test"] and "horror_classifier" in wanted:
             self.style = StyleClassifier(cfg.seed).fit(train_pairs)
             self.style.pair_accuracy(self.splits["test"])
@@ -219,7 +238,8 @@ class Evaluator:
         """Preference accuracy and margin on one split, in one unit for every model: log pi(chosen) -
         log pi(rejected) in nats (and per answer token); for DPO also its implicit reward margin
         beta * (that - the reference's), which is a different quantity and gets its own keys."""
-        batches = pair_batches(tokenizer, pairs, self.cfg, sort=False)
+        share = not shared_prefix_why_not(model, self.cfg.max_length)  # Gemma 3's window, say
+        batches = pair_batches(tokenizer, pairs, self.cfg, share, sort=False)
         chosen, rejected = pair_logps(model, batches, self.device)
         counts = torch.cat([b.token_counts() for b in batches]).float()
         diff = (chosen - rejected).tolist()
@@ -329,8 +349,8 @@ def _paired_on(judge: str, a: list[list[dict]], b: list[list[dict]], seed: int) 
 
 def longest_answer_tokens(tokenizer, data: Path) -> int:
     """Tokens in the longest SFT training answer (0 when there is none)."""
-    path = data / "sft_train.jsonl"
-    rows = read_sft(path, allow_empty=True) if path.exists() else []
+    path = data_split(data, "sft_train.jsonl", main=False)
+    rows = read_sft(path, allow_empty=True) if path else []
     return max((len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows), default=0)
 
 
@@ -406,6 +426,11 @@ def evaluate(cfg: EvalConfig) -> dict:
             if c["n"]:
                 print(f"eval: {pair} on {judge}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], "
                       f"win rate {c['win_rate']:.0%}, n={c['n']}")
+    if run is not None:  # the RL stage's own task (arith accuracy, ...): eval/rl_eval.py
+        from picoalign.eval.rl_eval import rl_task_section
+
+        if section := rl_task_section(run, models, ev.device, ev.dtype, cfg.seed, cfg.rl_prompts):
+            metrics["rl"] = section
     if cfg.judge_provider:
         metrics["llm_judge"] = judge_with_llm(cfg, samples, ev.decodings[0])
     if cfg.lm_eval:

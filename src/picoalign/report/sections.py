@@ -26,6 +26,7 @@ from picoalign.report.load import (
     series,
     stage_seconds,
 )
+from picoalign.train.diagnostics import displacement_warning
 
 DASH = "—"
 SPLITS = ("train", "val", "test")
@@ -253,6 +254,7 @@ def data(run: Run, t: dict, images: set[str]) -> str:
         version=plain(meta.get("generator_version")), seed=plain(meta.get("seed")),
         seconds=fmt_seconds(meta.get("seconds")), created=plain(meta.get("created")),
     ), ""]
+    out += _rows_from(meta, t)
     rows = [[t[split]] + [_count_cell(run, f"{kind}_{split}", t) for kind in ("sft", "dpo")] for split in SPLITS]
     out.append(table([t["split"], t["sft_rows"], t["dpo_pairs"]], rows))
     pair = _first_row(run.dir / "data" / "dpo_train.jsonl")
@@ -261,6 +263,18 @@ def data(run: Run, t: dict, images: set[str]) -> str:
         for key, limit in (("prompt", CLIP_PROMPT), ("chosen", 300), ("rejected", 300)):
             out += [f"**{t[key]}**", "", fence(clip(pair[key], limit, t)), ""]
     return "\n".join(out).rstrip()
+
+
+def _rows_from(meta: dict, t: dict) -> list[str]:
+    """Where an LLM was asked: how many rows it wrote and how many the templates filled in."""
+    r = meta.get("rows_from")
+    if not isinstance(r, dict) or not r.get("llm_asked"):
+        return []
+    missing = t["rows_missing"].format(n=_n(r.get("missing"))) if num(r.get("missing")) else ""
+    out = [t["rows_from"].format(llm=_n(r.get("llm")), template=_n(r.get("template")), missing=missing), ""]
+    if num(r.get("template")) or num(r.get("missing")):
+        out += [t["rows_fallback_warn"], ""]
+    return out
 
 
 def _count_cell(run: Run, name: str, t: dict) -> str:
@@ -517,6 +531,8 @@ def curves(run: Run, t: dict, images: set[str]) -> str:
                 out.append("- " + t["stage_missing"].format(stage=t[f"st_{stage}"]))
             continue
         out.append("- " + _stage_summary(rows, stage, t))
+        if stage == "dpo" and (warning := displacement_warning(rows)):
+            out.append("- " + t["dpo_displacement"].format(warning=warning))
         if stage == "sft":
             monitor = _monitor_summary(rows, t)
             if monitor:
@@ -617,12 +633,20 @@ def _scorer(run: Run, t: dict, key: str, default: str) -> str:
 
 
 # (phrase key of the heading, section function), in report order
+def rl(run: Run, t: dict, images: set[str]) -> str:
+    """Online RL's task scores, reward curve and rollouts (report/rl.py)."""
+    from picoalign.report.rl import rl_section
+
+    return rl_section(run, t, images)
+
+
 SECTIONS: list[tuple[str, Callable[[Run, dict, set[str]], str]]] = [
     ("h_setup", setup),
     ("h_data", data),
     ("h_effect", effect),
     ("h_metrics", metrics),
     ("h_frontier", frontier),
+    ("h_rl", rl),
     ("h_curves", curves),
     ("h_samples", samples),
     ("h_meaning", meaning),

@@ -125,10 +125,7 @@ def batches_used(cfg, n_batches: int, world_size: int = 1) -> list[int] | None:
     total = planned_steps(cfg, n_batches, world_size)
     if total is None:
         return None
-    micro = total * cfg.grad_accum * world_size
-    if micro >= n_batches:
-        return list(range(n_batches))
-    return sorted(batch_order(n_batches, 0, cfg.seed)[:micro])
+    return batch_order(n_batches, 0, cfg.seed)[: total * cfg.grad_accum * world_size]
 
 
 def batch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -262,6 +259,12 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
         trackers.close()
         raise
     bar.close()
+    if state.step < cfg.min_steps:  # a stage whose budgets left no room to train fails, unmarked
+        if state.step > 0:  # kept for `--resume` with a larger budget
+            save_checkpoint(out / "last", task, opt, sched, state)
+        trackers.close()
+        require_steps(name, state.step, cfg.min_steps, _too_few_steps_why(cfg, stop_reason, setup, len(batches),
+                                                                         world.size, task))
     if state.last_eval.get("step") != state.step:
         _evaluate(task, state, cfg, trackers, device, dtype)
     summary = {"stage": name, "complete": True, "steps": state.step, "stop_reason": stop_reason,
@@ -274,6 +277,36 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     dist.barrier()  # when fit returns, on any rank, the final model is on disk
     print(f"{name}: done in {state.step} steps, {state.elapsed:.0f}s ({stop_reason}); saved to {out}")
     return summary
+
+
+class TooFewSteps(ValueError):
+    """A training stage ended with fewer optimiser steps than its minimum: it failed."""
+
+
+def require_steps(name: str, steps: int, minimum: int, why: str = "") -> None:
+    """Fail a stage that trained fewer than `minimum` optimiser steps (its budgets ran out first),
+    so that no one evaluates, ships or reports an untrained model as trained. Every training
+    stage's loop calls it before it marks its output complete; `why` says what to change."""
+    if steps >= minimum:
+        return
+    raise TooFewSteps(f"{name}: training stopped after {steps} optimiser step{'' if steps == 1 else 's'}, "
+                      f"fewer than min_steps={minimum}, so the output is not marked complete"
+                      + (f". {why}" if why else ""))
+
+
+def _too_few_steps_why(cfg, stop_reason: str | None, setup: float, n_batches: int, world_size: int, task) -> str:
+    """Which budget ended the run and what to change (the task adds its own ways: fewer pairs, ...)."""
+    advice = getattr(task, "budget_advice", "")
+    if stop_reason == "max_seconds":
+        spent = f"; {setup:.0f} s of it went to work before step 1 ({getattr(task, 'setup_what', 'set-up')})" \
+            if setup > 0 else ""
+        return (f"max_seconds={cfg.max_seconds:g} was spent{spent}. Give it a larger max_seconds"
+                + (f", {advice}" if advice else "") + ", or set min_steps=0 to accept an untrained output")
+    if stop_reason == "epochs":
+        return (f"epochs={cfg.epochs:g} over {n_batches} micro-batch{'es' if n_batches != 1 else ''} fills fewer "
+                f"steps of grad_accum {cfg.grad_accum} x {world_size} process{'es' if world_size > 1 else ''}. "
+                "Raise epochs or lower grad_accum, or give it more data")
+    return f"it stopped on {stop_reason}. Raise max_steps or lower min_steps"
 
 
 @dataclass
