@@ -296,7 +296,6 @@ def test_the_paragraph_names_the_models_and_every_axis_that_moved(tmp_path):
             "beyond the noise on `vader_darkness` +0.050 [+0.010, +0.090], `spec` +0.410 [+0.350, +0.470]; worse on "
             "`fluency` -0.400 [-0.500, -0.300], `repetition` +0.060 [+0.020, +0.100]; no difference shown on "
             "`finished`.") in en
-    assert "`horror_lexicon` +1.000" not in en.split("## ")[3]  # secondary judges stay out of the paragraph
     assert "better beyond the noise on `vader_darkness` +0.030 [+0.010, +0.050]; worse on none; no difference shown " \
            "on `fluency`." in en
     assert "SFT比基座模型更黑暗" in zh.replace(" ", "") or "SFT 模型比基座模型更黑暗" in zh

@@ -439,8 +439,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         metrics["lm_eval"] = lm_eval_scores(models, data, split_tasks(cfg.lm_eval), out / "lm_eval", cfg.lm_eval_limit,
                                             str(ev.device), str(ev.dtype).replace("torch.", ""), cfg.lm_eval_batch_size)
     metrics["judges"] = ev.judge_facts()
+    for name, facts in metrics["judges"].items():
+        acc = facts.get("heldout_pairs")
+        if acc:
+            print(f"eval: judge {name}: {acc['accuracy']:.0%} right on {acc['n']} hand-written pairs"
+                  + (f" (scored by {facts['model']})" if facts.get("model") else ""))
     metrics["scores"] = {**SCORE_NOTES, "horror_classifier_test_pair_accuracy": ev.style.test_accuracy if ev.style else None}
     metrics.setdefault("run", {}).update(_run_facts(ev, models))
+    if ev.fluency:
+        metrics["run"]["fluency_model"] = ev.fluency["model"]
     metrics["run"].setdefault("stage_seconds", {})["eval"] = round(time.time() - t0, 1)
     save_config(cfg, out / "eval_config.yaml")
     write_json(out / "metrics.json", metrics)
