@@ -140,7 +140,8 @@ def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_siz
     for ids in encoded:
         check_request(len(ids), sampling, context)
     engine = Engine(model, tokenizer, max_rows=max(1, batch_size))
-    engine.kv.reserve(max(map(len, encoded), default=0) + sampling.max_new_tokens)
+    with torch.inference_mode():
+        engine.kv.reserve(max(map(len, encoded), default=0) + sampling.max_new_tokens)
     todo = [(i, j) for i in range(len(encoded)) for j in range(n)]
     results: dict[tuple[int, int], Generation] = {}
     first_of: dict[int, object] = {}  # prompt -> a live row holding its prompt (to share)

@@ -106,6 +106,7 @@ class Engine:
     def free(self) -> int:
         return self.max_rows - len(self.rows)
 
+    @torch.inference_mode()  # the cache's tensors are made and changed in inference mode only
     def add(self, prompt_ids: list[int], sampling: Sampling, seed: int | None = None, **options) -> Row:
         """A new row (checked first: ValueError for what cannot be generated); it starts at the
         next step."""
@@ -119,6 +120,7 @@ class Engine:
         self.settings.set(slot, sampling, row.seed, row.prompt_ids)
         return row
 
+    @torch.inference_mode()
     def remove(self, row: Row, reason: str = "cancelled") -> None:
         """End `row` now (cancelled, past its deadline) and free its slot."""
         if not row.done:
