@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 from picoalign import config as C
 from picoalign.lock import FolderBusy, folder_lock, main_process, output_folder
-from picoalign.stages import STAGES, check_registry
+from picoalign.stages import STAGES, check_registry, config_sections
 
 
 def _flag_type(typ):
@@ -77,7 +77,7 @@ def config_from_args(stage: str, args: argparse.Namespace):
             overrides[key[4:]] = value
     if getattr(args, "ipo", False):
         overrides["loss"] = "ipo"
-    return C.load_config(STAGES[stage].config, args.config, overrides, section=stage)
+    return C.load_config(STAGES[stage].config, args.config, overrides, section=stage, sections=config_sections())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -939,10 +939,10 @@ OTHER_ENV = ("PICOALIGN_CACHE",)
 
 
 def known_environment() -> set[str]:
-    """Every environment variable a config reads, for every stage ({STAGE} filled in)."""
-    from picoalign.stages import STAGES
-
-    classes = {s.config for s in STAGES.values() if s.config} | {RunConfig}
+    """Every environment variable a config reads, for every stage ({STAGE} filled in). Every
+    config class lives in this module, so the module itself is the list (the stage registry
+    imports this module, so asking it would make a cycle)."""
+    classes = {v for v in globals().values() if isinstance(v, type) and dataclasses.is_dataclass(v)}
     names: set[str] = set(OTHER_ENV)
 
     def walk(cls: type, stage: str) -> None:
@@ -1014,17 +1014,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def section_names() -> set[str]:
-    """The sections a YAML file may have: `run` and every stage with a config."""
-    from picoalign.stages import STAGES
-
-    return {"run"} | {name for name, s in STAGES.items() if s.config}
-
-
-def check_sections(data: Mapping, cls: type, path: str | Path, section: str) -> None:
+def check_sections(data: Mapping, cls: type, path: str | Path, section: str, sections: Iterable[str]) -> None:
     """Refuse a top-level key of a (run) file that is no section and no setting: a misspelt
-    `sftt:` used to be skipped, and the stage trained on its defaults."""
-    known = section_names() | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
+    `sftt:` used to be skipped, and the stage trained on its defaults. `sections` are the stage
+    registry's (`stages.config_sections()`, passed in by its callers: the registry imports this module)."""
+    known = {"run", *sections} | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
             raise ConfigError(f"{path}: unknown section or setting {key!r}{did_you_mean(str(key), known)}")
@@ -1040,17 +1034,19 @@ def load_config(
     section: str | None = None,
     base: Mapping | None = None,
     name: str = "",
+    sections: Iterable[str] = (),
 ) -> Any:
     """Build a `cls` config: defaults < `base` < YAML (`section` of it, if present) < env < `--set`.
 
     `section` lets one YAML file hold every stage (`sft: {...}`, `dpo: {...}`); a file without
-    that section is read as the stage's own settings. `name` prefixes the keys in errors.
+    that section is read as the stage's own settings, and its other top-level keys must be
+    settings or one of `sections` (the stage registry's). `name` prefixes the keys in errors.
     """
     tree: dict = dict(base or {})
     if path:
         data = read_yaml(path)
         if section:
-            check_sections(data, cls, path, section)
+            check_sections(data, cls, path, section, sections)
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
             shared = {
