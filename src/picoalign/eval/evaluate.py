@@ -98,7 +98,12 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
 
 def _read_pairs(path: Path, limit: int) -> list[dict]:
     pairs = read_preferences(path, allow_empty=True) if path.exists() else []
+    if path.exists() and not pairs:
+        print(f"eval: {path.name} has no rows: skipped")
     return pairs[:limit] if limit else pairs
+
+
+TEST_FILES = ("sft_test.jsonl", "dpo_test.jsonl", "dpo_test_hard.jsonl")
 
 
 COMPARISONS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"))
@@ -110,6 +115,8 @@ class Evaluator:
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         sft_rows = read_sft(data / "sft_test.jsonl", allow_empty=True) if (data / "sft_test.jsonl").exists() else []
+        if (data / "sft_test.jsonl").exists() and not sft_rows:
+            print("eval: sft_test.jsonl has no rows: skipped")
         self.sft_rows = sft_rows[: cfg.max_sft_examples] if cfg.max_sft_examples else sft_rows
         # the template test pairs, and the held-out ones made by a different generator (data/stories_heldout.py)
         self.splits = {"test": _read_pairs(data / "dpo_test.jsonl", cfg.max_pairs),
@@ -182,13 +189,17 @@ class Evaluator:
                 m[name] = ci["mean"]
         return chosen, rejected
 
+    def empty(self) -> bool:
+        """Nothing to score and no prompt to generate from: loading a model would be for nothing."""
+        return not (self.sft_rows or any(self.splits.values()) or self.prompts)
+
     @property
     def decodings(self) -> list[str]:
         return [d.strip() for d in self.cfg.decodings.split(",") if d.strip()]
 
     def generate_samples(self, name: str, model, tokenizer) -> list[dict]:
         rows = []
-        for decoding in self.decodings:
+        for decoding in self.decodings if self.prompts else ():  # n_samples=0: pair metrics only
             texts = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, greedy=decoding == "greedy",
                              temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.cfg.seed,
                              batch_size=self.cfg.generate_batch_size, repetition_penalty=self.cfg.repetition_penalty)
@@ -228,6 +239,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not models:
         raise ValueError("nothing to evaluate: no checkpoints in the run and no --models given")
     ev = Evaluator(cfg, data)
+    if ev.empty() and not cfg.lm_eval:
+        print(f"eval: nothing to evaluate: the test splits in {data} ({', '.join(TEST_FILES)}) are empty or "
+              "missing; no model loaded, nothing written")
+        return {}
+    if not ev.prompts:
+        print("eval: no samples (n_samples=0 or no test prompts): pair metrics only, no style scores")
     results, samples = {}, []
     ref_model, ref_logps = None, None
     reference = cfg.reference or models.get("sft")
@@ -239,7 +256,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         is_dpo = name == "dpo" and reference is not None
         beta = _dpo_beta(path) if is_dpo else 0.1
         m, rows, logps = ev.score_model(name, model, tokenizer, ref_logps if is_dpo else None, beta)
-        if is_dpo and ref_model is not None:
+        if is_dpo and ref_model is not None and ev.prompts:  # on no samples the KL would read 0
             greedy = [r["text"] for r in rows if r["decoding"] == ev.decodings[0]]
             with autocast_for(ev.device, ev.dtype):
                 m["kl_to_ref"] = round(mean_token_kl(model, ref_model, tokenizer, ev.prompts, greedy, ev.device), 5)
@@ -275,8 +292,14 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _headline(m: dict) -> str:
+    """The primary style score with its interval; without samples (n_samples=0), the pair metrics."""
     v = m["judges"][PRIMARY]
-    return f"{PRIMARY} {v['mean']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] over {v['n']} samples"
+    if v["n"]:
+        return f"{PRIMARY} {v['mean']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] over {v['n']} samples"
+    shown = [f"{k} {m[k]:.2f}" for k in ("dpo_test_pref_acc", "dpo_hard_pref_acc") if m.get(k) is not None]
+    if m.get("sft_test_loss") is not None:
+        shown.append(f"sft_test_loss {m['sft_test_loss']:.4f}")
+    return ", ".join(shown) + " (no samples)"
 
 
 def judge_dpo_vs_sft(cfg: EvalConfig, samples: list[dict]) -> dict:
