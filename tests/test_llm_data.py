@@ -23,7 +23,7 @@ from llm_server import (
     writer,
 )
 
-from picoalign.config import ConfigError, DataConfig, DPOConfig, EvalConfig, load_config
+from picoalign.config import ConfigError, DataConfig, DPOConfig, load_config
 from picoalign.data.formats import read_preferences, read_sft
 from picoalign.data.judge import win_rate
 from picoalign.data.llm import (
@@ -36,7 +36,6 @@ from picoalign.data.llm import (
 )
 from picoalign.data.llm_rows import PARTIAL
 from picoalign.data.make import make_data, story_rows
-from picoalign.io import read_json
 
 KEY = "sk-test-s3cr3t-0123456789abcdef"
 FILES = ("sft_train", "sft_val", "sft_test", "dpo_train", "dpo_val", "dpo_test", "dpo_test_hard")
@@ -462,27 +461,3 @@ def test_win_rate_both_orders_by_hand():
     assert result == {"win_rate": round(2.5 / 3, 4), "prompts": 3, "agreement": round(2 / 3, 4), "errors": 0,
                       "judge_model": f"judge at {server.url} (openai-compatible)"}
     assert len(server.requests) == 6
-
-
-def test_eval_reports_the_judge_win_rate(tmp_path, chat_model, data_dir):
-    from picoalign.eval.evaluate import evaluate, judge_dpo_vs_sft
-
-    def always_a(body, n):
-        if kind_of(body) == "health":
-            return writer(body)
-        return Reply(content=json.dumps({"winner": "A", "reasoning": "first", "confidence": 7}))
-
-    with ScriptedLLM(always_a) as server:
-        cfg = EvalConfig(models=f"sft={chat_model},dpo={chat_model}", data=str(data_dir), out=str(tmp_path),
-                         device="cpu", dtype="fp32", n_samples=2, max_new_tokens=4, decodings="greedy",
-                         max_sft_examples=2, max_pairs=1, judge_provider=f"judge@{server.url}")
-        metrics = evaluate(cfg)
-    # the same weights under both names: always "A" is pure position bias, so 0.5 and no agreement
-    assert metrics["judge"] == {"win_rate": 0.5, "prompts": 2, "agreement": 0.0, "errors": 0,
-                                "judge_model": f"judge at {server.url} (openai-compatible)",
-                                "usage": usage(5)}
-    assert read_json(tmp_path / "metrics.json")["judge"]["win_rate"] == 0.5
-
-    samples = [{"model": m, "id": "x", "decoding": "greedy", "prompt": "p", "text": "t"} for m in ("sft", "dpo")]
-    dead = EvalConfig(judge_provider=f"judge@{closed_port_url()}")
-    assert judge_dpo_vs_sft(dead, samples)["error"].startswith("judge at http://127.0.0.1:")

@@ -93,6 +93,11 @@ def make_data(cfg: DataConfig) -> dict:
         files, extra = llm_files(cfg, files, provider, out)
         if hard is not None:
             files["dpo_test_hard"] = hard
+    if cfg.n_arith_sft:  # worked arithmetic answers, shuffled in with the SFT rows (the RL preset)
+        from picoalign.data.arith import arith_sft_rows
+
+        files["sft_train"] = files.get("sft_train", []) + arith_sft_rows(cfg.n_arith_sft, cfg.seed)
+        random.Random(cfg.seed).shuffle(files["sft_train"])
     if cfg.deid:
         from picoalign.data.deid import deid_rows
 
@@ -108,7 +113,8 @@ def make_data(cfg: DataConfig) -> dict:
         "generator_version": version,
         **versions,
         "seed": cfg.seed,
-        "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test")},
+        "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val",
+                                               "n_dpo_test", "n_arith_sft")},
         "counts": {name: len(rows) for name, rows in files.items()},
         **extra,
         "seconds": round(time.time() - t0, 3),
