@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from serving import running_server
 
 from picoalign.config import ServeConfig
@@ -143,22 +144,22 @@ def test_an_abandoned_request_leaves_no_traceback_in_the_log(keyed, monkeypatch,
     """A client gives up on a non-streaming answer (each decode step slowed, end-of-turn masked):
     the server stops the generation; asyncio used to log `_GatheringFuture exception was never
     retrieved` with a CancelledError traceback."""
-    import torch
-
     from picoalign.generation.batched import end_ids
 
     url, app = keyed
     engine = app.state.handlers.engine
-    model, ends = engine.model, end_ids(engine.model, engine.tokenizer)
-    real_forward = model.forward
+    kv, ends = engine.batcher.engine.kv, end_ids(engine.model, engine.tokenizer)
 
-    def slow_forward(*args, **kwargs):
-        out = real_forward(*args, **kwargs)
-        out.logits[..., ends] = -torch.inf
-        time.sleep(0.05)
-        return out
+    def slow(real):  # each prefill and decode step of the decode engine 50 ms longer, no end-of-turn
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            out[..., ends] = -torch.inf
+            time.sleep(0.05)
+            return out
+        return forward
 
-    monkeypatch.setattr(model, "forward", slow_forward)
+    monkeypatch.setattr(kv, "prefill", slow(kv.prefill))
+    monkeypatch.setattr(kv, "decode", slow(kv.decode))
     with Lines() as log:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
