@@ -44,7 +44,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         help_text = f.metadata.get("help", "")
         if env:
             help_text += f" [env {env.format(STAGE=getattr(cls, 'STAGE', ''))}]"
-        kwargs = {"dest": f"opt_{f.name}", "default": None, "help": help_text}
+        kwargs = {"dest": f"opt_{f.name}", "default": None, "help": help_text.replace("%", "%%")}  # argparse formats %
         if typ is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif f.metadata.get("bare") is not None:

@@ -121,7 +121,7 @@ def check_numbers(cfg: Any) -> None:
             raise ConfigError(f"{f.name} must be > 0, got {value}")
         if f.name in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value}")
-        low = 0 if f.name == "context_tokens" else 1  # 0 = the model's own context
+        low = 0 if f.name == "context_tokens" or zero_ok else 1  # 0 = the model's own context / a default
         if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
             raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
 
@@ -478,6 +478,7 @@ class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
     STAGE = "EVAL"
+    ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = capped by the longest SFT answer
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
     data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
                     "(a file, a parquet or save_to_disk folder, hf:OWNER/NAME:SPLIT)")
