@@ -66,6 +66,16 @@ def prepare(cfg, stage: str) -> Prepared:
     return Prepared(model, tokenizer, device, dtype, log_dir, marker)
 
 
+def read_splits(cfg, reader) -> tuple[list[dict], list[dict]]:
+    """(train, val) rows of a preference stage's data folder, read by `reader` (pairs or unpaired
+    rows) above `min_confidence`; the val file may be missing or empty."""
+    data = Path(cfg.data)
+    train = reader(data / cfg.train_file, min_confidence=cfg.min_confidence)
+    val_path = data / cfg.val_file
+    val = reader(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+    return train, val
+
+
 def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
     """An HF folder: the adapter (peft) or the full model, safetensors, tokenizer + template.
     `state_dict`: the whole weights of a sharded (FSDP) model, gathered by the caller."""
