@@ -66,3 +66,41 @@ def test_the_shipped_presets_still_load():
     for preset in ("default", "gpu", "pico"):
         path = default_preset().replace("default.yaml", f"{preset}.yaml")
         assert resolve_configs(path, environ={})["sft"].lr > 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["sft", "--lr=-1e-4"], "lr must be > 0, got -0.0001"),
+    (["sft", "--lr", "nan"], "lr must be a finite number, got nan"),
+    (["sft", "--max-length", "1000000000"], "max_length must be in 1..1048576, got 1000000000"),
+    (["sft", "--max-seconds=-5", "--max-steps", "3"], "max_seconds must be >= 0, got -5.0"),
+    (["sft", "--epochs=-1", "--max-steps", "3"], "epochs must be >= 0, got -1.0"),
+    (["sft", "--set", "lora.r=0"], "r must be in 1..1048576, got 0"),
+    (["dpo", "--beta=-0.1"], "beta must be > 0, got -0.1"),
+    (["dpo", "--weight-decay=-1"], "weight_decay must be >= 0, got -1.0"),
+    (["eval", "--max-length", "0"], "max_length must be in 1..1048576, got 0"),
+    (["data", "--llm-timeout", "0"], "llm_timeout must be > 0, got 0.0"),
+    (["generate", "--prompt", "hi", "--temperature", "inf"], "temperature must be a finite number, got inf"),
+])
+def test_impossible_settings_are_refused_at_load_by_name(tmp_path, capsys, argv, message):
+    """A negative learning rate used to fail after the data was tokenised and the model loaded,
+    with torch's message; max_length 1e9 trained. Now: exit 2 naming the setting, nothing read
+    (the data folder does not exist) and nothing written."""
+    where = {"generate": [], "data": ["--out", str(tmp_path / "out")]}.get(
+        argv[0], ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "out")])
+    err = config_error(capsys, [*argv, *where])
+    assert message in err and "config error" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_length_is_checked_against_the_models_context(chat_model, tmp_path):
+    with pytest.raises(C.ConfigError, match=re.escape(f"max_length=4096 is longer than the context of {chat_model} "
+                                                      "(2048 tokens)")):
+        C.SFTConfig(model=str(chat_model), max_length=4096)
+    assert C.SFTConfig(model=str(chat_model), max_length=2048).max_length == 2048
+    adapter = tmp_path / "adapter"  # a LoRA checkpoint: its base's context
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{chat_model}"}}')
+    with pytest.raises(C.ConfigError, match="2048 tokens"):
+        C.DPOConfig(model=str(adapter), max_length=3000)
+    with pytest.raises(C.ConfigError, match="8192 tokens"):
+        C.SFTConfig(max_length=10000)  # the built-in model

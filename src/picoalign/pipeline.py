@@ -116,6 +116,11 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
             raise C.ConfigError(f"unknown section or setting {key}{C.did_you_mean(key, known)}")
     own = {k: v for k, v in tree.items() if k not in sections and k != "run"}
     own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
+    sft_model = (tree.get("sft") or {}).get("model")
+    if sft_model is not None and "model" not in own:
+        # the run forces sft.model to the run's base model (stages.py:_sft_paths), so a user's
+        # `--set sft.model=...` names that base model rather than being overruled in silence
+        own["model"] = sft_model
     run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
     check_run_stages(run)  # a typo in the last stage fails here, not after the others have run
     asked = (tree.get("dpo") or {}).get("loss")

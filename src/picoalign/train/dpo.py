@@ -32,10 +32,13 @@ import torch
 
 from picoalign.config import DPOConfig
 from picoalign.data.formats import read_preferences
+from picoalign.io import append_jsonl, read_jsonl_lenient
 from picoalign.methods import METHODS
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
+from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
+from picoalign.train.diagnostics import displacement_warning
 from picoalign.train.loop import autocast_for, batch_order, batches_used, fit
 from picoalign.train.losses import (
     dpo_stats,
@@ -125,6 +128,7 @@ def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
 class DPOTask:
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.method = METHODS[cfg.loss]
         self.loss_fn = self.method.function()  # with a reference: f(Δ, β, ε); without: f(model, batch, cfg)
@@ -267,6 +271,9 @@ class DPOTask:
             ref_summed = ref * batch.token_counts().to(ref.device)
             pc, pr, rc, rr = summed[0::2], summed[1::2], ref_summed[0::2], ref_summed[1::2]
         stats = dpo_stats(pc, pr, rc, rr, self.cfg.beta)
+        # the reference's log-probs beside the policy's: curves.png draws the pair, and a chosen
+        # curve sinking under its reference is the warning of train/diagnostics.py
+        stats.update({"logps/ref_chosen": rc.mean(), "logps/ref_rejected": rr.mean()})
         if nll is not None:  # `loss` is then the sum; log its two terms too
             stats.update({"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()})
         return loss, stats, delta
@@ -340,4 +347,18 @@ def dpo(cfg: DPOConfig) -> dict:
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
     task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)
-    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)
+    summary = fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)
+    warn_displacement(p.log_dir, "dpo")
+    return summary
+
+
+def warn_displacement(log_dir: Path | None, name: str) -> str | None:
+    """Print (and return) the likelihood-displacement warning when the stage's log shows it."""
+    if log_dir is None or not dist.world().main:
+        return None
+    log = Path(log_dir) / f"{name}.jsonl"
+    warning = displacement_warning(read_jsonl_lenient(log))
+    if warning:
+        print(f"{name}: warning: {warning}")
+        append_jsonl(log, {"kind": "warning", "message": warning})
+    return warning

@@ -21,6 +21,7 @@ import torch
 from picoalign.config import DPOConfig
 from picoalign.data.formats import read_unpaired
 from picoalign.methods import METHODS
+from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import Encoded, PackedBatch, chunks, encode, pack_pairs
 from picoalign.train.dpo import DPOTask, batch_sequence_logps
 from picoalign.train.loop import fit
@@ -84,6 +85,7 @@ class KTOTask(DPOTask):
 
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.method = METHODS[cfg.loss]
         self.loss_fn, self.normalise = self.method.function(), False

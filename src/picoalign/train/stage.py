@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from picoalign.data.formats import parse_columns
+from picoalign.data.sources import data_split
 from picoalign.models.load import (
     add_lora,
     load_model,
@@ -67,12 +69,13 @@ def prepare(cfg, stage: str) -> Prepared:
 
 
 def read_splits(cfg, reader) -> tuple[list[dict], list[dict]]:
-    """(train, val) rows of a preference stage's data folder, read by `reader` (pairs or unpaired
-    rows) above `min_confidence`; the val file may be missing or empty."""
-    data = Path(cfg.data)
-    train = reader(data / cfg.train_file, min_confidence=cfg.min_confidence)
-    val_path = data / cfg.val_file
-    val = reader(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+    """(train, val) rows of a preference stage's data (a folder's files or a data set's splits:
+    data/sources.py), read by `reader` (pairs or unpaired rows) above `min_confidence`, under the
+    `columns` mapping; the val split may be missing or empty."""
+    columns = parse_columns(cfg.columns)
+    train = reader(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
+    val_path = data_split(cfg.data, cfg.val_file, main=False)
+    val = reader(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
     return train, val
 
 
