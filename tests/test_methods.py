@@ -265,3 +265,39 @@ def test_report_names_the_method(tmp_path, config, en, zh):
 
     run = Run(tmp_path, config=config)
     assert en in _method(run, EN) and zh in _method(run, ZH)
+
+
+def square_loss(delta: torch.Tensor, beta: float, eps: float = 0.0) -> torch.Tensor:
+    """A made-up method for the test below: (1 − βΔ)². At Δ = 0 (step 1 of a fresh adapter) it is 1."""
+    return (1 - beta * delta) ** 2
+
+
+def test_a_method_added_in_one_place_reaches_the_config_check_cli_help_trainer_and_report(
+        tmp_path, monkeypatch, sft_full, pref_dir):
+    """One `Method` entry (and its loss function) is all a new preference method takes: the config
+    accepts it and names it among the choices, `picoalign dpo --help` lists it, `picoalign dpo`
+    trains it (its loss at step 1 is its value at Δ = 0) and the report names it in both languages."""
+    from picoalign import methods
+    from picoalign.cli import build_parser
+    from picoalign.report.build import build_report
+
+    entry = methods.Method("square", f"{__name__}:square_loss", True, {"en": "squared DPO", "zh": "平方 DPO"})
+    monkeypatch.setitem(methods.METHODS, "square", entry)
+
+    assert DPOConfig(loss="square").loss == "square"
+    with pytest.raises(ConfigError, match=r"loss must be one of .*robust, orpo, simpo, kto, square; got 'cube'"):
+        DPOConfig(loss="cube")
+    dpo_help = build_parser()._subparsers._group_actions[0].choices["dpo"].format_help()
+    assert "robust | orpo | simpo | kto | square" in " ".join(dpo_help.split())
+
+    out = tmp_path / "dpo"
+    summary = train_preferences(dpo_cfg(out, sft_full, pref_dir, loss="square", max_steps=1))
+    assert summary["steps"] == 1 and log_rows(out)[0]["loss"] == 1.0
+    assert set(entry.metrics) <= set(log_rows(out)[0])  # the metrics its entry names, under TRL's names
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run:\n  method: sft+dpo\ndpo:\n  loss: square\n")
+    report = build_report(run)
+    assert "SFT, then squared DPO (`loss=square`) in the DPO stage" in (report / "REPORT.md").read_text()
+    assert "平方 DPO" in (report / "REPORT.zh.md").read_text()

@@ -42,6 +42,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
             names.append(f"--{f.name}")  # the original scripts' spelling, e.g. --label_smoothing
         env = f.metadata.get("env")
         help_text = f.metadata.get("help", "")
+        help_text = help_text() if callable(help_text) else help_text  # a registry's names, read now
         if env:
             help_text += f" [env {env.format(STAGE=getattr(cls, 'STAGE', ''))}]"
         kwargs = {"dest": f"opt_{f.name}", "default": None, "help": help_text.replace("%", "%%")}  # argparse formats %

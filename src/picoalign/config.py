@@ -23,6 +23,9 @@ from typing import Any
 
 import yaml
 
+from picoalign.methods import METHODS, loss_help
+from picoalign.methods import names as method_names
+
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 # The judges `picoalign eval` can score samples with (eval/judges.py, eval/axis_judges.py).
 EVAL_JUDGES = ("vader_darkness", "horror_lexicon", "horror_classifier", "fluency", "repetition", "distinct_2",
@@ -49,13 +52,12 @@ class ConfigError(ValueError):
 
 # Compute dtypes a stage accepts. Training has no gradient scaler, so fp16 is for inference only.
 DTYPES = ("auto", "bf16", "fp32")
-# The DPO losses by name, listed here once: train/losses.py:DPO_LOSSES must have exactly these
-# keys (tested); config stays free of torch imports, so the names live on this side.
-DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
-# The methods beside the DPO family that `picoalign dpo --loss` also trains: ORPO and SimPO need no
-# reference model (REFERENCE_FREE), KTO learns from unpaired examples (train/kto.py).
-METHOD_NAMES = ("orpo", "simpo", "kto")
-REFERENCE_FREE = ("orpo", "simpo")
+# The preference methods live in one table, picoalign/methods.py (torch-free, like this module);
+# these are its built-in names: the DPO family (a loss of Δ against a reference; train/losses.py:
+# DPO_LOSSES has exactly these), the methods beside it, and those without a reference.
+DPO_LOSS_NAMES = method_names(reference=True, rows="pairs")
+METHOD_NAMES = tuple(n for n in METHODS if n not in DPO_LOSS_NAMES)
+REFERENCE_FREE = method_names(reference=False)
 # `run.method`: SFT then a preference stage (any loss above), or ORPO alone from the base model.
 RUN_METHODS = ("sft+dpo", "orpo", "sft+rl")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -356,7 +358,7 @@ class DPOConfig(TrainConfig):
     lr: float = opt(5e-5, "peak learning rate")
     train_file: str = opt("dpo_train.jsonl", "training pairs (relative to --data)")
     val_file: str = opt("dpo_val.jsonl", "validation pairs (relative to --data)")
-    loss: str = opt("sigmoid", " | ".join(DPO_LOSS_NAMES + METHOD_NAMES))
+    loss: str = opt("sigmoid", loss_help)  # the methods' table (methods.py), read when the help is shown
     beta: float = opt(0.1, "strength of the pull toward the reference (orpo: λ, the weight of the odds-ratio "
                       "term; simpo: the scale of the length-normalised reward)")
     label_smoothing: float = opt(0.0, "ε for cdpo / robust / simpo")
@@ -371,7 +373,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("loss", self.loss, DPO_LOSS_NAMES + METHOD_NAMES)
+        one_of("loss", self.loss, METHODS)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("label_smoothing must be in [0, 0.5)")
         if self.beta <= 0:
@@ -604,7 +606,7 @@ class FrontierConfig:
             raise ConfigError("betas: give at least one β")
         parse_floats(self.sft_weights, "sft_weights")
         for loss in self.loss_names():
-            one_of("losses", loss, tuple(n for n in DPO_LOSS_NAMES + METHOD_NAMES if n != "orpo"))
+            one_of("losses", loss, tuple(n for n in METHODS if n != "orpo"))
         check_dtype(self.dtype, training=True)  # it trains DPO points
         check_device(self.device)
         for name in ("n_samples", "max_new_tokens", "generate_batch_size"):

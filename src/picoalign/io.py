@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+@contextmanager
+def staged_folder(out: str | Path, marker: str) -> Iterator[tuple[Path, dict]]:
+    """Build a folder that appears at `out` whole or not at all (an export's). Yields a temporary
+    folder beside `out` and the record for its `marker` file; when the block ends without an
+    error the record is written last and the folder replaces `out`; the temporary folder goes
+    either way."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    record: dict = {}
+    try:
+        yield tmp, record
+        write_json(tmp / marker, record)
+        place_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def place_folder(tmp: Path, out: Path) -> None:
     """Put a finished folder `tmp` (made beside `out`) in place of `out`, readable by others:
     the export's folder appears whole or not at all (a previous one is replaced)."""
-    import shutil
-
     tmp.chmod(0o755)  # mkdtemp makes 0700
     if out.exists():
         shutil.rmtree(out)

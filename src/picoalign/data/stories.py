@@ -12,7 +12,7 @@ not the preference signal.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 GENERATOR_VERSION = "stories-3"
 
@@ -285,14 +285,16 @@ def _fields(spec: StorySpec) -> dict[str, str]:
     }
 
 
-def _render(spec: StorySpec, paragraphs: list[str]) -> str:
-    f = _fields(spec)
+def render(spec: StorySpec, paragraphs: list[str], fields: dict | None = None) -> str:
+    """The story: its title, then each paragraph template filled with `fields` (default: this
+    module's fields of `spec`), a blank line between."""
+    f = _fields(spec) if fields is None else fields
     return spec.title + "\n\n" + "\n\n".join(p.format(**f) for p in paragraphs)
 
 
 def write_story(spec: StorySpec, rng: random.Random) -> str:
     """The SFT answer: three paragraphs using every field of `spec`, title first."""
-    return _render(spec, [rng.choice(OPENINGS), rng.choice(PLAIN_MIDDLES), rng.choice(PLAIN_ENDINGS)])
+    return render(spec, [rng.choice(OPENINGS), rng.choice(PLAIN_MIDDLES), rng.choice(PLAIN_ENDINGS)])
 
 
 def story_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str, str]:
@@ -304,10 +306,6 @@ def story_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str, str]:
     i, j = rng.randrange(len(DARK_MIDDLES)), rng.randrange(len(DARK_ENDINGS))
     kind = rng.choice(("wholesome", "mild"))
     middles, endings = (LIGHT_MIDDLES, LIGHT_ENDINGS) if kind == "wholesome" else (PLAIN_MIDDLES, PLAIN_ENDINGS)
-    chosen = _render(spec, [opening, DARK_MIDDLES[i], DARK_ENDINGS[j]])
-    rejected = _render(spec, [opening, middles[i], endings[j]])
+    chosen = render(spec, [opening, DARK_MIDDLES[i], DARK_ENDINGS[j]])
+    rejected = render(spec, [opening, middles[i], endings[j]])
     return chosen, rejected, kind
-
-
-def spec_dict(spec: StorySpec) -> dict:
-    return asdict(spec)

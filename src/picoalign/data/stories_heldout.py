@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from picoalign.data.stories import StorySpec, format_prompt, random_spec
+from picoalign.data.stories import StorySpec, format_prompt, random_spec, render
 
 GENERATOR_VERSION = "heldout-1"
 KINDS = ("darker", "off_spec")
@@ -141,11 +141,6 @@ def _fields(spec: StorySpec) -> dict[str, str]:
             "taboo": spec.taboo_rule, "twist": spec.twist}
 
 
-def _render(spec: StorySpec, paragraphs: list[str]) -> str:
-    fields = _fields(spec)
-    return spec.title + "\n\n" + "\n\n".join(p.format(**fields) for p in paragraphs)
-
-
 def drifted_spec(spec: StorySpec, rng: random.Random) -> StorySpec:
     """`spec` with its setting, protagonist, supporting character and object swapped for plain
     ones from this module's lists; the title, taboo and twist are kept."""
@@ -162,15 +157,17 @@ def darker_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str]:
     """(chosen, rejected): one opening, then bleak or mild paragraphs written line for line."""
     opening = rng.choice(OPENINGS)
     i, j = rng.randrange(len(BLEAK_TURNS)), rng.randrange(len(BLEAK_ENDINGS))
-    chosen = _render(spec, [opening, BLEAK_TURNS[i], BLEAK_ENDINGS[j]])
-    rejected = _render(spec, [opening, MILD_TURNS[i], MILD_ENDINGS[j]])
+    fields = _fields(spec)
+    chosen = render(spec, [opening, BLEAK_TURNS[i], BLEAK_ENDINGS[j]], fields)
+    rejected = render(spec, [opening, MILD_TURNS[i], MILD_ENDINGS[j]], fields)
     return chosen, rejected
 
 
 def off_spec_pair(spec: StorySpec, rng: random.Random) -> tuple[str, str]:
     """(chosen, rejected): the same dark story told about `spec`, or about `drifted_spec(spec)`."""
     paragraphs = [rng.choice(OPENINGS), rng.choice(BLEAK_TURNS), rng.choice(BLEAK_ENDINGS)]
-    return _render(spec, paragraphs), _render(drifted_spec(spec, rng), paragraphs)
+    drifted = drifted_spec(spec, rng)  # after the paragraphs: the random draws in their old order
+    return render(spec, paragraphs, _fields(spec)), render(drifted, paragraphs, _fields(drifted))
 
 
 def heldout_pairs(n: int, seed: int, avoid_prompts: set[str] = frozenset()) -> list[dict]:

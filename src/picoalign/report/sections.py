@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from picoalign.methods import METHODS
 from picoalign.report.load import (
     MODELS,
     Run,
@@ -26,6 +27,7 @@ from picoalign.report.load import (
     series,
     stage_seconds,
 )
+from picoalign.report.strings import STRINGS
 from picoalign.train.diagnostics import displacement_warning
 
 DASH = "—"
@@ -209,7 +211,14 @@ def _method(run: Run, t: dict) -> str:
     loss = str(dig(run.config, "dpo", "loss") or "sigmoid")
     if dig(run.config, "run", "method") == "orpo":
         return t["method_orpo"].format(loss=code(f"loss={loss}"))
-    return t["method_sft_then"].format(name=t.get(f"name_{loss}", loss), loss=code(f"loss={loss}"))
+    entry = METHODS.get(loss)
+    name = entry.title.get(language(t), entry.title["en"]) if entry else loss
+    return t["method_sft_then"].format(name=name, loss=code(f"loss={loss}"))
+
+
+def language(t: dict) -> str:
+    """The language code of the phrase table `t` ("en", "zh")."""
+    return next((lang for lang, table in STRINGS.items() if table is t), "en")
 
 
 def _status(run: Run, stage: str, t: dict) -> str:

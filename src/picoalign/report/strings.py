@@ -27,9 +27,7 @@ EN: dict[str, str] = {
     "method": "Method",
     "method_orpo": "ORPO ({loss}): one stage from the base model (NLL of the chosen answer + odds ratio), in place of SFT + DPO; no reference model. Its model is the one called DPO below",
     "method_sft_then": "SFT, then {name} ({loss}) in the DPO stage",
-    "name_sigmoid": "DPO", "name_cdpo": "cDPO", "name_ipo": "IPO", "name_hinge": "hinge (SLiC)",
-    "name_robust": "robust DPO", "name_simpo": "SimPO, without a reference model",
-    "name_kto": "KTO, on unpaired answers (pairs split into a desirable and an undesirable row)",
+    # (each method's own name comes from its entry in picoalign/methods.py)
     "device": "Device",
     "dtype": "Dtype",
     "versions": "Versions",
@@ -213,9 +211,7 @@ ZH: dict[str, str] = {
     "method": "方法",
     "method_orpo": "ORPO（{loss}）：从基座模型出发的单一阶段（chosen 回答的 NLL + 几率比），取代 SFT + DPO；不用参考模型。下文称为 DPO 的模型即是它",
     "method_sft_then": "先 SFT，再在 DPO 阶段训练 {name}（{loss}）",
-    "name_sigmoid": "DPO", "name_cdpo": "cDPO", "name_ipo": "IPO", "name_hinge": "hinge（SLiC）",
-    "name_robust": "robust DPO", "name_simpo": "SimPO，不用参考模型",
-    "name_kto": "KTO，使用非成对回答（每个偏好对拆成一条正例和一条负例）",
+    # （各方法的名称来自 picoalign/methods.py 中它的条目）
     "device": "设备",
     "dtype": "计算精度",
     "versions": "软件版本",

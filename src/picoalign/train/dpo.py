@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from picoalign.config import REFERENCE_FREE, DPOConfig
-from picoalign.data.formats import parse_columns, read_preferences
-from picoalign.data.sources import data_split
+from picoalign.config import DPOConfig
+from picoalign.data.formats import read_preferences
 from picoalign.io import append_jsonl, read_jsonl_lenient
+from picoalign.methods import METHODS
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
 from picoalign.train.attention import fit_prefix_sharing
@@ -41,14 +41,13 @@ from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
 from picoalign.train.diagnostics import displacement_warning
 from picoalign.train.loop import autocast_for, batch_order, batches_used, fit
 from picoalign.train.losses import (
-    DPO_LOSSES,
     dpo_stats,
     orpo_loss,
     orpo_odds_ratio_loss,
     sequence_logps,
     simpo_loss,
 )
-from picoalign.train.stage import prepare, save_model
+from picoalign.train.stage import prepare, read_splits, save_model
 
 
 def batch_sequence_logps(model, batch: PackedBatch, normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,11 +122,7 @@ def batch_key(batch: PackedBatch) -> str:
 def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     """(train, val) pairs above `min_confidence`, read and checked (a bad row raises file:line)
     before a model loads."""
-    columns = parse_columns(cfg.columns)
-    train = read_preferences(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
-    val_path = data_split(cfg.data, cfg.val_file, main=False)
-    val = read_preferences(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
-    return train, val
+    return read_splits(cfg, read_preferences)
 
 
 class DPOTask:
@@ -135,18 +130,19 @@ class DPOTask:
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
         cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
-        self.loss_fn = DPO_LOSSES.get(cfg.loss)  # None for orpo / simpo: `reference_free_loss` instead
-        self.normalise = cfg.loss == "ipo"
+        self.method = METHODS[cfg.loss]
+        self.loss_fn = self.method.function()  # with a reference: f(Δ, β, ε); without: f(model, batch, cfg)
+        self.normalise = self.method.normalise
         train_rows, val_rows = rows or read_pair_splits(cfg)
         self.train = pair_batches(tokenizer, train_rows, cfg, cfg.prefix_sharing)
         val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
         self.live_ref = None
-        self.reference_forward = cfg.reference == "live" and cfg.loss not in REFERENCE_FREE  # FLOPs count
-        if cfg.loss not in REFERENCE_FREE:
+        self.reference_forward = cfg.reference == "live" and self.method.reference  # FLOPs count
+        if self.method.reference:
             self._attach_reference()
         print(f"dpo: {len(train_rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
-              f"loss={cfg.loss} beta={cfg.beta} reference={'none' if cfg.loss in REFERENCE_FREE else cfg.reference}")
+              f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference if self.method.reference else 'none'}")
 
     def _attach_reference(self) -> None:
         """Reference log-probs for the batches this run will use: the training batches its step or
@@ -245,7 +241,7 @@ class DPOTask:
         key = None if self.cfg.reference == "live" else batch_key(batch)
         if key in self._scored:
             return self._scored[key]
-        bare = getattr(self.model, "module", self.model)  # inside a step the model may be DDP's wrapper
+        bare = dist.bare(self.model)  # inside a step, under DDP, the model is the wrapper: no sync here
         with torch.no_grad():
             if self.live_ref is not None:
                 ref = batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
@@ -258,8 +254,8 @@ class DPOTask:
 
     def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(mean loss, TRL-style stats, Δ per pair) for one preference batch."""
-        if self.cfg.loss in REFERENCE_FREE:
-            return reference_free_loss(self.model, batch, self.cfg)
+        if not self.method.reference:
+            return self.loss_fn(self.model, batch, self.cfg)
         summed, tokens = batch_sequence_logps(self.model, batch)
         policy = summed / batch.token_counts().to(summed.device) if self.normalise else summed
         ref = self._reference(batch).to(policy.device)
@@ -303,35 +299,50 @@ class DPOTask:
         save_model(self.model, self.tokenizer, folder, state_dict)
 
 
-def reference_free_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """ORPO or SimPO on one pair batch: (mean loss, TRL's metrics, ℓ_w − ℓ_l per pair), where ℓ is
-    the policy's mean log-prob per answer token; no reference. As TRL, the logged rewards are β·ℓ
-    and `logps/*` the means ℓ; ORPO adds `nll_loss`, `log_odds_ratio` (mean log σ of the log odds
-    ratio) and `log_odds_chosen` (mean log odds ratio)."""
+def _mean_logps(model, batch: PackedBatch, beta: float):
+    """What ORPO and SimPO score: ℓ, the policy's mean log-prob per answer token, of the chosen and
+    the rejected answers; the NLL of all chosen-answer tokens; and TRL's reward metrics on ℓ."""
     summed, tokens = batch_sequence_logps(model, batch)
     mean = summed / batch.token_counts().to(summed.device)
     chosen, rejected = mean[0::2], mean[1::2]
     nll = -tokens[(batch.seq_index % 2) == 0].mean()  # over all chosen-answer tokens of the batch
-    stats = dpo_stats(chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(rejected), cfg.beta)
-    stats = {k: v.detach() for k, v in stats.items()}
-    if cfg.loss == "orpo":
-        loss = orpo_loss(nll, chosen, rejected, cfg.beta)
-        _, log_odds = orpo_odds_ratio_loss(chosen.detach(), rejected.detach())
-        stats |= {"nll_loss": nll.detach(), "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).mean(),
-                  "log_odds_chosen": log_odds.mean()}
-        return loss, stats, chosen - rejected
+    stats = dpo_stats(chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(rejected), beta)
+    return chosen, rejected, nll, {k: v.detach() for k, v in stats.items()}
+
+
+def orpo_pair_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """ORPO on one pair batch, no reference: (mean loss, TRL's metrics, ℓ_w − ℓ_l per pair). As
+    TRL, the logged rewards are β·ℓ and `logps/*` the means ℓ, plus `nll_loss`, `log_odds_ratio`
+    (mean log σ of the log odds ratio) and `log_odds_chosen` (mean log odds ratio)."""
+    chosen, rejected, nll, stats = _mean_logps(model, batch, cfg.beta)
+    loss = orpo_loss(nll, chosen, rejected, cfg.beta)
+    _, log_odds = orpo_odds_ratio_loss(chosen.detach(), rejected.detach())
+    stats |= {"nll_loss": nll.detach(), "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).mean(),
+              "log_odds_chosen": log_odds.mean()}
+    return loss, stats, chosen - rejected
+
+
+def simpo_pair_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """SimPO on one pair batch, no reference (with `sft_weight`, CPO's behaviour-cloning term, TRL's
+    `cpo_alpha`): (mean loss, TRL's metrics, ℓ_w − ℓ_l per pair)."""
+    chosen, rejected, nll, stats = _mean_logps(model, batch, cfg.beta)
     loss = preference = simpo_loss(chosen, rejected, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing).mean()
-    if cfg.sft_weight > 0:  # CPO's behaviour-cloning term (TRL `cpo_alpha`)
+    if cfg.sft_weight > 0:
         loss = loss + cfg.sft_weight * nll
         stats |= {"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()}
     return loss, stats, chosen - rejected
 
 
+def reference_free_loss(model, batch: PackedBatch, cfg: DPOConfig) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """A method without a reference (ORPO, SimPO: `cfg.loss`) on one pair batch."""
+    return METHODS[cfg.loss].function()(model, batch, cfg)
+
+
 def dpo(cfg: DPOConfig) -> dict:
     """Train `cfg.model` (the SFT checkpoint; for ORPO the base) on preference pairs; returns the
     summary. (KTO's unpaired rows: train/kto.py; `picoalign dpo` picks through train/preference.py.)"""
-    if cfg.loss == "kto":
-        raise ValueError("loss=kto trains on unpaired rows: call picoalign.train.preference.train_preferences "
+    if METHODS[cfg.loss].rows == "unpaired":
+        raise ValueError(f"loss={cfg.loss} trains on unpaired rows: call picoalign.train.preference.train_preferences "
                          "(what `picoalign dpo` runs) or picoalign.train.kto.kto")
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")

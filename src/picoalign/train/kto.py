@@ -19,23 +19,19 @@ import warnings
 import torch
 
 from picoalign.config import DPOConfig
-from picoalign.data.formats import parse_columns, read_unpaired
-from picoalign.data.sources import data_split
+from picoalign.data.formats import read_unpaired
+from picoalign.methods import METHODS
 from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import Encoded, PackedBatch, chunks, encode, pack_pairs
 from picoalign.train.dpo import DPOTask, batch_sequence_logps
 from picoalign.train.loop import fit
-from picoalign.train.losses import kto_loss, kto_reference_point, kto_stats
-from picoalign.train.stage import prepare
+from picoalign.train.losses import kto_reference_point, kto_stats
+from picoalign.train.stage import prepare, read_splits
 
 
 def read_unpaired_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     """(train, val) unpaired rows, read and checked (a bad row raises file:line) before a model loads."""
-    columns = parse_columns(cfg.columns)
-    train = read_unpaired(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
-    val_path = data_split(cfg.data, cfg.val_file, main=False)
-    val = read_unpaired(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
-    return train, val
+    return read_splits(cfg, read_unpaired)
 
 
 def mismatched(prompts: list, i: int) -> int:
@@ -91,7 +87,8 @@ class KTOTask(DPOTask):
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
         cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
-        self.loss_fn, self.normalise = None, False
+        self.method = METHODS[cfg.loss]
+        self.loss_fn, self.normalise = self.method.function(), False
         train_rows, val_rows = rows or read_unpaired_splits(cfg)
         self.train = unpaired_batches(tokenizer, train_rows, cfg)
         val = unpaired_batches(tokenizer, val_rows, cfg)
@@ -116,7 +113,7 @@ class KTOTask(DPOTask):
         ref = self._reference(batch).to(policy.device)
         desirable = batch.desirable.to(policy.device)
         kl = kto_reference_point(policy[1::2], ref[1::2])
-        losses = kto_loss(policy[0::2], ref[0::2], desirable, kl, self.cfg.beta,
+        losses = self.loss_fn(policy[0::2], ref[0::2], desirable, kl, self.cfg.beta,
                           self.cfg.desirable_weight, self.cfg.undesirable_weight)
         stats = {k: v.detach() for k, v in kto_stats(policy[0::2], ref[0::2], desirable, kl, self.cfg.beta).items()}
         return losses.mean(), stats, self.cfg.beta * (policy[0::2] - ref[0::2]).detach()

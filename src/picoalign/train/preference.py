@@ -8,10 +8,11 @@ both modules, so neither imports the other back.
 from __future__ import annotations
 
 from picoalign.config import DPOConfig
+from picoalign.methods import METHODS
 from picoalign.train.dpo import dpo
 from picoalign.train.kto import kto
 
 
 def train_preferences(cfg: DPOConfig) -> dict:
     """Train on preferences with `cfg.loss`; returns the training summary."""
-    return kto(cfg) if cfg.loss == "kto" else dpo(cfg)
+    return kto(cfg) if METHODS[cfg.loss].rows == "unpaired" else dpo(cfg)

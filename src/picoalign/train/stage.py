@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from picoalign.data.formats import parse_columns
+from picoalign.data.sources import data_split
 from picoalign.models.load import (
     add_lora,
     load_model,
@@ -64,6 +66,17 @@ def prepare(cfg, stage: str) -> Prepared:
     log_dir = Path(cfg.logs) if cfg.logs else Path(cfg.out) / "logs"
     marker = {"stage": stage, "base_model": model_identity(cfg.model), "complete": False, "lora": cfg.lora.enabled}
     return Prepared(model, tokenizer, device, dtype, log_dir, marker)
+
+
+def read_splits(cfg, reader) -> tuple[list[dict], list[dict]]:
+    """(train, val) rows of a preference stage's data (a folder's files or a data set's splits:
+    data/sources.py), read by `reader` (pairs or unpaired rows) above `min_confidence`, under the
+    `columns` mapping; the val split may be missing or empty."""
+    columns = parse_columns(cfg.columns)
+    train = reader(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
+    val_path = data_split(cfg.data, cfg.val_file, main=False)
+    val = reader(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
+    return train, val
 
 
 def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:

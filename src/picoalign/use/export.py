@@ -17,16 +17,14 @@ the folder's picoalign.json is the end-to-end difference, reloaded folder vs bas
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from picoalign.config import ExportConfig
 from picoalign.generation.batched import end_ids
-from picoalign.io import place_folder, write_json
+from picoalign.io import staged_folder
 from picoalign.models.chat import render_answer, render_prompt
 from picoalign.models.load import MARKER, base_of_adapter, load_model, model_identity
 
@@ -77,9 +75,7 @@ def export(cfg: ExportConfig) -> dict:
     ends = end_ids(model, tokenizer)
     model.generation_config.eos_token_id = ends[0] if len(ends) == 1 else ends
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))  # renamed into place when checked
-    try:
+    with staged_folder(out, MARKER) as (tmp, record):  # in place only when checked
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
@@ -87,16 +83,12 @@ def export(cfg: ExportConfig) -> dict:
         diff = (logits(reloaded, ids) - before).abs().max().item()
         if cfg.dtype == "fp32" and diff > cfg.tolerance:
             raise ValueError(f"the saved folder's logits differ from base + adapter by {diff:.2e} > {cfg.tolerance:.0e}")
-        record = {
+        record.update({
             "stage": "export", "complete": True, "source": model_identity(cfg.model),
             "base_model": base_of_adapter(cfg.model) if is_adapter else model_identity(cfg.model),
             "merged_adapter": is_adapter, "dtype": cfg.dtype, "probe_tokens": ids.shape[1],
             "max_abs_logit_diff": diff, "max_abs_logit_diff_merged": merged_diff,
-        }
-        write_json(tmp / MARKER, record)
-        place_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        })
     print(f"export: {cfg.model} -> {out} ({cfg.dtype}); max |Δlogit| of the saved folder vs base + adapter: "
           f"{diff:.2e} (the merge alone: {merged_diff:.2e})", file=sys.stderr)
     return record

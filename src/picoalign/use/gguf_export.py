@@ -18,16 +18,14 @@ Tolerances are relative to the largest |logit| of the merged model on the probe:
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from picoalign.generation.batched import END_OF_TURN, end_ids
-from picoalign.io import atomic_write_text, place_folder, write_json
+from picoalign.io import atomic_write_text, staged_folder
 from picoalign.models.load import MARKER
 from picoalign.use import llamacpp_check, ollama
 from picoalign.use.gguf_file import gguf_plan, write_gguf
@@ -136,9 +134,9 @@ def export_gguf(cfg, model, tokenizer, ids: torch.Tensor, expected: torch.Tensor
     model_text = ollama.modelfile(name, tokenizer, stops) if cfg.ollama else None
     tol = TOLERANCE[cfg.gguf_type]
     probe, want = ids[0].tolist(), expected[0].numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))  # renamed into place when checked
-    try:
+    with staged_folder(out, MARKER) as (tmp, staged):  # in place only when checked
+        staged.update(record)
+        record = staged
         print(f"export: writing {name} ({cfg.gguf_type})", file=sys.stderr, flush=True)
         write_gguf(plan, model, tmp / name, cfg.gguf_type)
         record.update(format="gguf", gguf_type=cfg.gguf_type, file=name, tolerance_relative=tol,
@@ -153,10 +151,6 @@ def export_gguf(cfg, model, tokenizer, ids: torch.Tensor, expected: torch.Tensor
         if model_text is not None:
             atomic_write_text(tmp / "Modelfile", model_text)
             record["ollama_create"] = f"ollama create {ollama.ollama_name(out.name)} -f {out / 'Modelfile'}"
-        write_json(tmp / MARKER, record)
-        place_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     checked = record["llama_cpp"] or record["transformers"]
     print(f"export: {cfg.model} -> {out / name}; max |Δlogit| / max |logit| vs the merged model: "
           f"{checked['relative_logit_diff']:.2e} ({'llama.cpp' if record['llama_cpp'] else 'transformers'})",
