@@ -18,7 +18,7 @@ import torch
 import picoalign.train.dpo as dpo_module
 from picoalign.config import DPOConfig, LoraConfig, SFTConfig
 from picoalign.io import read_jsonl_lenient, write_jsonl
-from picoalign.models.load import load_model
+from picoalign.models.load import load_model, read_marker
 from picoalign.train.batching import pair_batches
 from picoalign.train.dpo import DPOTask, batch_key, batch_sequence_logps, dpo
 from picoalign.train.sft import sft
@@ -26,6 +26,7 @@ from picoalign.train.sft import sft
 MAX_LENGTH = 240
 LN2 = round(math.log(2), 6)  # 0.693147
 STEP_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops", "mfu", "elapsed",
+             "logps/ref_chosen", "logps/ref_rejected",
              "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"}
 
@@ -281,6 +282,89 @@ def test_the_reference_scores_only_what_the_budget_uses(tmp_path, sft_full, pref
     assert summary["steps"] >= 2 and summary["stop_reason"] == "max_seconds"
     assert len(seen["task"]._scored) == len(train)  # each training batch scored once, when first used
     assert summary["seconds"] >= 2
+
+
+class FakeClock:
+    """`time` for the loop and the DPO module: a millisecond a reading, and what the test adds."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
+def costly_reference(monkeypatch, seconds: float, step_seconds: float = 0.0) -> FakeClock:
+    """Every forward without gradients (the reference's; evaluation's too) costs `seconds` on the
+    clock, every forward with them (a training step's) `step_seconds`."""
+    import picoalign.train.loop as loop_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(dpo_module, "time", clock)
+    monkeypatch.setattr(loop_module, "time", clock)
+    real = dpo_module.batch_sequence_logps
+
+    def scored(model, batch, normalise=False):
+        clock.now += step_seconds if torch.is_grad_enabled() else seconds
+        return real(model, batch, normalise)
+
+    monkeypatch.setattr(dpo_module, "batch_sequence_logps", scored)
+    return clock
+
+
+def test_a_time_budget_smaller_than_the_precompute_still_trains(tmp_path, sft_full, pref_dir, monkeypatch, capsys):
+    """Issue 31. The reference costs 10 s a batch on a fake clock: 30 s for the 2 training batches
+    and the val batch, against max_seconds=15 and one epoch (2 steps). Once the precompute took all
+    30 s and the run 'finished' after 0 steps. Now it stops at its share (7.5 s), after one batch
+    (10 s), and says before step 1 what the whole would take of the budget; step 1 uses that
+    batch, step 2 scores its own as it reaches it (10 s more): 2 steps, a complete output."""
+    costly_reference(monkeypatch, 10.0)
+    seen = {}
+    real_fit = dpo_module.fit
+    monkeypatch.setattr(dpo_module, "fit", lambda task, *a, **k: seen.setdefault("task", task) and real_fit(task, *a, **k))
+    out = tmp_path / "dpo"
+    summary = dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=0, epochs=1, max_seconds=15))
+    said = capsys.readouterr().out
+    assert "takes about 30s, 200% of max_seconds=15; it stops at 50% of it" in said
+    assert "reference log-probs of 4 pairs took 10s, 67% of max_seconds=15" in said
+    assert summary["steps"] == 2 and summary["stop_reason"] == "epochs" and 20 <= summary["seconds"] < 21
+    assert read_marker(out)["complete"] is True
+    assert len(torch.load(out / "ref_logps.pt", weights_only=False)["logps"]) == 1
+    assert len(seen["task"]._scored) == 2  # the second training batch in step 2, the val batch at the end
+
+
+def test_full_fine_tuning_scores_late_batches_against_the_start(tmp_path, sft_full, pref_dir, monkeypatch):
+    """Full fine-tuning, a run limited by time alone (15 s; the reference 10 s a batch, a step 2 s):
+    the precompute scores one batch; the other, reached at step 2, is scored by a frozen copy of the
+    starting model, so step 2 and the final eval log what a run with every batch precomputed logs.
+    (Once the policy itself scored the batches as it reached them, after it had moved.)"""
+    kw = dict(lora=False, lr=1e-3, schedule="constant")  # time alone: no cosine end to aim at
+    dpo(dpo_cfg(tmp_path / "all", sft_full, pref_dir, max_steps=2, **kw))
+    costly_reference(monkeypatch, 10.0, step_seconds=2.0)
+    summary = dpo(dpo_cfg(tmp_path / "timed", sft_full, pref_dir, max_steps=0, epochs=0, max_seconds=15, **kw))
+    assert summary["steps"] == 2 and summary["stop_reason"] == "max_seconds"
+    everything, timed = log_rows(tmp_path / "all"), log_rows(tmp_path / "timed")
+    assert everything[1]["rewards/margins"] != 0.0
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        assert timed[1][key] == pytest.approx(everything[1][key], abs=1e-5), key
+    # the val batch too, left to the copy at the final eval
+    assert log_rows(tmp_path / "timed", "eval")[-1]["val/margin"] == log_rows(tmp_path / "all", "eval")[-1]["val/margin"]
+
+
+def test_a_time_budget_the_precompute_uses_up_fails_loudly(tmp_path, sft_full, pref_dir, monkeypatch):
+    """A budget of 5 s against a first batch of 10 s: no step fits. The stage fails saying why and
+    what to change, and the output is not marked complete (once: 0 steps, exit 0, complete)."""
+    from picoalign.train.loop import TooFewSteps
+
+    costly_reference(monkeypatch, 10.0)
+    out = tmp_path / "dpo"
+    with pytest.raises(TooFewSteps, match=r"after 0 optimiser steps.*max_seconds=5 was spent; 10 s of it went to "
+                                          r"work before step 1 \(the reference log-probs\).*larger max_seconds, "
+                                          r"fewer pairs, or reference=live"):
+        dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=0, epochs=1, max_seconds=5))
+    assert read_marker(out)["complete"] is False
+    assert not (out / "adapter_model.safetensors").exists()
 
 
 def test_bad_pairs_leave_a_finished_checkpoint_as_it_was(tmp_path, sft_full, pref_dir, monkeypatch):

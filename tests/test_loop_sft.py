@@ -197,6 +197,31 @@ def test_max_seconds_budget(tmp_path, chat_model, data_dir):
     assert len(log_rows(out)) == marker["steps"]
 
 
+def test_a_run_of_zero_steps_fails_and_is_not_marked_complete(tmp_path, chat_model, data_dir, capsys):
+    """Issue 31: one epoch of the 2 micro-batches at grad_accum 4 fills no optimiser step. Once
+    that 'finished' with exit 0 and a complete marker on an untrained model; now the command
+    exits 1 saying which budget and what to change, and `picoalign.json` says complete: false."""
+    from picoalign.cli import main
+    from picoalign.train.loop import TooFewSteps
+
+    out = tmp_path / "sft"
+    with pytest.raises(TooFewSteps, match=r"0 optimiser steps, fewer than min_steps=1.*epochs=1 over 2 micro-batches"):
+        sft(sft_cfg(out, chat_model, data_dir, lora=True, max_steps=0, epochs=1, grad_accum=4))
+    assert read_json(out / "picoalign.json")["complete"] is False
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "last").exists()
+    argv = ["sft", "--data", str(data_dir), "--model", str(chat_model), "--out", str(tmp_path / "cli"),
+            "--device", "cpu", "--dtype", "fp32", "--max-length", str(MAX_LENGTH), "--batch-size", "4",
+            "--grad-accum", "4", "--epochs", "1", "--tensorboard", "false", "--progress", "false",
+            "--set", "lora.r=4", "--set", "lora.alpha=8"]
+    assert main(argv) == 1
+    assert "raise epochs or lower grad_accum" in capsys.readouterr().err.lower()
+    assert read_json(tmp_path / "cli" / "picoalign.json")["complete"] is False
+    # min_steps=0 accepts it: the old behaviour, asked for by name
+    summary, _ = run_sft(sft_cfg(tmp_path / "zero", chat_model, data_dir, lora=True, max_steps=0, epochs=1,
+                                 grad_accum=4, min_steps=0))
+    assert summary["steps"] == 0 and read_json(tmp_path / "zero" / "picoalign.json")["complete"] is True
+
+
 def test_sft_with_a_plain_tokenizer(tmp_path, plain_model, data_dir):
     """No chat template: prompt (with BOS) + response + eos; the run trains and its loss falls."""
     out = tmp_path / "sft"

@@ -244,6 +244,20 @@ def test_a_failing_core_stage_raises_with_the_log_path(tmp_path, chat_model):
     assert not (tmp_path / "t" / "checkpoints" / "dpo").exists()  # and none after it
 
 
+def test_a_stage_that_trained_no_step_stops_the_run_before_eval(tmp_path, chat_model):
+    """Issue 31: the dpo stage's one epoch fills no step (2 micro-batches, grad_accum 8). Once the
+    run went on to evaluate and report the untrained model as "DPO"; now it stops at dpo, saying
+    why, and neither the dpo checkpoint nor a metrics entry claims a trained model."""
+    overrides = settings(chat_model, tmp_path, stages="data,sft,dpo,eval",
+                         dpo={"max_steps": 0, "epochs": 1, "grad_accum": 8})
+    with pytest.raises(StageFailed, match=r"stage dpo failed: dpo: training stopped after 0 optimiser steps"):
+        run_quiet(None, overrides)
+    root = tmp_path / "t"
+    assert read_json(root / "checkpoints" / "dpo" / "picoalign.json")["complete"] is False
+    assert "models" not in read_json(root / "metrics.json")
+    assert read_json(root / "checkpoints" / "sft" / "picoalign.json")["complete"] is True
+
+
 # ---------------------------------------------------------------- settings: environment, YAML, --set
 
 

@@ -13,8 +13,10 @@ import dataclasses
 import sys
 import typing
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 from picoalign import config as C
+from picoalign.lock import FolderBusy, folder_lock, main_process, output_folder
 from picoalign.stages import STAGES, check_registry
 
 
@@ -88,8 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args.stage, args)
     except C.ConfigError as e:
         parser.exit(2, f"picoalign {args.stage}: config error: {e}\n")
+    folder = output_folder(args.stage, cfg) if main_process() else None
     try:
-        STAGES[args.stage].function()(cfg)
+        with folder_lock(folder, args.stage) if folder else nullcontext():  # one process per --out
+            STAGES[args.stage].function()(cfg)
+    except FolderBusy as e:
+        print(f"picoalign {args.stage}: refused: {e}", file=sys.stderr)
+        return 1
     except (C.ConfigError, ValueError, FileNotFoundError) as e:
         print(f"picoalign {args.stage}: error: {e}", file=sys.stderr)
         return 1

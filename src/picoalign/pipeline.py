@@ -19,6 +19,7 @@ stage stops it with the reason and the path of the log.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -27,13 +28,16 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
 
 from picoalign import config as C
 from picoalign.io import atomic_write_text, read_json, write_json
+from picoalign.lock import FolderBusy, folder_lock, output_folder
 from picoalign.models.builtin import BuiltinUnavailable
+from picoalign.scrub import scrub
 from picoalign.stages import STAGES, Stage, check_run_stages, run_order, run_sections
 
 
@@ -90,7 +94,7 @@ class LogLines:
                 self.pending += part
 
     def _emit(self, line: str) -> None:
-        self.file.write(line.rstrip() + "\n")
+        self.file.write(scrub(line.rstrip()) + "\n")  # what the terminal shows, without secrets
         self.file.flush()
 
     def flush(self) -> None:
@@ -106,8 +110,17 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     """The run config and each stage's config, with the run's paths forced into them."""
     tree = overrides if isinstance(overrides, Mapping) else C.parse_overrides(overrides)
     sections = run_sections()
+    known = set(sections) | {"run"} | {f.name for f in dataclasses.fields(C.RunConfig)}
+    for key in tree:  # `--set sftt.lr=1` names no section: refused here, not read as a run setting
+        if key not in known:
+            raise C.ConfigError(f"unknown section or setting {key}{C.did_you_mean(key, known)}")
     own = {k: v for k, v in tree.items() if k not in sections and k != "run"}
     own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
+    sft_model = (tree.get("sft") or {}).get("model")
+    if sft_model is not None and "model" not in own:
+        # the run forces sft.model to the run's base model (stages.py:_sft_paths), so a user's
+        # `--set sft.model=...` names that base model rather than being overruled in silence
+        own["model"] = sft_model
     run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
     check_run_stages(run)  # a typo in the last stage fails here, not after the others have run
     asked = (tree.get("dpo") or {}).get("loss")
@@ -136,7 +149,12 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
     for stage in chosen:  # before any work: what one stage lacks stops the run now
         if stage.run.check:
             stage.run.check(configs.get(stage.name))
-    root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(root, "run"):  # a second `run` of this tag is refused before it writes anything
+        _run_locked(root, configs, chosen)
+    return root
+
+
+def _run_locked(root: Path, configs: dict, chosen: list[Stage]) -> None:
     resolved = {"run": C.to_dict(configs["run"]), **{n: C.to_dict(configs[n]) for n in run_sections()}}
     atomic_write_text(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     with open(root / "output.log", "a", encoding="utf-8") as file:
@@ -152,14 +170,13 @@ def run_pipeline(path: str | None = None, overrides: Iterable[str] | Mapping = (
             sys.stdout, sys.stderr = out, err
             for log in logs:
                 log.close()
-    return root
 
 
 def _timed(root: Path, stage: str, fn) -> None:
     t0 = time.time()
     try:
         did = fn()
-    except StageFailed:
+    except (StageFailed, FolderBusy):
         raise
     except Exception as e:  # noqa: BLE001 - a core stage failure stops the run, with where to look
         traceback.print_exc()
@@ -185,8 +202,12 @@ def run_stage(stage: Stage, configs: dict) -> bool:
         from picoalign.train.loop import resumable
 
         cfg.resume = resumable(Path(cfg.out)) is not None  # last/, or the last.old/ a crash mid-swap leaves
+    folder = output_folder(stage.name, cfg)
     try:
-        result = stage.function(rules.call)(cfg if stage.config else root)
+        with folder_lock(folder, stage.name) if folder else nullcontext():  # against `picoalign sft --out` beside
+            result = stage.function(rules.call)(cfg if stage.config else root)
+    except FolderBusy:
+        raise
     except Exception as e:  # noqa: BLE001 - an optional stage (the report) warns and keeps the run
         if not rules.optional:
             raise
@@ -217,7 +238,7 @@ def main(argv: list[str]) -> int:
     except C.ConfigError as e:
         print(f"picoalign run: config error: {e}", file=sys.stderr)
         return 2
-    except (StageFailed, BuiltinUnavailable) as e:
+    except (StageFailed, BuiltinUnavailable, FolderBusy) as e:
         print(f"picoalign run: {e}", file=sys.stderr)
         return 1
     return 0

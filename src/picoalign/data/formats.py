@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,16 @@ SFT_FORMATS = ("prompt|input + response|output|completion, instruction (+ input)
                "messages, or conversations")
 PREFERENCE_FORMATS = "chosen + rejected, with prompt|input or a shared beginning"
 UNPAIRED_FORMATS = f"prompt|input + completion|response|output + label (true/false), or a pair ({PREFERENCE_FORMATS})"
+# The names a `--columns` mapping may give a set's columns: every field the readers look at.
+MAPPABLE = ("prompt", "input", "response", "output", "completion", "instruction", "messages", "conversations",
+            "chosen", "rejected", "label", "id", "confidence")
+# The columns a schema'd source (parquet, arrow) must have, per kind: any one of the alternatives.
+SFT_NEEDS = (("prompt|input", "response|output|completion"), ("instruction", "output|response|completion"),
+             ("messages|conversations",))
+PREFERENCE_NEEDS = (("chosen", "rejected"),)
+UNPAIRED_NEEDS = (("prompt|input", "completion|response|output", "label"), ("chosen", "rejected"))
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")  # hh-rlhf's turn markers
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -55,11 +66,12 @@ class Where:
     """Where a row came from: the error prefix and the default id are built from it."""
 
     path: Path
-    line: int  # 1-based physical line (.jsonl, .csv) or item number (.json list)
+    line: int  # 1-based physical line (.jsonl, .csv), item number (.json list) or row (parquet, arrow)
     item: bool = False
+    row: bool = False
 
     def __str__(self) -> str:
-        return f"{self.path}:{'item ' if self.item else ''}{self.line}"
+        return f"{self.path}:{'item ' if self.item else 'row ' if self.row else ''}{self.line}"
 
     def error(self, field: str | None, problem: str) -> DataError:
         return DataError(f"{self}: field {field!r}: {problem}" if field else f"{self}: {problem}")
@@ -71,9 +83,74 @@ class Where:
 # ---------------------------------------------------------------- rows from files
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[Where, dict]]:
-    """Yield `(where, row)` for each object of a .jsonl, .json or .csv file."""
-    path = Path(path)
+def iter_rows(path: str | Path, columns: dict[str, str] | None = None,
+              needs: tuple[tuple[str, ...], ...] = ()) -> Iterator[tuple[Where, dict]]:
+    """Yield `(where, row)` for each object of a .jsonl, .json or .csv file, or each row of a
+    `datasets` source (data/sources.py: .parquet, .arrow, a saved or sharded folder, hf:...).
+
+    `columns` ({our name: the set's column}) renames a set's own columns to the names we read.
+    A source with a schema (parquet, arrow) is checked before its first row against `needs`:
+    alternatives, each a tuple of fields that together make a format (see SFT_NEEDS)."""
+    from picoalign.data import sources
+
+    if sources.is_source(path):
+        have = sources.columns_of(path)
+        _check_mapping(path, columns, have)
+        if have is not None and needs:
+            _check_columns(path, set(have) - set((columns or {}).values()) | set(columns or {}), needs, have)
+        rows = sources.source_rows(path)
+    else:
+        rows = _text_rows(Path(path))
+    for where, row in rows:
+        yield where, (_renamed(row, columns, where) if columns else row)
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """'prompt=question, chosen=good' -> {"prompt": "question", "chosen": "good"}."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(text or "").split(",")):
+        if not part:
+            continue
+        ours, eq, theirs = (s.strip() for s in part.partition("="))
+        if not (eq and ours and theirs):
+            raise DataError(f"columns: {part!r} is not NAME=COLUMN (e.g. prompt=question,chosen=good,rejected=bad)")
+        if ours not in MAPPABLE:
+            raise DataError(f"columns: {ours!r} is not a field we read (one of {', '.join(MAPPABLE)})")
+        out[ours] = theirs
+    return out
+
+
+def _check_mapping(path, columns: dict[str, str] | None, have: list[str] | None) -> None:
+    """A mapping to a column the source lacks, refused before the first row (its schema is known)."""
+    for ours, theirs in (columns or {}).items():
+        if have is not None and theirs not in have:
+            raise DataError(f"{path}: --columns {ours}={theirs}: no column {theirs!r}; "
+                            f"its columns: {', '.join(have) or '(none)'}")
+
+
+def _check_columns(path, names: set[str], needs: tuple[tuple[str, ...], ...], have: list[str]) -> None:
+    """Refuse a source none of whose formats its columns make, naming the columns it has."""
+    def present(field: str) -> bool:
+        return any(alias in names for alias in field.split("|"))
+
+    if not any(all(present(f) for f in fmt) for fmt in needs):
+        wanted = " or ".join(" + ".join(fmt) for fmt in needs)
+        raise DataError(f"{path}: its columns are {', '.join(have) or '(none)'}; needed: {wanted} "
+                        "(map a set's own names with --columns prompt=COLUMN,...)")
+
+
+def _renamed(row: dict, columns: dict[str, str], where: Where) -> dict:
+    """The row with each mapped column under our name; unmapped columns are kept as they are."""
+    for ours, theirs in columns.items():
+        if theirs not in row:
+            raise where.error(None, f"--columns {ours}={theirs}: no column {theirs!r}; "
+                              f"columns seen: {', '.join(sorted(map(str, row))) or '(none)'}")
+    taken = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in taken and k not in columns}
+    return out | {ours: row[theirs] for ours, theirs in columns.items()}
+
+
+def _text_rows(path: Path) -> Iterator[tuple[Where, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
@@ -194,9 +271,19 @@ def _text(value: Any, field: str, where: Where) -> str:
     return value
 
 
-def _first(row: dict, keys: tuple[str, ...]) -> str | None:
-    """The first of `keys` (aliases such as prompt/input) that `row` has a value for."""
-    return next((k for k in keys if row.get(k) is not None), None)
+NULL = "null; a null is not read as missing: give the text, or leave the field out"
+
+
+def _first(row: dict, keys: tuple[str, ...], where: Where) -> str | None:
+    """The first of `keys` (aliases such as prompt/input) that `row` has, None if it has none.
+
+    A null there is an error, not a missing field: read as missing, `"prompt": null` beside
+    `input` trained on `input` without a word (generated rows carry both; a hand edit that blanks
+    `prompt` went unnoticed). Every reader goes through here, so null means the same in all."""
+    key = next((k for k in keys if k in row), None)
+    if key is not None and row[key] is None:
+        raise where.error(key, NULL)
+    return key
 
 
 def _optional(row: dict, key: str) -> Any:
@@ -216,7 +303,8 @@ def _row_id(row: dict, where: Where) -> str:
 
 def _unknown(row: dict, where: Where, expected: str) -> DataError:
     seen = ", ".join(sorted(map(str, row))) or "(none)"
-    return where.error(None, f"unknown format: fields seen: {seen}; expected {expected}")
+    return where.error(None, f"unknown format: fields seen: {seen}; expected {expected} "
+                       "(a set with its own names: --columns prompt=COLUMN,...)")
 
 
 def _messages(value: Any, field: str, where: Where) -> list[dict]:
@@ -249,12 +337,17 @@ def _messages(value: Any, field: str, where: Where) -> list[dict]:
 # ---------------------------------------------------------------- SFT
 
 
-def read_sft(path: str | Path, allow_empty: bool = False) -> list[dict]:
+def read_sft(path: str | Path, allow_empty: bool = False, columns: dict[str, str] | None = None) -> list[dict]:
     """Every row of an SFT file as {"id", "prompt", "response"} (+ "messages" for chat rows).
 
     A file without rows is an error unless `allow_empty` (an optional split, such as the empty
     preference files of a source without pairs)."""
-    return _not_empty([_sft_record(row, where) for where, row in iter_rows(path)], path, allow_empty)
+    return _not_empty(list(iter_sft(path, columns)), path, allow_empty)
+
+
+def iter_sft(path: str | Path, columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """read_sft's records one at a time (a large parquet file is checked without holding it)."""
+    return (_sft_record(row, where) for where, row in iter_rows(path, columns, SFT_NEEDS))
 
 
 def _not_empty(records: list[dict], path: str | Path, allow_empty: bool) -> list[dict]:
@@ -264,7 +357,7 @@ def _not_empty(records: list[dict], path: str | Path, allow_empty: bool) -> list
 
 
 def _sft_record(row: dict, where: Where) -> dict:
-    chat_key = _first(row, CHAT_KEYS)
+    chat_key = _first(row, CHAT_KEYS, where)
     if chat_key:
         record = _chat_record(_messages(row[chat_key], chat_key, where), chat_key, where)
     elif "instruction" in row:
@@ -277,7 +370,7 @@ def _sft_record(row: dict, where: Where) -> dict:
 def _prompt_answer_keys(row: dict, where: Where, formats, answer: str, aliases: str) -> tuple[str, str]:
     """The row's prompt and answer keys (PROMPT_KEYS, RESPONSE_KEYS); a row with neither is of an
     unknown format, one without either names the missing field (`answer`, or its `aliases`)."""
-    p, a = _first(row, PROMPT_KEYS), _first(row, RESPONSE_KEYS)
+    p, a = _first(row, PROMPT_KEYS, where), _first(row, RESPONSE_KEYS, where)
     if p is None and a is None:
         raise _unknown(row, where, formats)
     if p is None:
@@ -295,12 +388,12 @@ def _plain_record(row: dict, where: Where) -> dict:
 def _alpaca_record(row: dict, where: Where) -> dict:
     """Alpaca: the instruction is the prompt; a non-empty `input` is its context, after a blank line."""
     prompt = _text(row["instruction"], "instruction", where)
-    extra = row.get("input")
-    if extra is not None and not isinstance(extra, str):
+    extra = row[_first(row, ("input",), where)] if "input" in row else ""
+    if not isinstance(extra, str):
         raise where.error("input", f"expected text, got {_kind(extra)}")
-    if extra and extra.strip():
+    if extra.strip():
         prompt += "\n\n" + extra
-    r = _first(row, RESPONSE_KEYS)
+    r = _first(row, RESPONSE_KEYS, where)
     if r is None:
         raise where.error("output", "missing")
     return {"prompt": prompt, "response": _text(row[r], r, where)}
@@ -311,6 +404,9 @@ def _chat_record(messages: list[dict], field: str, where: Where) -> dict:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise where.error(field, "no assistant message to train on")
+    if last != len(messages) - 1:
+        raise where.error(f"{field}[{len(messages) - 1}]", f"the conversation ends with a {messages[-1]['role']} "
+                          "turn; the last message must be the assistant's (drop the turns after the last answer)")
     prompt = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), None)
     if prompt is None:
         raise where.error(field, "no user message before the last assistant message")
@@ -320,13 +416,18 @@ def _chat_record(messages: list[dict], field: str, where: Where) -> dict:
 # ---------------------------------------------------------------- preferences
 
 
-def read_preferences(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False) -> list[dict]:
+def read_preferences(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False,
+                     columns: dict[str, str] | None = None) -> list[dict]:
     """Every pair as {"id", "prompt", "chosen", "rejected"} + metadata, low-confidence pairs dropped.
 
     A file without rows is an error unless `allow_empty`; all rows dropped is not an error."""
-    records = [_preference_record(row, where) for where, row in iter_rows(path)]
-    records = _not_empty(records, path, allow_empty)
+    records = _not_empty(list(iter_preferences(path, columns)), path, allow_empty)
     return [r for r in records if keeps(r, min_confidence)]
+
+
+def iter_preferences(path: str | Path, columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """Every pair's record one at a time, none dropped (read_preferences drops by confidence)."""
+    return (_preference_record(row, where) for where, row in iter_rows(path, columns, PREFERENCE_NEEDS))
 
 
 def keeps(record: dict, min_confidence: float) -> bool:
@@ -338,19 +439,16 @@ def _preference_record(row: dict, where: Where) -> dict:
     if not {"prompt", "input", "chosen", "rejected"} & row.keys():
         raise _unknown(row, where, PREFERENCE_FORMATS)
     for key in ("chosen", "rejected"):
-        if row.get(key) is None:
+        if _first(row, (key,), where) is None:
             raise where.error(key, "missing")
-    p = _first(row, PROMPT_KEYS)
+    if not any(k in row for k in PROMPT_KEYS) and (hh := _hh_pair(row)):
+        row = row | hh  # hh-rlhf: two transcripts, no prompt field
     if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
-        prompt, chosen, rejected = _chat_pair(row, p, where)
-    elif p is not None:
+        prompt, chosen, rejected = _chat_pair(row, where)
+    # A null prompt is an error (_first), not a cue to take the answers' common beginning as one.
+    elif (p := _first(row, PROMPT_KEYS, where)) is not None:
         prompt = _prompt(row[p], p, where)
         chosen, rejected = _text(row["chosen"], "chosen", where), _text(row["rejected"], "rejected", where)
-    elif named := next((k for k in PROMPT_KEYS if k in row), None):
-        # A row that names its prompt is not a transcript: a null there is a missing prompt, not
-        # a cue to take the answers' common beginning as one.
-        raise where.error(named, "missing (null); give the prompt text, or leave the field out "
-                          "when 'chosen' and 'rejected' are full transcripts")
     else:
         prompt, chosen, rejected = _transcript_pair(row, where)
     if chosen.strip() == rejected.strip():
@@ -367,8 +465,9 @@ def _prompt(value: Any, field: str, where: Where) -> str | list[dict]:
     return _text(value, field, where)
 
 
-def _chat_pair(row: dict, p: str | None, where: Where) -> tuple[str | list[dict], str, str]:
-    """Message lists: the last assistant message is the answer, the shared earlier turns the prompt."""
+def _chat_pair(row: dict, where: Where) -> tuple[str | list[dict], str, str]:
+    """Message lists: the last assistant message is the answer, the shared earlier turns the prompt
+    (then a prompt field is not read at all, so a null there is no error: a column some rows lack)."""
     chosen = _messages(row["chosen"], "chosen", where)
     rejected = _messages(row["rejected"], "rejected", where)
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
@@ -380,12 +479,29 @@ def _chat_pair(row: dict, p: str | None, where: Where) -> tuple[str | list[dict]
                           "(only the last assistant message may differ)")
     if any(m["role"] == "user" for m in earlier):
         return earlier, chosen[-1]["content"], rejected[-1]["content"]  # a full transcript
+    p = _first(row, PROMPT_KEYS, where)
     if p is None:
         raise where.error("prompt", "missing, and 'chosen' has no user turn before its answer")
     prompt = _prompt(row[p], p, where)
     if earlier:  # only system turns: they go before the prompt
         prompt = earlier + (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
     return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _hh_messages(text: Any) -> list[dict] | None:
+    """A "\n\nHuman: ...\n\nAssistant: ..." transcript (Anthropic/hh-rlhf) as messages; None
+    for any other text."""
+    if not isinstance(text, str) or not text.lstrip("\n").startswith("Human:"):
+        return None
+    parts = HH_TURN.split("\n\n" + text.lstrip("\n"))
+    return [{"role": HH_ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_pair(row: dict) -> dict | None:
+    """hh-rlhf's chosen and rejected transcripts as message lists (their shared turns then become
+    the prompt, rendered with the chat template), or None when they are not both such transcripts."""
+    chosen, rejected = _hh_messages(row["chosen"]), _hh_messages(row["rejected"])
+    return {"chosen": chosen, "rejected": rejected} if chosen and rejected else None
 
 
 def _transcript_pair(row: dict, where: Where) -> tuple[str, str, str]:
@@ -432,18 +548,23 @@ def _confidence(value: Any, where: Where) -> float:
 # ---------------------------------------------------------------- unpaired (KTO)
 
 
-def read_unpaired(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False) -> list[dict]:
+def read_unpaired(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False,
+                  columns: dict[str, str] | None = None) -> list[dict]:
     """Every row as {"id", "prompt", "completion", "label": bool}; a preference pair (above
     `min_confidence`) becomes two rows, `<id>:chosen` (true) and `<id>:rejected` (false)."""
-    records = []
-    for where, row in iter_rows(path):
+    return _not_empty(list(iter_unpaired(path, min_confidence, columns)), path, allow_empty)
+
+
+def iter_unpaired(path: str | Path, min_confidence: float = 0.0,
+                  columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """read_unpaired's records one at a time."""
+    for where, row in iter_rows(path, columns, UNPAIRED_NEEDS):
         if "label" in row or not {"chosen", "rejected"} & row.keys():
-            records.append(_unpaired_record(row, where))
+            yield _unpaired_record(row, where)
             continue
         pair = _preference_record(row, where)
         if keeps(pair, min_confidence):
-            records += split_pairs([pair])
-    return _not_empty(records, path, allow_empty)
+            yield from split_pairs([pair])
 
 
 def split_pairs(pairs: list[dict]) -> list[dict]:
@@ -461,15 +582,17 @@ def _unpaired_record(row: dict, where: Where) -> dict:
             raise where.error(c, "expected one assistant message (the answer)")
         completion = msgs[0]["content"]
     return {"id": _row_id(row, where), "prompt": _prompt(row[p], p, where),
-            "completion": _text(completion, c, where), "label": _label(row.get("label"), where)}
+            "completion": _text(completion, c, where), "label": _label(row, where)}
 
 
-def _label(value: Any, where: Where) -> bool:
+def _label(row: dict, where: Where) -> bool:
     """true/false (JSON), or true/false/1/0/yes/no as text (CSV cells)."""
+    value = row.get("label")
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
         return LABEL_WORDS[value.strip().lower()]
     if value is None:
-        raise where.error("label", "missing: true for a desirable answer, false for an undesirable one")
+        problem = NULL if "label" in row else "missing"
+        raise where.error("label", f"{problem}: true for a desirable answer, false for an undesirable one")
     raise where.error("label", f"expected true or false, got {value!r}")

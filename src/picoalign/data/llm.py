@@ -42,13 +42,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from picoalign.config import strip_userinfo
+from picoalign.scrub import scrub
 
 AUTO_ORDER = (("deepseek", "DEEPSEEK_API_KEY"), ("openai", "OPENAI_API_KEY"), ("openai-compatible", "LLM_BASE_URL"))
 ALIASES = {"chatgpt": "openai"}
 NO_KEY = "no-key"  # the client needs a non-empty key; local servers (vLLM, llama.cpp) ignore it
 MAX_BACKOFF_SECONDS = 60.0
 RETRY_STATUS = {408, 409, 429}
-SHORT_SECRET = 8  # secrets shorter than this are redacted as whole tokens only (see `redact`)
 MAX_NOTED_ANSWERS = 5  # unusable answers whose reason and start are logged and kept in the meta
 ANSWER_START_CHARS = 200
 
@@ -156,17 +156,10 @@ def secrets(environ: Mapping[str, str] | None = None, also: Iterable[str] = ()) 
 
 
 def redact(text: str, environ: Mapping[str, str] | None = None, also: Iterable[str] = ()) -> str:
-    """`text` with every configured secret, whatever its length, and every URL's userinfo as ***.
-
-    A secret shorter than SHORT_SECRET characters is replaced where it stands as a token of its
-    own: inside a longer word it identifies nothing, and replacing it there (a key "abc" in
-    "abcdef") would make messages unreadable."""
-    for key in secrets(environ, also):
-        if len(key) >= SHORT_SECRET:
-            text = text.replace(key, "***")
-        else:
-            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", "***", text)
-    return strip_userinfo(text)
+    """`text` through the secret scrubber (picoalign/scrub.py), with the providers' keys and base
+    URL passwords of `environ` and `also` among the secrets (a short one only as a token of its
+    own: a key "abc" is not masked inside "abcdef")."""
+    return scrub(text, environ, also=secrets(environ, also))
 
 
 # ---------------------------------------------------------------- JSON replies

@@ -34,8 +34,8 @@ import yaml
 
 from picoalign.data.formats import read_preferences, read_sft
 from picoalign.io import atomic_write_text, write_jsonl
+from picoalign.models.chat import answer_text, prompt_text
 from picoalign.models.load import base_of_adapter, load_model, load_tokenizer, resolve
-from picoalign.train.batching import as_messages
 
 OFFLINE = ("picoalign_pairs", "picoalign_pairs_hard", "picoalign_sft_ppl")
 PAIR_FILES = {"picoalign_pairs": "dpo_test.jsonl", "picoalign_pairs_hard": "dpo_test_hard.jsonl"}
@@ -50,10 +50,7 @@ def context_and_answer(tokenizer, prompt, answer: str) -> tuple[str, str]:
     """The prompt as the model sees it before answering, and the answer as the text of its turn
     (the same strings picoalign's render_prompt/render_answer tokenise)."""
     if tokenizer.chat_template:
-        messages = as_messages(prompt)
-        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
-        tail = full[len(head):]
+        head, tail = prompt_text(tokenizer, prompt), answer_text(tokenizer, prompt, answer)
     else:
         head, tail = prompt, answer
     if tokenizer.eos_token and not tail.rstrip().endswith(tokenizer.eos_token):

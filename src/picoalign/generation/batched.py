@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picoalign.train.batching import render_prompt
+from picoalign.models.chat import render_prompt
 
 # End-of-turn tokens of common chat templates; one counts only where the template writes it.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "</s>")

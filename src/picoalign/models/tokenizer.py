@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from picoalign.config import TokenizerConfig
+from picoalign.lock import carry_lock
 
 ENDOFTEXT, USER, ASSISTANT, END, PAD = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"
 SPECIAL_TOKENS = [ENDOFTEXT, USER, ASSISTANT, END, PAD]
@@ -134,6 +135,7 @@ def train_tokenizer(cfg: TokenizerConfig, docs: list[str] | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     fast.save_pretrained(tmp)
+    carry_lock(out, tmp)  # the folder's lock (picoalign/lock.py) stays held across the swap
     shutil.rmtree(out, ignore_errors=True)  # replace an old tokenizer whole, never mix two
     os.replace(tmp, out)
     n_chars = sum(map(len, docs))

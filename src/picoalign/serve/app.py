@@ -40,10 +40,12 @@ from starlette.exceptions import HTTPException
 from picoalign.config import ServeConfig
 from picoalign.generation.batched import Generation, Sampling
 from picoalign.generation.continuous import Batcher, Job, Wants
+from picoalign.scrub import register
 from picoalign.serve.engine import Engine, QueueFull
 from picoalign.serve.guard import (
     ApiError,
     Guard,
+    HostNames,
     authorized,
     credentials_out_of_access_log,
     error_body,
@@ -268,6 +270,7 @@ def public_name(model: str) -> str:
 
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The FastAPI app; the model loads when the app starts (its lifespan), not here."""
+    register(cfg.api_key)  # whatever this process writes, the key stays out (picoalign/scrub.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -286,7 +289,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             batcher.stop()
 
     app = FastAPI(title="picoalign", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
+                       hosts=HostNames(cfg.host, cfg.allowed_hosts))
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, server_error)  # what slips through: a JSON 500, not plain text

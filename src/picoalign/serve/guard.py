@@ -1,19 +1,22 @@
-"""What stands in front of the routes: the API key, the body size limit, errors in the shape
-OpenAI clients read (`{"error": {"message", "type", "param", "code"}}`), and an access log
-without credentials."""
+"""What stands in front of the routes: the Host and Origin checks, the API key, the body size
+limit, errors in the shape OpenAI clients read (`{"error": {"message", "type", "param", "code"}}`),
+and an access log without credentials."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
-import re
+import socket
 from contextlib import contextmanager
-from urllib.parse import quote, unquote_plus
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from picoalign.scrub import scrub
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -75,20 +78,87 @@ def authorized(header: str, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
+# ---------------------------------------------------------------- Host and Origin
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header or an Origin (`[::1]:8000` -> `::1`, `http://a.b:80` -> `a.b`)."""
+    value = value.strip().lower()
+    netloc = urlsplit(value).netloc if "://" in value else value
+    try:
+        return (urlsplit(f"//{netloc}").hostname or "").rstrip(".")
+    except ValueError:  # a malformed [ipv6] part
+        return ""
+
+
+class HostNames:
+    """The names this server answers to: loopback, the address it is bound to, and `--allowed-hosts`.
+
+    A browser page can reach a server on 127.0.0.1 through DNS rebinding (its own name made to
+    resolve to 127.0.0.1): the request then carries that name as Host, which this refuses (as
+    Jupyter, Ollama and Vite's dev server do). Bound to every interface (0.0.0.0), an address
+    given as digits (no DNS involved) and this machine's own name are accepted too. `*` in
+    `--allowed-hosts` turns the check off.
+    """
+
+    def __init__(self, bound: str, allowed: str = "") -> None:
+        extra = [h.strip().lower() for h in allowed.split(",") if h.strip()]
+        self.any = "*" in extra
+        self.wildcard = bound.strip().lower() in WILDCARDS
+        self.names = {*LOOPBACK_NAMES, host_name(bound), *(host_name(h) for h in extra)} - {""}
+        if self.wildcard:
+            self.names.add(socket.gethostname().lower())
+
+    def allowed(self, value: str) -> bool:
+        name = host_name(value)
+        if self.any or name in self.names:
+            return True
+        if not self.wildcard or not name:
+            return False
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
+
 class Guard:
-    """ASGI middleware for /v1/*: the API key (when one is set) and the body size limit.
+    """ASGI middleware: the Host check and, without an API key, the Origin check on every path;
+    then for /v1/* the API key (when one is set) and the body size limit.
 
     The key is checked before the body is read; the size from Content-Length where given, and
     while reading otherwise (a chunked upload stops at the limit).
     """
 
-    def __init__(self, app, api_key: str, max_body_bytes: int) -> None:
+    def __init__(self, app, api_key: str, max_body_bytes: int, hosts: HostNames | None = None) -> None:
         self.app, self.api_key, self.limit = app, api_key, max_body_bytes
+        self.hosts = hosts or HostNames("127.0.0.1")
+
+    def _refusal(self, headers: dict) -> ApiError | None:
+        """Why the request's Host or Origin is not this server's, or None."""
+        host = headers.get("host", "")
+        if not self.hosts.allowed(host):
+            return ApiError(400, f"Host {host!r} is not a name this server answers to; behind a reverse proxy, "
+                            "add it with --allowed-hosts", param="Host", code="invalid_host")
+        origin = headers.get("origin")
+        if origin is not None and not self.api_key and not self.hosts.allowed(origin):
+            # A keyless server would answer any page the user visits: only its own pages may call it.
+            return ApiError(403, f"requests from the web page at {origin!r} are refused: this server has no "
+                            "API key, so only its own pages may call it (set PICOALIGN_API_KEY, or add the "
+                            "page's host with --allowed-hosts)", param="Origin", code="cross_origin_forbidden")
+        return None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":  # lifespan (the app serves no websockets)
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if (refusal := self._refusal(headers)) is not None:
+            return await self._reply(refusal, scope, receive, send)
+        if not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
         if self.api_key and not authorized(headers.get("authorization", ""), self.api_key):
             return await self._reply(ApiError(
                 401, "missing or wrong API key: send the header `Authorization: Bearer <key>` "
@@ -118,24 +188,11 @@ class Guard:
 
 # ---------------------------------------------------------------- the access log
 
-# Query parameters that clients use for credentials (`?api_key=`, `?token=`, ...).
-CREDENTIAL_PARAM = re.compile(r"(api[-_]?key|key|token|access[-_]?token|auth|authorization|password|secret)",
-                              re.IGNORECASE)
-
-
 def hide_credentials(path: str, api_key: str = "") -> str:
-    """`path?query` with the values of credential parameters, and any parameter holding the
-    server's own key, replaced by ***."""
-    base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    keys = {api_key, quote(api_key, safe="")} - {""}
-    parts = []
-    for part in query.split("&"):
-        name, eq, value = part.partition("=")
-        secret = CREDENTIAL_PARAM.fullmatch(unquote_plus(name)) or any(k in value for k in keys)
-        parts.append(f"{name}{eq}***" if eq and secret else part)
-    return f"{base}?{'&'.join(parts)}"
+    """`path?query` through the secret scrubber (picoalign/scrub.py): the values of credential
+    parameters (`?api_key=`, `?token=`, ...) and the server's own key however it is encoded
+    (plain, percent-encoded, in part or whole) become ***."""
+    return scrub(path, also=[api_key])
 
 
 class AccessLogCredentials(logging.Filter):

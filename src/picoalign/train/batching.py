@@ -1,10 +1,9 @@
-"""Tokenisation with chat templates, loss masks, and packed batches that waste no compute.
+"""Tokenised examples, loss masks, and packed batches that waste no compute.
 
-The prompt is rendered with the chat template and the generation prompt; the answer is the rest
-of the rendered conversation, so it ends with the end-of-turn token, which is trained. Prompt
-and answer are tokenised separately and concatenated: the model then trains on exactly the
-tokens it sees at generation time, even where a tokenizer would merge across the boundary.
-Without a chat template the layout is `prompt + response + eos`.
+Prompt and answer are rendered by `models/chat.py` (chat template, generation prompt, the
+end-of-turn token trained) and tokenised separately, then concatenated: the model trains on
+exactly the tokens it sees at generation time. Without a chat template the layout is
+`prompt + response + eos`.
 
 A batch holds one row per example (per pair in DPO), right-padded; SFT sorts examples by
 length so padding stays small. (Packing all examples into one long row wastes no padding but
@@ -22,6 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# (as_messages is not used here: bench/compare.py still imports it from this module)
+from picoalign.models.chat import as_messages, render_answer, render_prompt, token_ids  # noqa: F401
+from picoalign.train.attention import span_attention
+from picoalign.train.losses import token_logps
+
 
 @dataclass
 class Encoded:
@@ -38,42 +42,6 @@ class Segmented:
 
     segments: list[tuple[list[int], bool]]
     truncated: bool = False
-
-
-def as_messages(prompt) -> list[dict]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def render_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of the prompt as the model sees it before answering."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
-        return _ids(tokenizer, text)
-    if not isinstance(prompt, str):
-        raise ValueError("a model without a chat template needs plain-text prompts")
-    return tokenizer(prompt)["input_ids"]  # with BOS where the tokenizer adds one
-
-
-def render_answer(tokenizer, prompt, answer: str) -> list[int]:
-    """Token ids of `answer` as the assistant turn after `prompt`, ending in end-of-turn/EOS."""
-    if tokenizer.chat_template:
-        messages = as_messages(prompt)
-        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": answer}], tokenize=False
-        )
-        if not full.startswith(head):
-            raise ValueError("the chat template renders the prompt differently with an answer after it")
-        ids = _ids(tokenizer, full[len(head):])
-    else:
-        ids = _ids(tokenizer, answer)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def encode(tokenizer, prompt, answers: list[str], max_length: int) -> Encoded | None:
@@ -103,7 +71,7 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> Seg
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not head.startswith(done) or not upto.startswith(head):
             raise ValueError("the chat template does not render this conversation turn by turn")
-        segments += [(_ids(tokenizer, head[len(done):]), False), (_ids(tokenizer, upto[len(head):]), True)]
+        segments += [(token_ids(tokenizer, head[len(done):]), False), (token_ids(tokenizer, upto[len(head):]), True)]
         done = upto
     return _cut_segments(segments, max_length)
 
@@ -344,16 +312,30 @@ def pair_batches(tokenizer, rows: list[dict], cfg, share_prefix: bool = True, so
     return [pack_pairs(group, share_prefix, tokenizer.pad_token_id) for group in chunks(pairs, cfg.batch_size)]
 
 
+def model_mask(model, batch: PackedBatch) -> Tensor | None:
+    """The mask for a forward on the model's own attention. A model whose attention ours cannot
+    honour (train/attention.py:own_attention_needed: a sliding window, soft-capping) builds its
+    masks itself from the padding alone, since transformers applies a (B, 1, L, L) mask as given
+    to every layer, window or not: so its rows must be one sequence each (no shared prefix)."""
+    from picoalign.models.load import unwrapped
+    from picoalign.train.attention import own_attention_needed
+
+    why = own_attention_needed(getattr(unwrapped(model), "config", None), batch.input_ids.shape[1])
+    if why is None:
+        return batch.dense_mask()
+    if batch.spans is None or bool((batch.spans[:, 2] > 0).any()):
+        raise ValueError(f"this model needs its own attention ({why}), which cannot keep a shared prompt's two "
+                         "answers apart: train it with prefix_sharing=false")
+    return (batch.group >= 0).long()  # padding has negative groups
+
+
 def forward_logps(model, batch: PackedBatch) -> Tensor:
     """Per-target-token log-probs (N,) in fp32: one forward over the packed row."""
-    from picoalign.train.attention import span_attention
-    from picoalign.train.losses import token_logps
-
     with span_attention(model, batch.spans, batch.input_ids.shape[1]) as on_spans:
         out = model(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
-            attention_mask=None if on_spans else batch.dense_mask(),
+            attention_mask=None if on_spans else model_mask(model, batch),
             logits_to_keep=batch.keep,
             use_cache=False,
         )

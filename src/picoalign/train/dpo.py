@@ -11,7 +11,9 @@ and the methods beside it: ORPO and SimPO without a reference, KTO on unpaired e
 The starting model is the SFT checkpoint (an SFT adapter is merged into its base first); the
 policy trains a fresh LoRA adapter on it (or all weights), and the SFT model is the frozen
 reference. By default the reference's log-probs are computed once before training and stored
-with the run (`ref_logps.pt`), so no second model sits in memory; `reference: live` computes them
+with the run (`ref_logps.pt`), so no second model sits in memory (with `max_seconds` the precompute
+takes at most half of it: the steps score the batches it left as they reach them, which for full
+fine-tuning or a named reference keeps a frozen copy in memory); `reference: live` computes them
 each step from the frozen weights (adapter disabled), `reference: PATH` from another checkpoint.
 Each pair is one row, [prompt, chosen, rejected], with the prompt run once (prefix sharing).
 ORPO and SimPO score answers by their mean log-prob per token and load, compute and store no
@@ -29,11 +31,15 @@ from pathlib import Path
 import torch
 
 from picoalign.config import REFERENCE_FREE, DPOConfig
-from picoalign.data.formats import read_preferences
+from picoalign.data.formats import parse_columns, read_preferences
+from picoalign.data.sources import data_split
+from picoalign.io import append_jsonl, read_jsonl_lenient
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
+from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
-from picoalign.train.loop import autocast_for, batches_used, fit
+from picoalign.train.diagnostics import displacement_warning
+from picoalign.train.loop import autocast_for, batch_order, batches_used, fit
 from picoalign.train.losses import (
     DPO_LOSSES,
     dpo_stats,
@@ -54,22 +60,36 @@ def batch_sequence_logps(model, batch: PackedBatch, normalise: bool = False) -> 
     return seq, tokens
 
 
+PRECOMPUTE_SHARE = 0.5  # of max_seconds: the most the reference precompute may take before step 1
+
+
 @torch.no_grad()
 def reference_logps(model, batches: list[PackedBatch], device, dtype, normalise: bool,
-                    progress: bool = False) -> list[torch.Tensor]:
-    """The reference's per-sequence log-probs for every batch (the model in eval mode)."""
+                    progress: bool = False, deadline: float | None = None, budget: float = 0.0) -> list[torch.Tensor]:
+    """The reference's per-sequence log-probs for `batches` (the model in eval mode), in order.
+    Past `deadline` (a `time.time()`) it stops, so the list may be shorter than `batches`; after
+    the first batch it says how much of the time `budget` (max_seconds) the whole would take."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     out = []
-    bar = tqdm(total=sum(b.n_seqs // 2 for b in batches), desc="dpo reference", unit="pair",
-               disable=not progress, dynamic_ncols=True)
+    pairs = sum(b.n_seqs // 2 for b in batches)
+    bar = tqdm(total=pairs, desc="dpo reference", unit="pair", disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
     with autocast_for(device, dtype), bar:
         for batch in batches:
+            if deadline is not None and time.time() >= deadline:
+                break
             seq, _ = batch_sequence_logps(model, batch.to(device), normalise)
             out.append(seq.float().cpu())
             bar.update(batch.n_seqs // 2)
+            if budget > 0 and len(out) == 1 and len(batches) > 1:
+                eta = (time.time() - t0) * pairs / (batch.n_seqs // 2)
+                bar.write(f"dpo: the reference for {pairs} pairs takes about {eta:.0f}s, {eta / budget:.0%} of "
+                          f"max_seconds={budget:g}" + (f"; it stops at {(deadline - t0) / budget:.0%} of it and the "
+                                                      "steps score the rest as they reach them"
+                                                      if deadline and eta > deadline - t0 else ""))
     model.train(was_training)
     return out
 
@@ -103,16 +123,17 @@ def batch_key(batch: PackedBatch) -> str:
 def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     """(train, val) pairs above `min_confidence`, read and checked (a bad row raises file:line)
     before a model loads."""
-    data = Path(cfg.data)
-    train = read_preferences(data / cfg.train_file, min_confidence=cfg.min_confidence)
-    val_path = data / cfg.val_file
-    val = read_preferences(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+    columns = parse_columns(cfg.columns)
+    train = read_preferences(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
+    val_path = data_split(cfg.data, cfg.val_file, main=False)
+    val = read_preferences(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
     return train, val
 
 
 class DPOTask:
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.loss_fn = DPO_LOSSES.get(cfg.loss)  # None for orpo / simpo: `reference_free_loss` instead
         self.normalise = cfg.loss == "ipo"
@@ -131,18 +152,24 @@ class DPOTask:
         """Reference log-probs for the batches this run will use: the training batches its step or
         epoch budget takes (in the loop's order) and the val batches, from `ref_logps.pt` where it
         has them (stored per batch content, so a longer run or another β reuses them), the rest
-        computed now. A batch without them (a run limited only by time) is scored on first use,
-        inside the step and so inside `max_seconds`."""
+        computed now. With a time budget the precompute stops when its share of it
+        (`PRECOMPUTE_SHARE`) is spent; a batch left without them (and every training batch of a
+        run limited only by time) is scored when a step first reaches it, inside `max_seconds`."""
         cfg = self.cfg
         self.setup_seconds, self._scored = 0.0, {}
+        self.setup_what = "the reference log-probs"
+        self.budget_advice = "fewer pairs, or reference=live (scored as the steps go)"
         if cfg.reference == "live":
             if not cfg.lora.enabled:  # full fine-tuning: keep a frozen copy of the start
                 self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             return
-        used = batches_used(cfg, len(self.train), dist.world().size)
-        if used is None:  # only time limits the run: score on first use (another checkpoint: all now)
-            used = [] if cfg.reference == "precompute" else range(len(self.train))
-        needed = [self.train[i] for i in used] + self.val
+        reach = batches_used(cfg, len(self.train), dist.world().size)
+        # Only time limits the run: any batch may be reached. LoRA scores a batch on first use for
+        # free (its adapter off), rather than precompute batches the run may never reach.
+        on_first_use = reach is None and cfg.reference == "precompute" and cfg.lora.enabled
+        if reach is None:
+            reach = batch_order(len(self.train), 0, cfg.seed)
+        needed = ([] if on_first_use else [self.train[i] for i in reach]) + self.val
         cache, stamp = Path(cfg.out) / "ref_logps.pt", _reference_stamp(cfg, self.dtype)
         saved = torch.load(cache, weights_only=False) if cache.exists() else {}
         known = saved.get("logps", {}) if saved.get("stamp") == stamp else {}
@@ -150,34 +177,64 @@ class DPOTask:
         missing = [b for b, k in zip(needed, keys) if k not in known]
         if missing:
             t0 = time.time()
+            self._deadline = t0 + PRECOMPUTE_SHARE * cfg.max_seconds if cfg.max_seconds > 0 and not cfg.resume else None
             logps = dist.gather_shards(self._compute_reference, missing)  # each rank its share (torchrun)
             self.setup_seconds = time.time() - t0
-            known |= {batch_key(b): ref for b, ref in zip(missing, logps)}
+            known |= {batch_key(b): ref for b, ref in zip(missing, logps) if ref is not None}
             if dist.world().main:  # a cache keyed by its inputs: it leaves the folder's marker alone
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(".tmp")
                 torch.save({"stamp": stamp, "logps": known}, tmp)
                 tmp.replace(cache)
+            self._report_precompute(missing, logps)
         for batch, key in zip(needed, keys):
-            batch.ref_logps = known[key]
-        later = len(self.train) - len(needed) + len(self.val)
+            batch.ref_logps = known.get(key)
+        later = sum(b.ref_logps is None for b in [self.train[i] for i in reach] + self.val)
         if later:
-            print(f"dpo: {later} training batches the budget may not reach: their reference log-probs "
-                  "are computed when first used")
+            self._keep_reference_for(later)
 
-    def _compute_reference(self, batches: list[PackedBatch]) -> list[torch.Tensor]:
+    def _report_precompute(self, missing: list[PackedBatch], logps: list) -> None:
+        """How long the precompute took, and how much of the time budget that is (before step 1)."""
+        pairs = sum(b.n_seqs // 2 for b, ref in zip(missing, logps) if ref is not None)
+        took, budget = self.setup_seconds, self.cfg.max_seconds
+        share = f", {took / budget:.0%} of max_seconds={budget:g}" if budget > 0 else ""
+        print(f"dpo: reference log-probs of {pairs} pairs took {took:.0f}s{share}"
+              + ("; the precompute stopped at its share of the budget" if pairs < sum(b.n_seqs // 2 for b in missing)
+                 else ""))
+
+    def _keep_reference_for(self, later: int) -> None:
+        """A frozen reference for the batches scored when first used: the policy with its adapter
+        off (LoRA, free), else a copy of the starting model or the named checkpoint (a second model
+        in memory: what a budget too small to precompute costs)."""
+        kept = ""
+        if self.cfg.reference != "precompute":
+            self.live_ref, _ = load_model(self.cfg.reference, self.device)
+            self.live_ref.eval().requires_grad_(False)
+            kept = f"; {self.cfg.reference} stays loaded to score them"
+        elif not self.cfg.lora.enabled:
+            self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            kept = "; a frozen copy of the starting model scores them"
+        print(f"dpo: {later} batches without precomputed reference log-probs (the budget may not reach them): "
+              f"each is scored when a step first uses it{kept}")
+
+    def _compute_reference(self, batches: list[PackedBatch]) -> list[torch.Tensor | None]:
+        """Reference log-probs of `batches`, None for those the precompute's deadline left out."""
         pairs = sum(b.n_seqs // 2 for b in batches)
-        print(f"dpo: precomputing reference log-probs for {pairs} pairs ({len(batches)} batches)")
+        deadline = getattr(self, "_deadline", None)
+        print(f"dpo: precomputing reference log-probs for {pairs} pairs ({len(batches)} batches)"
+              + (f", for at most {PRECOMPUTE_SHARE:.0%} of max_seconds={self.cfg.max_seconds:g}" if deadline else ""))
+        show = self.cfg.progress and dist.world().main
         if self.cfg.reference not in ("precompute", "live"):
             ref_model, _ = load_model(self.cfg.reference, self.device)
-            logps = reference_logps(ref_model, batches, self.device, self.dtype, self.normalise,
-                                   self.cfg.progress and dist.world().main)
+            logps = reference_logps(ref_model, batches, self.device, self.dtype, self.normalise, show, deadline,
+                                    self.cfg.max_seconds)
             del ref_model
-            return logps
-        adapter_off = self.model.disable_adapter() if self.cfg.lora.enabled else nullcontext()
-        with adapter_off:  # a fresh adapter changes nothing yet; off makes the intent plain
-            return reference_logps(self.model, batches, self.device, self.dtype, self.normalise,
-                                   self.cfg.progress and dist.world().main)
+        else:
+            adapter_off = self.model.disable_adapter() if self.cfg.lora.enabled else nullcontext()
+            with adapter_off:  # a fresh adapter changes nothing yet; off makes the intent plain
+                logps = reference_logps(self.model, batches, self.device, self.dtype, self.normalise, show,
+                                        deadline, self.cfg.max_seconds)
+        return logps + [None] * (len(batches) - len(logps))
 
     def batches(self) -> list[PackedBatch]:
         return self.train
@@ -192,8 +249,6 @@ class DPOTask:
         with torch.no_grad():
             if self.live_ref is not None:
                 ref = batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
-            elif self.cfg.reference not in ("precompute", "live"):  # another checkpoint (a resumed longer run)
-                ref = self._compute_reference([batch])[0].to(batch.input_ids.device)
             else:
                 with bare.disable_adapter() if self.cfg.lora.enabled else nullcontext():
                     ref = batch_sequence_logps(bare, batch, self.normalise)[0]
@@ -220,6 +275,9 @@ class DPOTask:
             ref_summed = ref * batch.token_counts().to(ref.device)
             pc, pr, rc, rr = summed[0::2], summed[1::2], ref_summed[0::2], ref_summed[1::2]
         stats = dpo_stats(pc, pr, rc, rr, self.cfg.beta)
+        # the reference's log-probs beside the policy's: curves.png draws the pair, and a chosen
+        # curve sinking under its reference is the warning of train/diagnostics.py
+        stats.update({"logps/ref_chosen": rc.mean(), "logps/ref_rejected": rr.mean()})
         if nll is not None:  # `loss` is then the sum; log its two terms too
             stats.update({"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()})
         return loss, stats, delta
@@ -278,4 +336,18 @@ def dpo(cfg: DPOConfig) -> dict:
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
     task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)
-    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)
+    summary = fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)
+    warn_displacement(p.log_dir, "dpo")
+    return summary
+
+
+def warn_displacement(log_dir: Path | None, name: str) -> str | None:
+    """Print (and return) the likelihood-displacement warning when the stage's log shows it."""
+    if log_dir is None or not dist.world().main:
+        return None
+    log = Path(log_dir) / f"{name}.jsonl"
+    warning = displacement_warning(read_jsonl_lenient(log))
+    if warning:
+        print(f"{name}: warning: {warning}")
+        append_jsonl(log, {"kind": "warning", "message": warning})
+    return warning

@@ -19,8 +19,8 @@ from dataclasses import replace
 from picoalign import config as C
 from picoalign.config import ChatConfig
 from picoalign.generation.stream import Stream
+from picoalign.models.chat import render_prompt
 from picoalign.models.load import load_for_inference
-from picoalign.train.batching import render_prompt
 from picoalign.use.generate import sampling_of
 
 DECODING = ("max_new_tokens", "greedy", "temperature", "top_p", "top_k", "seed", "context_tokens")

@@ -27,8 +27,8 @@ import torch
 from picoalign.config import ExportConfig
 from picoalign.generation.batched import end_ids
 from picoalign.io import place_folder, write_json
+from picoalign.models.chat import render_answer, render_prompt
 from picoalign.models.load import MARKER, base_of_adapter, load_model, model_identity
-from picoalign.train.batching import render_answer, render_prompt
 
 PROBE = ("Write a two-sentence story about a lighthouse.",
          "The keeper climbed the stairs every night. One night the light was already on.")

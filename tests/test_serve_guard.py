@@ -1,0 +1,90 @@
+"""What stands in front of `picoalign serve`: the Host check (DNS rebinding), the Origin check of a
+keyless server, the warning of an exposed keyless server, and what the logs never show."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from serving import running_server
+
+from picoalign.config import ServeConfig
+from picoalign.serve.guard import HostNames
+
+HELLO = [{"role": "user", "content": "Hello there."}]
+
+
+@pytest.mark.parametrize(("bound", "allowed", "host", "ok"), [
+    ("127.0.0.1", "", "127.0.0.1:8000", True),
+    ("127.0.0.1", "", "localhost:8000", True),
+    ("127.0.0.1", "", "[::1]:8000", True),
+    ("127.0.0.1", "", "LOCALHOST.", True),
+    ("127.0.0.1", "", "evil.example", False),  # DNS rebinding: the attacker's name resolved to 127.0.0.1
+    ("127.0.0.1", "", "evil.example:8000", False),
+    ("127.0.0.1", "", "127.0.0.1.evil.example", False),
+    ("127.0.0.1", "", "", False),
+    ("127.0.0.1", "", "[::1", False),
+    ("127.0.0.1", "llm.example.org, other.example", "llm.example.org:443", True),
+    ("127.0.0.1", "*", "anything.example", True),
+    ("10.1.2.3", "", "10.1.2.3:8000", True),
+    ("10.1.2.3", "", "10.1.2.4:8000", False),
+    ("0.0.0.0", "", "192.168.1.5:8000", True),  # every interface: an address in digits needs no DNS
+    ("0.0.0.0", "", "evil.example", False),
+    ("127.0.0.1", "", "http://localhost:8000", True),  # an Origin
+    ("127.0.0.1", "", "https://evil.example", False),
+    ("127.0.0.1", "", "null", False),  # a sandboxed page's Origin
+])
+def test_host_names_the_server_answers_to(bound, allowed, host, ok):
+    assert HostNames(bound, allowed).allowed(host) is ok
+
+
+def is_openai_error(r: httpx.Response, status: int, code: str) -> bool:
+    body = r.json()
+    return (r.status_code == status and set(body) == {"error"}
+            and set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code)
+
+
+@pytest.fixture(scope="module")
+def keyless(chat_model):
+    cfg = ServeConfig(model=str(chat_model), name="tiny", device="cpu", dtype="fp32", max_new_tokens=2,
+                      max_tokens=8, allowed_hosts="proxy.example")
+    with running_server(cfg) as (url, app):
+        yield url
+
+
+def test_a_keyless_server_refuses_a_foreign_host_and_a_cross_site_origin(keyless):
+    """Before the fix, a keyless server on 127.0.0.1 answered `Host: evil.example` with completions."""
+    url, port = keyless, keyless.rsplit(":", 1)[1]
+    chat = {"messages": HELLO, "max_tokens": 2}
+    r = httpx.post(url + "/v1/chat/completions", json=chat, headers={"Host": "evil.example"})
+    assert is_openai_error(r, 400, "invalid_host"), r.text
+    assert "--allowed-hosts" in r.json()["error"]["message"]
+    assert is_openai_error(httpx.get(url + "/", headers={"Host": f"evil.example:{port}"}), 400, "invalid_host")
+    r = httpx.post(url + "/v1/chat/completions", json=chat, headers={"Origin": "https://evil.example"})
+    assert is_openai_error(r, 403, "cross_origin_forbidden"), r.text
+    # its own page, a proxy's name it was told, and a client that sends no Origin (curl, SDKs)
+    for headers in ({"Origin": f"http://127.0.0.1:{port}"}, {"Host": "proxy.example"}, {}):
+        assert httpx.post(url + "/v1/chat/completions", json=chat, headers=headers).status_code == 200, headers
+    assert httpx.get(url + "/health", headers={"Host": f"localhost:{port}"}).status_code == 200
+
+
+def test_with_a_key_a_cross_site_origin_still_needs_the_key(chat_model):
+    cfg = ServeConfig(model=str(chat_model), device="cpu", dtype="fp32", api_key="k-1", max_new_tokens=2,
+                      max_tokens=8)
+    with running_server(cfg) as (url, _):
+        origin = {"Origin": "https://app.example"}
+        assert httpx.get(url + "/v1/models", headers=origin).status_code == 401
+        assert httpx.get(url + "/v1/models", headers={**origin, "Authorization": "Bearer k-1"}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"Host": "evil.example", "Authorization": "Bearer k-1"}
+                         ).status_code == 400
+
+
+@pytest.mark.parametrize(("host", "key", "warned"), [("0.0.0.0", "", True), ("127.0.0.1", "", False),
+                                                     ("::1", "", False), ("0.0.0.0", "k", False)])
+def test_an_exposed_keyless_server_warns_at_start(monkeypatch, capsys, host, key, warned):
+    import uvicorn
+
+    from picoalign.serve.app import serve
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    serve(ServeConfig(host=host, api_key=key))
+    assert ("without an API key" in capsys.readouterr().err) is warned
