@@ -55,7 +55,12 @@ def backend_for(model, max_rows: int):
     on the model (its layout does not change; its LoRA weights may, which the check does not read)."""
     fast = getattr(model, "_picoalign_fast_decode", None)
     if fast is None:
-        fast = has_llama_layout(causal_lm(model)) and _agrees(model)
+        was_training = model.training
+        model.eval()  # no dropout in the check (RL hands over a model in training mode)
+        try:
+            fast = has_llama_layout(causal_lm(model)) and _agrees(model)
+        finally:
+            model.train(was_training)
         model._picoalign_fast_decode = fast
     return LlamaKV(model, max_rows) if fast else ModelKV(model, max_rows)
 
