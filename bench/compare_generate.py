@@ -149,7 +149,7 @@ def bound(model, dtype, batch: int, bandwidth: float, peak_gflops: float) -> dic
     size = torch.finfo(dtype).bits // 8
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     read = (matmul + sum(p.numel() for n, p in model.named_parameters() if "norm" in n)) * size
-    memory_ms = read / bandwidth / 1e6
+    memory_ms = read / bandwidth * 1e3
     flops_ms = 2 * matmul * batch / peak_gflops / 1e6
     return {"bytes": read, "memory_ms": memory_ms, "flops_ms": flops_ms, "ms": max(memory_ms, flops_ms)}
 
