@@ -3,7 +3,7 @@
     python bench/compare.py --mode sft --steps 5                 # TRL SFTTrainer vs `picoalign sft`
     python bench/compare.py --mode dpo --steps 4                 # TRL DPOTrainer vs `picoalign dpo`
     python bench/compare.py --mode dpo --peer-config best        # TRL with precomputed reference
-    python bench/compare.py --mode generate                      # HF generate (batch 1) vs picoalign batch 32
+    python bench/compare.py --mode generate                      # picoalign b1-64 vs HF generate, llama.cpp
     python bench/compare.py --mode grpo --steps 4                # TRL GRPOTrainer vs `picoalign rl` (compare_grpo.py)
     python bench/compare.py --mode sft --steps 1 --examples 8    # a quick smoke run
 
@@ -33,7 +33,6 @@ from pathlib import Path
 BUILTIN = "builtin:smollm2-135m-instruct"
 LORA_R, LORA_ALPHA = 16, 32
 BATCH, MAX_LENGTH, BETA, SEED = 4, 512, 0.1, 1234
-GEN_NEW_TOKENS = 64
 
 
 # ---------------------------------------------------------------- machine facts
@@ -583,126 +582,6 @@ def print_table(head: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
 
 
-# ---------------------------------------------------------------- generation comparison
-
-
-def new_tokens(row, eos_id: int) -> int:
-    """Generated tokens of one output row (after the prompt): up to and including the first EOS."""
-    ids = row.tolist()
-    return ids.index(eos_id) + 1 if eos_id in ids else len(ids)
-
-
-def run_generate(args, env: dict, peaks: dict) -> dict:
-    import torch
-
-    from picoalign.data.formats import read_sft
-    from picoalign.generation.batched import generate
-    from picoalign.models.load import load_model, pick_dtype
-    from picoalign.train.batching import as_messages
-    from picoalign.train.loop import autocast_for
-
-    tmp = Path(tempfile.mkdtemp(prefix="picoalign-bench-"))
-    data = make_bench_data(tmp / "data", 8, args.gen_batch)
-    prompts = [r["prompt"] for r in read_sft(data / "sft_test.jsonl")][: args.gen_batch]
-    model, tok = load_model(BUILTIN)
-    device, dtype = torch.device("cpu"), pick_dtype(args.dtype, torch.device("cpu"))
-    n_params = sum(p.numel() for p in model.parameters())
-    captured = []
-    plain_generate = model.generate
-
-    def recording_generate(*a, **kw):  # picoalign calls model.generate: keep its output to count tokens
-        out = plain_generate(*a, **kw)
-        captured.append((kw["input_ids"], out))
-        return out
-
-    def ours(max_new: int) -> dict:
-        captured.clear()
-        model.generate = recording_generate
-        t = time.perf_counter()
-        with autocast_for(device, dtype):
-            generate(model, tok, prompts, max_new_tokens=max_new, greedy=True, batch_size=args.gen_batch)
-        dt = time.perf_counter() - t
-        del model.generate
-        per, outs, prompt_tokens = [], [], 0
-        for ids, out in captured:
-            width = ids.shape[1]
-            prompt_tokens += int((ids != tok.pad_token_id).sum())
-            for row in out[:, width:]:
-                per.append(new_tokens(row, tok.eos_token_id))
-                outs.append(row[: per[-1]].tolist())
-        return {"s": dt, "latency": [dt] * len(per), "tokens": per, "prompt_tokens": prompt_tokens, "outputs": outs}
-
-    def peer(max_new: int) -> dict:
-        lat, per, outs, prompt_tokens = [], [], [], 0
-        t = time.perf_counter()
-        for p in prompts:
-            enc = tok.apply_chat_template(as_messages(p), add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True)
-            t0 = time.perf_counter()
-            with torch.no_grad(), autocast_for(device, dtype):
-                out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-            lat.append(time.perf_counter() - t0)
-            row = out[0, enc["input_ids"].shape[1]:]
-            per.append(new_tokens(row, tok.eos_token_id))
-            outs.append(row[: per[-1]].tolist())
-            prompt_tokens += enc["input_ids"].shape[1]
-        return {"s": time.perf_counter() - t, "latency": lat, "tokens": per, "prompt_tokens": prompt_tokens,
-                "outputs": outs}
-
-    for fn in (peer, ours):
-        for _ in range(args.warmup):
-            fn(4)
-    runs: dict = {"peer": [], "picoalign": []}
-    rss: dict = {"peer": 0.0, "picoalign": 0.0}
-    for r in range(args.rounds):
-        for name, fn in (("peer", peer), ("picoalign", ours)):
-            reset_rss_peak()
-            runs[name].append(fn(GEN_NEW_TOKENS))
-            rss[name] = max(rss[name], rss_peak_since_reset_gib())
-            print(f"[{name}] round {r + 1}: {runs[name][-1]['s']:.1f}s, {sum(runs[name][-1]['tokens'])} new tokens",
-                  flush=True)
-    dname = "bf16" if dtype == torch.bfloat16 else "fp32"
-    rows = {}
-    for name, rs in runs.items():
-        total_s = sum(x["s"] for x in rs)
-        total_new = sum(sum(x["tokens"]) for x in rs)
-        total_prompt = sum(x["prompt_tokens"] for x in rs)
-        per_req = [t / lat for x in rs for t, lat in zip(x["tokens"], x["latency"])]
-        gflops = 2 * n_params * (total_new + total_prompt) / total_s / 1e9
-        rows[name] = {"dtype": dname, "s_per_round": total_s / len(rs), "tokens_per_s": total_new / total_s,
-                      "per_request_tokens_per_s": statistics.mean(per_req),
-                      "latency_s": statistics.mean(lat for x in rs for lat in x["latency"]),
-                      "new_tokens_per_round": total_new / len(rs), "gflops": gflops,
-                      "peak_share": gflops / peaks[dname]["gflops"], "rss_gib": rss[name],
-                      "round_s": [x["s"] for x in rs]}
-    same = sum(a == b for a, b in zip(runs["peer"][0]["outputs"], runs["picoalign"][0]["outputs"]))
-    ratio = {"tokens_per_s_ours_over_peer": rows["picoalign"]["tokens_per_s"] / rows["peer"]["tokens_per_s"],
-             "per_request_ours_over_peer": rows["picoalign"]["per_request_tokens_per_s"]
-             / rows["peer"]["per_request_tokens_per_s"],
-             # each picoalign round against the peer round just before it (same prompts, same tokens)
-             "paired_median_round_speedup": statistics.median(
-                 p / o for p, o in zip(rows["peer"]["round_s"], rows["picoalign"]["round_s"]))}
-    return {"rows": rows, "ratio": ratio, "identical_outputs": same, "n_params": n_params, "batch": args.gen_batch}
-
-
-def print_generate(result: dict) -> None:
-    head = ["side", "dtype", f"s / {result['batch']} prompts", "tokens/s (aggregate)", "tokens/s per request", "latency/request",
-            "GFLOP/s", "% peak", "peak RSS (block)"]
-    labels = {"peer": "HF generate, batch 1", "picoalign": f"picoalign generate, batch {result['batch']}"}
-    table = [[labels[n], r["dtype"], f"{r['s_per_round']:.1f}", f"{r['tokens_per_s']:.1f}",
-              f"{r['per_request_tokens_per_s']:.1f}", f"{r['latency_s']:.1f}s", f"{r['gflops']:.1f}",
-              f"{100 * r['peak_share']:.1f}%", f"{r['rss_gib']:.2f} GiB"] for n, r in result["rows"].items()]
-    print()
-    print_table(head, table)
-    ratio = result["ratio"]
-    print(f"\nratio picoalign/peer: aggregate tokens/s {ratio['tokens_per_s_ours_over_peer']:.2f}x, "
-          f"per-request tokens/s {ratio['per_request_ours_over_peer']:.2f}x, median of round-by-round "
-          f"speed-ups {ratio['paired_median_round_speedup']:.2f}x; "
-          f"greedy outputs identical for {result['identical_outputs']}/{result['batch']} prompts")
-    print("  FLOPs = 2 x params x (prompt + generated tokens) (prefill + decode forwards; KV-cache reads not "
-          "counted); per request: its tokens / its latency (batched requests all wait for the batch)")
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -717,17 +596,21 @@ def parse_args(argv=None):
     ap.add_argument("--peer-config", choices=("default", "best"), default="default",
                     help="default: TRL's defaults; best: SFT + gradient checkpointing, DPO + precomputed reference")
     ap.add_argument("--block", type=int, default=1, help="steps per alternating block")
-    ap.add_argument("--rounds", type=int, default=2, help="generate: rounds of --gen-batch prompts per side")
-    ap.add_argument("--gen-batch", type=int, default=32,
-                    help="generate: prompts per round, generated together by picoalign (one at a time by the peer)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per prompt (greedy)")
+    ap.add_argument("--solo-prompts", type=int, default=4,
+                    help="generate: prompts run one after the other for the batch-1 rows")
+    ap.add_argument("--gguf-dir", default=str(Path(tempfile.gettempdir()) / "picoalign-bench-gguf"),
+                    help="generate: where the f16 GGUF export for llama.cpp is written (reused when there)")
+    ap.add_argument("--no-llamacpp", action="store_true", help="generate: leave llama.cpp out")
     ap.add_argument("--profile", action="store_true", help="profile one extra picoalign step and print the top ops")
     ap.add_argument("--peak-budget", type=float, default=20.0, help="seconds per dtype for the matmul peak")
     ap.add_argument("--peak-n", type=int, default=2048, help="matrix size for the matmul peak")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
-    if min(args.steps, args.block, args.rounds, args.gen_batch) < 1 or args.warmup < 0 or args.examples < BATCH:
-        ap.error("need --steps >= 1, --warmup >= 0, --examples >= 4, --block >= 1, --rounds >= 1, --gen-batch >= 1")
+    if min(args.steps, args.block, args.new_tokens, args.solo_prompts) < 1 or args.warmup < 0 or args.examples < BATCH:
+        ap.error("need --steps >= 1, --warmup >= 0, --examples >= 4, --block >= 1, --new-tokens >= 1, "
+                 "--solo-prompts >= 1")
     return args
 
 
@@ -756,7 +639,10 @@ def main(argv=None) -> None:
     if args.dtype == "auto" and not env["fast_bf16"]:
         notes.append(f"this CPU ({env['cpu_capability']}) has no fast bf16 (no AVX512-BF16/AMX): TRL's default "
                      "bf16=True is replaced by fp32, and picoalign's dtype=auto picks fp32")
-    if args.mode == "generate":
+    if args.mode == "generate":  # its own module: the decode engine against HF generate and llama.cpp
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from compare_generate import print_generate, run_generate
+
         result = run_generate(args, env, peaks)
         print_generate(result)
     else:

@@ -1,4 +1,4 @@
-"""Batched, seeded generation through the chat template (transformers `generate`).
+"""Batched, seeded generation through the chat template, on the decode engine (`engine.py`).
 
 `generate` returns the answers' text (eval uses it); `generate_full` also returns the token
 counts and why each answer ended, which `picoalign generate` and the server report. An answer
@@ -32,13 +32,6 @@ class Sampling:
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0  # > 1 divides the logits of tokens already in the row (CTRL)
 
-    def generate_kwargs(self) -> dict:
-        penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1 else {}
-        if self.greedy or self.temperature == 0:
-            return {"do_sample": False, **penalty}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                **penalty}
-
 
 @dataclass
 class Generation:
@@ -68,20 +61,6 @@ def end_ids(model, tokenizer) -> list[int]:
         vocab = tokenizer.get_vocab()
         ids.update(vocab[t] for t in named if t in vocab)
     return sorted(ids)
-
-
-def cancel_criteria(cancel: threading.Event | None) -> list:
-    """transformers stopping criteria that end every row at the next decode step once `cancel`
-    is set (a client that went away); none without an event."""
-    if cancel is None:
-        return []
-    from transformers import StoppingCriteria
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return [Cancelled()]
 
 
 def encode_prompt(tokenizer, prompt, raw: bool = False) -> list[int]:

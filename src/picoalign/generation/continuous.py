@@ -179,7 +179,7 @@ class Batcher:
             return self.joining
 
     def _join(self, jobs: list[Job]) -> None:
-        for job in jobs:
+        for job in list(jobs):  # `jobs` is `self.joining`, which each join takes one from
             try:
                 row = self.engine.add(job.prompt_ids, job.sampling, owner=job, track_text=True,
                                       echo=job.wants.echo, keep_logits=job.wants.logprobs is not None)

@@ -133,12 +133,14 @@ class Engine:
     def step(self) -> list[Row]:
         """Decode a token for the decoding rows, prefill the waiting ones; the rows touched."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # no dropout while sampling; the mode is given back
+            self.model.eval()
         try:
             touched = self._decode()
             touched += self._prefill()
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         self._drop([r for r in self.rows if r.done])
         return touched
 
