@@ -121,7 +121,7 @@ def check_numbers(cfg: Any) -> None:
             raise ConfigError(f"{f.name} must be > 0, got {value}")
         if f.name in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value}")
-        low = 0 if f.name == "context_tokens" else 1  # 0 = the model's own context
+        low = 0 if f.name == "context_tokens" or zero_ok else 1  # 0 = the model's own context; eval: the auto cap
         if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
             raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
 
@@ -477,6 +477,7 @@ class RLConfig(TrainConfig):
 class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
+    ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = the longest SFT training answer + 10%
     STAGE = "EVAL"
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
     data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
