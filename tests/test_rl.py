@@ -103,3 +103,15 @@ def test_the_rl_preset_runs_end_to_end_on_a_tiny_model(tmp_path, chat_model):
     assert (root / "checkpoints" / "rl" / "picoalign.json").exists()
     cfg = read_json(root / "checkpoints" / "rl" / "picoalign.json")
     assert cfg["complete"]
+
+
+def test_run_method_sft_rl_puts_rl_in_dpos_place_and_rl_after_dpo_starts_from_it(tmp_path):
+    from picoalign.pipeline import resolve_configs
+
+    configs = resolve_configs(None, {"runs_dir": str(tmp_path), "tag": "m", "method": "sft+rl"}, environ={})
+    assert configs["run"].stage_names() == ["data", "sft", "rl", "eval", "report"]
+    assert configs["rl"].model == str(tmp_path / "m" / "checkpoints" / "sft")
+    configs = resolve_configs(None, {"runs_dir": str(tmp_path), "tag": "m", "stages": "data,sft,dpo,rl,eval"},
+                              environ={})
+    assert configs["rl"].model == str(tmp_path / "m" / "checkpoints" / "dpo")  # rl follows dpo: from its model
+    assert configs["rl"].out == str(tmp_path / "m" / "checkpoints" / "rl")

@@ -121,7 +121,7 @@ def check_numbers(cfg: Any) -> None:
             raise ConfigError(f"{f.name} must be > 0, got {value}")
         if f.name in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value}")
-        low = 0 if f.name == "context_tokens" or zero_ok else 1  # 0 = the model's own context; eval: the auto cap
+        low = 0 if f.name == "context_tokens" or zero_ok else 1  # 0 = the model's own context / a default
         if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
             raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
 
@@ -477,8 +477,8 @@ class RLConfig(TrainConfig):
 class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
-    ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = the longest SFT training answer + 10%
     STAGE = "EVAL"
+    ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = capped by the longest SFT answer
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
     data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
                     "(a file, a parquet or save_to_disk folder, hf:OWNER/NAME:SPLIT)")
@@ -940,10 +940,10 @@ OTHER_ENV = ("PICOALIGN_CACHE",)
 
 
 def known_environment() -> set[str]:
-    """Every environment variable a config reads, for every stage ({STAGE} filled in)."""
-    from picoalign.stages import STAGES
-
-    classes = {s.config for s in STAGES.values() if s.config} | {RunConfig}
+    """Every environment variable a config reads, for every stage ({STAGE} filled in). Every
+    config class lives in this module, so the module itself is the list (the stage registry
+    imports this module, so asking it would make a cycle)."""
+    classes = {v for v in globals().values() if isinstance(v, type) and dataclasses.is_dataclass(v)}
     names: set[str] = set(OTHER_ENV)
 
     def walk(cls: type, stage: str) -> None:
@@ -1015,17 +1015,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def section_names() -> set[str]:
-    """The sections a YAML file may have: `run` and every stage with a config."""
-    from picoalign.stages import STAGES
-
-    return {"run"} | {name for name, s in STAGES.items() if s.config}
-
-
-def check_sections(data: Mapping, cls: type, path: str | Path, section: str) -> None:
+def check_sections(data: Mapping, cls: type, path: str | Path, section: str, sections: Iterable[str]) -> None:
     """Refuse a top-level key of a (run) file that is no section and no setting: a misspelt
-    `sftt:` used to be skipped, and the stage trained on its defaults."""
-    known = section_names() | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
+    `sftt:` used to be skipped, and the stage trained on its defaults. `sections` are the stage
+    registry's (`stages.config_sections()`, passed in by its callers: the registry imports this module)."""
+    known = {"run", *sections} | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
             raise ConfigError(f"{path}: unknown section or setting {key!r}{did_you_mean(str(key), known)}")
@@ -1041,17 +1035,19 @@ def load_config(
     section: str | None = None,
     base: Mapping | None = None,
     name: str = "",
+    sections: Iterable[str] = (),
 ) -> Any:
     """Build a `cls` config: defaults < `base` < YAML (`section` of it, if present) < env < `--set`.
 
     `section` lets one YAML file hold every stage (`sft: {...}`, `dpo: {...}`); a file without
-    that section is read as the stage's own settings. `name` prefixes the keys in errors.
+    that section is read as the stage's own settings, and its other top-level keys must be
+    settings or one of `sections` (the stage registry's). `name` prefixes the keys in errors.
     """
     tree: dict = dict(base or {})
     if path:
         data = read_yaml(path)
         if section:
-            check_sections(data, cls, path, section)
+            check_sections(data, cls, path, section, sections)
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
             shared = {

@@ -241,3 +241,8 @@ def check_run_stages(run: C.RunConfig) -> list[str]:
     if unknown:
         raise C.ConfigError(f"stages: unknown stage {unknown[0]!r} in {run.stages!r} (known: {', '.join(known)})")
     return names
+
+
+def config_sections() -> set[str]:
+    """The sections a YAML file may have besides `run`: every stage with a config."""
+    return {name for name, s in STAGES.items() if s.config}

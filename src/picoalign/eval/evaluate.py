@@ -111,7 +111,12 @@ def mean_token_kl(policy, reference, tokenizer, prompts: list, answers: list[str
 def _read_pairs(data: Path, name: str, limit: int) -> list[dict]:
     path = data_split(data, name, main=False)
     pairs = read_preferences(path, allow_empty=True) if path else []
+    if path and not pairs:
+        print(f"eval: {name} has no rows: skipped")
     return pairs[:limit] if limit else pairs
+
+
+TEST_FILES = ("sft_test.jsonl", "dpo_test.jsonl", "dpo_test_hard.jsonl")
 
 
 def test_rows(data, cfg: EvalConfig) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -121,6 +126,8 @@ def test_rows(data, cfg: EvalConfig) -> tuple[list[dict], dict[str, list[dict]]]
     if data_split(data, "sft_test.jsonl", main=True) != data:
         sft_path = data_split(data, "sft_test.jsonl", main=False)
         sft_rows = read_sft(sft_path, allow_empty=True) if sft_path else []
+        if sft_path and not sft_rows:
+            print("eval: sft_test.jsonl has no rows: skipped")
         # the template test pairs, and the held-out ones made by a different generator (data/stories_heldout.py)
         return sft_rows, {"test": _read_pairs(data, "dpo_test.jsonl", cfg.max_pairs),
                           "test_hard": _read_pairs(data, "dpo_test_hard.jsonl", cfg.max_pairs)}
@@ -258,6 +265,10 @@ class Evaluator:
                 m[name] = ci["mean"]
         return chosen, rejected
 
+    def empty(self) -> bool:
+        """Nothing to score and no prompt to generate from: loading a model would be for nothing."""
+        return not (self.sft_rows or any(self.splits.values()) or self.prompts)
+
     @property
     def decodings(self) -> list[str]:
         return [d.strip() for d in self.cfg.decodings.split(",") if d.strip()]
@@ -280,7 +291,7 @@ class Evaluator:
 
     def generate_samples(self, name: str, model, tokenizer) -> list[dict]:
         rows = []
-        for decoding in self.decodings:
+        for decoding in self.decodings if self.prompts else ():  # n_samples=0: pair metrics only
             sampling, n = self.sampling(decoding)
             outs = generate_full(model, tokenizer, self.prompts, sampling, self.cfg.generate_batch_size, n=n)
             for k, g in enumerate(outs):
@@ -382,6 +393,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not models:
         raise ValueError("nothing to evaluate: no checkpoints in the run and no --models given")
     ev = Evaluator(cfg, data)
+    if ev.empty() and not cfg.lm_eval:
+        print(f"eval: nothing to evaluate: the test splits in {data} ({', '.join(TEST_FILES)}) are empty or "
+              "missing; no model loaded, nothing written")
+        return {}
+    if not ev.prompts:
+        print("eval: no samples (n_samples=0 or no test prompts): pair metrics only, no style scores")
     results, samples = {}, []
     ref_model, ref_logps = None, None
     reference = cfg.reference or models.get("sft")
@@ -396,7 +413,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         is_dpo = name == "dpo" and reference is not None
         beta = _dpo_beta(path) if is_dpo else 0.1
         m, rows, logps = ev.score_model(name, model, tokenizer, ref_logps if is_dpo else None, beta)
-        if is_dpo and ref_model is not None:
+        if is_dpo and ref_model is not None and ev.prompts:  # on no samples the KL would read 0
             first = [r for r in rows if r["decoding"] == ev.decodings[0] and r["sample"] == 0]
             with autocast_for(ev.device, ev.dtype):
                 m["kl_to_ref"] = round(mean_token_kl(model, ref_model, tokenizer, [r["prompt"] for r in first],
@@ -457,11 +474,16 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _headline(m: dict) -> str:
-    """One line per model: each judge's mean and interval on the first decoding (none scored: said)."""
+    """One line per model: each judge's mean and interval on the first decoding; without samples
+    (n_samples=0), the pair metrics."""
     parts = [f"{j} {v['mean']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
              for j, v in m.get("judges", {}).items() if v.get("n")]
-    n = m.get("n_samples", 0)
-    return ", ".join(parts) + f" over {n} samples" if parts else "no samples scored (pair metrics only)"
+    if parts:
+        return ", ".join(parts) + f" over {m.get('n_samples', 0)} samples"
+    shown = [f"{k} {m[k]:.2f}" for k in ("dpo_test_pref_acc", "dpo_hard_pref_acc") if m.get(k) is not None]
+    if m.get("sft_test_loss") is not None:
+        shown.append(f"sft_test_loss {m['sft_test_loss']:.4f}")
+    return ", ".join(shown + ["no samples scored (pair metrics only)"])
 
 
 def judge_with_llm(cfg: EvalConfig, samples: list[dict], decoding: str) -> dict:
