@@ -498,7 +498,7 @@ class EvalConfig:
     n_samples: int = opt(32, "test prompts generated from, per model (the judges' n)")
     generate_batch_size: int = opt(32, "prompts generated at once")
     max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "
-                              "+ 10%, so a story runs to its end")
+                              "plus a tenth, so a story runs to its end")
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
     n_sampled: int = opt(2, "top_p samples per prompt (greedy gives one)")
     judges: str = opt(",".join(EVAL_JUDGES), "judges scored on every sample, comma list of "
