@@ -4,6 +4,7 @@
     python bench/compare.py --mode dpo --steps 4                 # TRL DPOTrainer vs `picoalign dpo`
     python bench/compare.py --mode dpo --peer-config best        # TRL with precomputed reference
     python bench/compare.py --mode generate                      # HF generate (batch 1) vs picoalign batch 32
+    python bench/compare.py --mode grpo --steps 4                # TRL GRPOTrainer vs `picoalign rl` (compare_grpo.py)
     python bench/compare.py --mode sft --steps 1 --examples 8    # a quick smoke run
 
 Both sides train the built-in SmolLM2-135M-Instruct (the same dequantised weights), on the same
@@ -707,7 +708,7 @@ def print_generate(result: dict) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=("sft", "dpo", "generate"), required=True)
+    ap.add_argument("--mode", choices=("sft", "dpo", "generate", "grpo"), required=True)
     ap.add_argument("--steps", type=int, default=10, help="timed optimiser steps per side")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (generate: warm-up calls)")
     ap.add_argument("--examples", type=int, default=64, help="SFT rows / preference pairs in the training data")
@@ -731,6 +732,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "grpo" in argv and argv[argv.index("grpo") - 1] == "--mode" or "--mode=grpo" in argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from compare_grpo import main as grpo  # noqa: I001 - its own module: rollouts and rewards, not the step API
+
+        return grpo(argv)
     args = parse_args(argv)
     _quiet(args.threads)
     env = environment()

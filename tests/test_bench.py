@@ -46,3 +46,17 @@ def test_the_attention_benchmark_prints_a_row_per_length_with_small_errors(capsy
     for r in rows:
         assert float(r[1]) > 0 and float(r[2]) > 0
         assert float(r[4]) < 0.05 and float(r[5]) < 0.05  # bf16 against fp32, both kernels
+
+
+def test_the_grpo_benchmark_runs_our_side_on_the_tiny_model(tmp_path, chat_model, capsys):
+    """bench/compare.py --mode grpo dispatches to bench/compare_grpo.py; its picoalign side runs
+    and reports seconds per step and completions per second (the TRL side needs the real model)."""
+    sys.path.insert(0, str(BENCH.parent))
+    import compare_grpo
+
+    spec = {"model": str(chat_model), "tmp": str(tmp_path), "threads": 1, "dtype": "fp32", "steps": 2, "warmup": 1,
+            "prompts": 2, "generations": 2, "completion_length": 4}
+    result = compare_grpo.summarise(compare_grpo.ours_side(spec), 4)
+    assert result["s_per_step"] > 0 and result["completions_per_s"] == pytest.approx(4 / result["s_per_step"],
+                                                                                        rel=0.01)
+    assert len(result["steps"]) == 2 and 0 < result["mean_completion_tokens"] <= 4

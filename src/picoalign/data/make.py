@@ -19,6 +19,7 @@ from pathlib import Path
 from picoalign.config import DataConfig, save_config
 from picoalign.data import stories, stories_heldout
 from picoalign.io import write_json, write_jsonl
+from picoalign.scrub import scrub
 
 SPLITS = ("train", "val", "test")
 
@@ -92,6 +93,11 @@ def make_data(cfg: DataConfig) -> dict:
         files, extra = llm_files(cfg, files, provider, out)
         if hard is not None:
             files["dpo_test_hard"] = hard
+    if cfg.n_arith_sft:  # worked arithmetic answers, shuffled in with the SFT rows (the RL preset)
+        from picoalign.data.arith import arith_sft_rows
+
+        files["sft_train"] = files.get("sft_train", []) + arith_sft_rows(cfg.n_arith_sft, cfg.seed)
+        random.Random(cfg.seed).shuffle(files["sft_train"])
     if cfg.deid:
         from picoalign.data.deid import deid_rows
 
@@ -107,12 +113,39 @@ def make_data(cfg: DataConfig) -> dict:
         "generator_version": version,
         **versions,
         "seed": cfg.seed,
-        "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test")},
+        "sizes": {k: getattr(cfg, k) for k in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val",
+                                               "n_dpo_test", "n_arith_sft")},
         "counts": {name: len(rows) for name, rows in files.items()},
         **extra,
         "seconds": round(time.time() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    meta["rows_from"] = rows_from(meta)
     write_json(out / "dataset_meta.json", meta)
     save_config(cfg, out / "config.yaml")
+    print(scrub(origin_line(meta, out)))  # the stage's last line: where the rows came from
     return meta
+
+
+def rows_from(meta: dict) -> dict:
+    """How many rows the LLM wrote, how many the template fallback filled in, how many are missing
+    (llm_fallback=stop); without an LLM, every row is the templates'."""
+    llm = meta.get("llm")
+    if not llm:
+        return {"llm": 0, "template": sum(meta["counts"].values()), "missing": 0, "llm_asked": False}
+    return {"llm": llm.get("llm_rows", 0), "template": llm.get("template_rows", 0),
+            "missing": llm.get("missing_rows", 0), "llm_asked": True, "endpoint": llm.get("endpoint", "")}
+
+
+def origin_line(meta: dict, out: Path) -> str:
+    r = meta["rows_from"]
+    if not r["llm_asked"]:
+        return f"data: {r['template']} rows from the offline templates in {out}"
+    fell_back = r["template"] + r["missing"]
+    head = "data: WARNING: " if fell_back else "data: "
+    by = f" ({r['endpoint']})" if r.get("endpoint") else ""
+    line = (f"{head}{r['llm']} rows from the LLM{by}, {r['template']} from the template fallback"
+            + (f", {r['missing']} missing (llm_fallback=stop)" if r["missing"] else "") + f" in {out}")
+    if fell_back:
+        line += " (why: dataset_meta.json, llm.first_failure)"
+    return line

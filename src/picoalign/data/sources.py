@@ -23,6 +23,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from picoalign.data.where import DataError, Where
+
 HUB = "hf:"
 SUFFIXES = (".parquet", ".arrow")
 BATCH_ROWS = 1024  # rows per pyarrow batch: a few MB of text at a time
@@ -124,14 +126,10 @@ def _batches(path: Path):
         else:
             yield from reader
     except (pa.ArrowInvalid, OSError) as e:
-        from picoalign.data.formats import DataError
-
         raise DataError(f"{path}: not a readable {path.suffix} file ({e})") from None
 
 
 def _file_rows(path: Path) -> Iterator[tuple[object, dict]]:
-    from picoalign.data.formats import Where
-
     n = 0
     for batch in _batches(path):
         for row in batch.to_pylist():
@@ -141,8 +139,6 @@ def _file_rows(path: Path) -> Iterator[tuple[object, dict]]:
 
 def _hub_rows(spec: str) -> Iterator[tuple[object, dict]]:
     """A hub set, streamed: `hf:owner/name:split`. Without a network this is one line saying so."""
-    from picoalign.data.formats import DataError, Where
-
     name, _, split = spec[len(HUB):].rpartition(":")
     if not name or not split or "/" not in name:
         raise DataError(f"{spec}: expected hf:OWNER/NAME:SPLIT, e.g. hf:trl-lib/ultrafeedback_binarized:train")

@@ -1,0 +1,138 @@
+"""The RL section of `eval`: held-out prompts of the RL stage's task, scored for every model.
+
+    from picoalign.eval.rl_eval import rl_task_section
+    section = rl_task_section(run_folder, models, device, dtype, seed)   # metrics.json's "rl"
+
+Read from the run's RL checkpoint (`checkpoints/rl/config.yaml`): which prompts it trained on
+and with which rewards. The held-out prompts are the arith test split (never a training prompt;
+data/arith.py) or, for a prompt file, the val rows the stage kept out of training. Every model of
+the run (base, SFT, DPO, RL) answers them greedily; each reward is scored per answer (for
+arith always `arith` itself, so a run trained on the `random` control is judged on the task it
+did not see); `random` and `llm-judge` are left out (no signal; cost). Reported: each reward's
+mean with its 95% bootstrap interval (for arith, the accuracy), paired per-prompt comparisons
+(RL vs SFT, RL vs base, SFT vs base), the cost of RL (KL to SFT on RL's own answers, answer
+length, fluency where scored), and one plain sentence: did RL beat SFT beyond the noise?
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from picoalign.eval.stats import excludes_zero, mean_ci, paired
+
+SKIPPED = ("random", "llm-judge")
+COMPARE = (("rl", "sft"), ("rl", "base"), ("sft", "base"))
+
+
+def rl_setup(run: Path) -> dict | None:
+    """The RL stage's config as it ran (None when the run has no finished RL model)."""
+    path = Path(run) / "checkpoints" / "rl" / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def heldout_rows(setup: dict, n: int) -> list[dict]:
+    if setup.get("prompts", "arith") == "arith" and not setup.get("test_file"):
+        from picoalign.data.arith import arith_rows
+
+        return arith_rows(n, int(setup.get("seed", 0)), "test")
+    from picoalign.train.rl import read_prompt_rows
+
+    cfg = rl_config(setup)
+    if cfg.test_file:  # e.g. the story task's sft_test.jsonl: prompts neither SFT nor RL trained on
+        from picoalign.data.formats import iter_rows
+
+        return [row for _, row in iter_rows(Path(cfg.data) / cfg.test_file)][:n]
+    return read_prompt_rows(cfg)[1][:n]
+
+
+def rl_config(setup: dict):
+    from picoalign.config import RLConfig, load_config
+
+    return load_config(RLConfig, None, setup, environ={})
+
+
+def task_rewards(setup: dict) -> list[str]:
+    names = [r.strip() for r in str(setup.get("rewards", "")).split(",") if r.strip() and r.strip() not in SKIPPED]
+    if setup.get("prompts", "arith") == "arith" and "arith" not in names:
+        names.insert(0, "arith")
+    return names
+
+
+def rl_task_section(run: Path, models: dict[str, str], device, dtype, seed: int = 0, n: int = 0) -> dict | None:
+    """Score every model on the RL task's held-out prompts; None when the run has no RL model."""
+    from picoalign.generation.batched import Sampling, generate_full
+    from picoalign.models.load import load_model
+    from picoalign.rewards import RewardSet
+    from picoalign.train.loop import autocast_for
+    from picoalign.train.rl import reward_context, score
+
+    setup = rl_setup(run)
+    if setup is None or "rl" not in models:
+        return None
+    n = n or int(setup.get("eval_prompts", 0)) or 100
+    rows = heldout_rows(setup, n)
+    names = task_rewards(setup)
+    rewards = RewardSet.build(names, [1.0] * len(names), reward_context(rl_config(setup), device))
+    sampling = Sampling(max_new_tokens=int(setup.get("max_completion_length", 64)), greedy=True, seed=seed)
+    scores, answers, kept = {}, {}, {}
+    for name, path in models.items():
+        model, tokenizer = load_model(path, device)
+        model.to(dtype).eval()
+        with autocast_for(device, dtype):
+            gens = generate_full(model, tokenizer, [r["prompt"] for r in rows], sampling, batch_size=32)
+        per_func = score(rewards, rows, [g.text for g in gens], [g.finish_reason for g in gens], 1)
+        scores[name] = {k: per_func[:, i].tolist() for i, k in enumerate(names)}
+        answers[name] = gens
+        if name in ("sft", "rl"):
+            kept[name] = (model, tokenizer)
+        print(f"eval: rl task, {name}: " + ", ".join(f"{k} {_mean(v):.3f}" for k, v in scores[name].items()))
+    section = _summary(rows, names, scores, answers, seed)
+    if "sft" in kept:  # what RL cost: how far its answers moved from SFT's distribution
+        from picoalign.eval.evaluate import mean_token_kl
+
+        (policy, tokenizer), (sft, _) = kept["rl"], kept["sft"]
+        with autocast_for(device, dtype), torch.no_grad():
+            section["cost"]["kl_rl_to_sft"] = round(mean_token_kl(
+                policy, sft, tokenizer, [r["prompt"] for r in rows], [g.text for g in answers["rl"]], device), 5)
+    print(f"eval: rl: {section['verdict']}")
+    return section
+
+
+def _summary(rows, names, scores, answers, seed) -> dict:
+    models = {m: {k: mean_ci([x for x in v if x == x], seed) for k, v in s.items()} for m, s in scores.items()}
+    for m, gens in answers.items():
+        models[m]["completion_tokens"] = mean_ci([g.completion_tokens for g in gens], seed)
+        models[m]["finished"] = mean_ci([float(g.finish_reason == "stop") for g in gens], seed)
+    comparisons = {}
+    for a, b in COMPARE:
+        if a in scores and b in scores:
+            comparisons[f"{a}_vs_{b}"] = {k: paired(*_both(scores[a][k], scores[b][k]), seed=seed) for k in names}
+    main = names[0]
+    verdict = "no SFT model to compare with"
+    if "rl_vs_sft" in comparisons:
+        c = comparisons["rl_vs_sft"][main]
+        beat = excludes_zero(c) and c["ci_low"] > 0
+        worse = excludes_zero(c) and c["ci_high"] < 0
+        what = "accuracy" if main == "arith" else f"{main} reward"
+        verdict = (f"RL {'beat' if beat else 'was worse than' if worse else 'did not beat'} SFT on held-out "
+                   f"{what}{' beyond the noise' if beat or worse else ''}: {c['mean_diff']:+.3f} "
+                   f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] (paired, n={c['n']}); "
+                   f"answer length {models['rl']['completion_tokens']['mean']} vs "
+                   f"{models['sft']['completion_tokens']['mean']} tokens")
+    return {"task": "arith" if main == "arith" and "answer" in rows[0] else "prompts", "n": len(rows),
+            "rewards": names, "models": models, "comparisons": comparisons, "cost": {}, "verdict": verdict,
+            "examples": [{"prompt": rows[i]["prompt"], **{m: answers[m][i].text for m in answers}} for i in range(3)]}
+
+
+def _both(a: list, b: list) -> tuple[list, list]:
+    """The prompts both models have a score for (a None reward is NaN)."""
+    keep = [i for i in range(len(a)) if a[i] == a[i] and b[i] == b[i]]
+    return [a[i] for i in keep], [b[i] for i in keep]
+
+
+def _mean(values: list) -> float:
+    kept = [x for x in values if x == x]
+    return sum(kept) / len(kept) if kept else float("nan")

@@ -1,0 +1,138 @@
+"""Reward functions (rewards/) on written-out examples, their combination, and bad input."""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+from llm_server import Reply, ScriptedLLM
+
+from picoalign.config import ConfigError, RLConfig
+from picoalign.data.arith import arith_rows
+from picoalign.rewards import RewardError, RewardSet, load_reward, parse_names
+from picoalign.rewards.builtin import arith, final_number
+
+
+def test_arith_reward_reads_the_last_number():
+    prompts = ["Ana has 3 apples. Ana gets 4 more. How many apples does Ana have now? Answer with the number."] * 5
+    completions = ["3 + 4 = 7", "Ana has 7 apples.", "7 apples, not 8", "The answer is 1,204.", "seven"]
+    assert arith(prompts, completions, answer=[7, 7, 7, 1204, 7]) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert arith(prompts[:1], ["7"]) == [None]  # a prompt without an answer is not scored
+    assert final_number("It is -3.") == -3.0 and final_number("no digits") is None
+
+
+def test_arith_rows_are_seeded_and_test_never_repeats_train():
+    train, test = arith_rows(500, seed=5), arith_rows(200, seed=5, split="test")
+    assert arith_rows(500, seed=5) == train and len({r["prompt"] for r in train}) == 500
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    for r in train[:50]:
+        numbers = [int(x) for x in __import__("re").findall(r"\d+", r["prompt"])]
+        a, b = numbers[0], numbers[1]
+        expected = {"add": a + b, "take": a - b, "groups": a * b}.get(r["template"])
+        if expected is not None:
+            assert r["answer"] == expected, r
+    assert {r["template"] for r in train} == {"add", "take", "groups", "two_step"}
+
+
+def test_random_control_ignores_the_answer():
+    fn = load_reward("random", {"seed": 1})
+    again = load_reward("random", {"seed": 1})
+    a = fn(["p"] * 4, ["7", "8", "", "x"])
+    assert a == again(["q"] * 4, ["completely", "different", "answers", "!"])  # same stream, whatever the text
+    assert all(0 <= v < 1 for v in a) and len(set(a)) == 4
+
+
+def test_spec_reward_on_a_written_story(data_dir):
+    import json
+
+    row = json.loads((data_dir / "sft_train.jsonl").read_text().splitlines()[0])
+    spec = load_reward("spec", {"max_completion_length": 64})
+    good, bad = row["response"], "It was a nice day.\n\nNothing happened."
+    scores = spec([row["prompt"]] * 3, [good, bad, good], finish_reason=["stop", "stop", "length"])
+    # the dataset's own story: every field, 3 paragraphs, ended -> (1 + 1 + 1) / 3; the other story
+    # uses no field but has 2 paragraphs and ended -> (0 + 1 + 1) / 3
+    assert scores[0] == 1.0 and scores[1] == pytest.approx(2 / 3)
+    assert scores[2] == pytest.approx(scores[0] - 1 / 3, abs=1e-6)  # cut at the cap: the third part is 0
+    assert spec(["What is 2 + 2?"], ["4"], finish_reason=["stop"]) == [None]  # not a story prompt
+
+
+def test_darkness_is_evals_judge():
+    from picoalign.eval.judges import vader_darkness
+
+    texts = ["The dead whispered in the dark and she screamed in terror.", "A happy, lovely, sunny picnic."]
+    fn = load_reward("darkness", {})
+    assert fn(["p", "p"], texts) == vader_darkness(texts)
+    assert fn(["p", "p"], texts)[0] > 0 > fn(["p", "p"], texts)[1]
+
+
+def test_fluency_prefers_text_to_noise_and_penalises_loops(chat_model):
+    fn = load_reward("fluency", {"fluency_model": str(chat_model), "device": "cpu"})
+    story = "The keeper heard the bell at midnight."
+    loop = " ".join(["the bell the bell"] * 6)
+    a, b = fn(["p", "p"], [story, loop])
+    from picoalign.eval.axes import repetition
+
+    assert repetition(loop) > 0.5 and b < a - 0.5  # the loop pays its repetition share
+
+
+def test_weights_combine_and_none_is_nan():
+    rs = RewardSet(["a", "b"], [1.0, 0.5], [lambda prompts, completions, **k: [1.0, None],
+                                            lambda prompts, completions, **k: [2.0, None]])
+    per_func = rs(["p", "p"], ["x", "y"])
+    assert per_func[0].tolist() == [1.0, 2.0] and bool(torch.isnan(per_func[1]).all())
+    total = rs.total(per_func)
+    assert total[0].item() == 2.0 and math.isnan(total[1].item())  # every function declined: NaN, advantage 0
+
+
+def test_llm_judge_scores_through_the_endpoint(monkeypatch):
+    def responder(request, n):
+        text = request["messages"][-1]["content"]
+        return Reply(content='{"score": 10}' if "midnight" in text else '{"score": 1}')
+
+    with ScriptedLLM(responder) as server:
+        fn = load_reward("llm-judge", {"llm_provider": f"@{server.url}", "llm_max_calls": 2, "llm_max_retries": 0})
+        scores = fn(["p"] * 3, ["the bell at midnight", "a picnic", "a third one, over budget"])
+    assert scores == [1.0, 0.0, None]  # (10 - 1) / 9, (1 - 1) / 9, and none past llm_max_calls
+
+
+def test_bad_reward_settings_name_the_setting(tmp_path, monkeypatch):
+    with pytest.raises(RewardError, match="unknown reward 'acc'"):
+        parse_names("arith,acc", "")
+    with pytest.raises(ConfigError, match="reward_weights: 1 weights"):
+        RLConfig(rewards="arith,random", reward_weights="1", max_steps=1)
+    with pytest.raises(ConfigError, match="num_generations must be >= 2"):
+        RLConfig(num_generations=1, max_steps=1)
+    with pytest.raises(ConfigError, match="method must be one of"):
+        RLConfig(method="ppo", max_steps=1)
+    with pytest.raises(RewardError, match="module 'no_such_module_xyz' does not import"):
+        load_reward("no_such_module_xyz:score")
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def short(prompts, completions, **columns):
+            return [1.0] * (len(completions) - 1)
+        def boom(prompts, completions, **columns):
+            raise KeyError("answer")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_rewards", None)
+    with pytest.raises(RewardError, match="has no 'nope'"):
+        load_reward("my_rewards:nope")
+    with pytest.raises(RewardError, match=r"reward 'my_rewards:short' returned 1 values for 2 completions"):
+        RewardSet.build(["my_rewards:short"], [1.0])(["p", "p"], ["a", "b"])
+    with pytest.raises(RewardError, match=r"reward 'my_rewards:boom' raised KeyError"):
+        RewardSet.build(["my_rewards:boom"], [1.0])(["p"], ["a"])
+
+
+def test_arith_sft_rows_teach_the_answer_format_and_stay_out_of_the_test_split():
+    from picoalign.data.arith import arith_sft_rows
+
+    rows = arith_sft_rows(200, seed=3)
+    test = {r["prompt"] for r in arith_rows(200, seed=3, split="test")}
+    assert not {r["prompt"] for r in rows} & test
+    by_prompt = {r["prompt"]: r for r in arith_rows(4096, seed=3, split="sft")}
+    for r in rows:
+        right = by_prompt[r["prompt"]]["answer"]
+        assert arith([r["prompt"]], [r["response"]], answer=[right]) == [1.0]  # the worked answer scores 1
+        assert r["response"].endswith(f"The answer is {right}.")

@@ -1,0 +1,117 @@
+"""`picoalign rl` end to end on the tiny Llama: GRPO, RLOO and online DPO train and log TRL's
+metrics; bad input stops before the model loads and leaves a finished checkpoint as it was."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from picoalign.config import LoraConfig, RLConfig
+from picoalign.rewards import RewardError
+from picoalign.train.rl import rl
+
+TRL_NAMES = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/min_length",
+             "completions/max_length", "completions/clipped_ratio", "entropy", "time/rollout")
+
+
+def cfg_for(tmp_path, chat_model, **kw) -> RLConfig:
+    base = dict(model=str(chat_model), out=str(tmp_path / "rl"), data=str(tmp_path), device="cpu", dtype="fp32",
+                n_prompts=8, val_prompts=2, batch_size=2, num_generations=2, max_completion_length=6, max_steps=2,
+                rewards="arith,random", reward_weights="1,0.1", sample_every=1, tensorboard=False, progress=False,
+                lora=LoraConfig(r=4, alpha=8), lr=1e-3)
+    return RLConfig(**{**base, **kw})
+
+
+def log_rows(cfg) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(cfg.out) / "logs" / "rl.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+@pytest.mark.parametrize("method,extra", [("grpo", {"num_iterations": 2, "beta": 0.04}),
+                                          ("rloo", {}), ("online-dpo", {"beta": 0.1})])
+def test_rl_trains_and_logs_trls_names(tmp_path, chat_model, method, extra):
+    cfg = cfg_for(tmp_path, chat_model, method=method, **extra)
+    summary = rl(cfg)
+    assert summary["complete"] and summary["steps"] == 2
+    rows = log_rows(cfg)
+    assert len(rows) == 2
+    for name in TRL_NAMES + ("rewards/arith/mean", "rewards/random/std"):
+        assert name in rows[0], name
+    if method == "grpo":
+        assert "kl" in rows[0] and "clip_ratio/region_mean" in rows[0]
+    if method == "online-dpo":
+        assert "rewards/margins" in rows[0] and "kl" in rows[0]
+    assert rows[0]["completions/max_length"] <= 6
+    samples = [json.loads(line) for line in (tmp_path / "rl" / "logs" / "rl_samples.jsonl").read_text().splitlines()]
+    assert len(samples[0]["completions"]) == 2 and set(samples[0]["rewards"]) == {"arith", "random"}
+    assert "val/reward" in summary["last_eval"]
+    assert (tmp_path / "rl" / "adapter_config.json").exists()
+
+
+def test_bad_reward_stops_before_the_model_and_keeps_a_finished_checkpoint(tmp_path, chat_model, monkeypatch):
+    out = tmp_path / "rl"
+    out.mkdir()
+    marker = out / "picoalign.json"
+    marker.write_text('{"complete": true}')
+    (tmp_path / "rl_bad_rewards.py").write_text(textwrap.dedent("""
+        def short(prompts, completions, **columns):
+            return [0.0]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("rl_bad_rewards", None)
+    import picoalign.train.rl as rl_module
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(rl_module, "prepare", no_model)
+    with pytest.raises(RewardError, match="rl_bad_rewards:short' returned 1 values for 2 completions"):
+        rl(cfg_for(tmp_path, chat_model, rewards="rl_bad_rewards:short", reward_weights=""))
+    with pytest.raises(RewardError, match="does not import"):
+        rl(cfg_for(tmp_path, chat_model, rewards="rl_missing_module:f", reward_weights=""))
+    assert marker.read_text() == '{"complete": true}' and sorted(p.name for p in out.iterdir()) == ["picoalign.json"]
+
+
+def test_the_rl_preset_runs_end_to_end_on_a_tiny_model(tmp_path, chat_model):
+    """configs/rl.yaml with the tiny model and small budgets: data, SFT, GRPO on arith, eval with
+    the RL section (accuracy with intervals, paired RL vs SFT, a verdict), report."""
+    from importlib import resources
+
+    from picoalign.io import read_json
+    from picoalign.pipeline import run_pipeline
+
+    preset = resources.files("picoalign") / "configs" / "rl.yaml"
+    small = {"max_steps": 2, "lora": {"r": 2, "alpha": 4}, "progress": False}
+    overrides = {"runs_dir": str(tmp_path), "tag": "rl", "model": str(chat_model), "device": "cpu", "dtype": "fp32",
+                 "data": {"n_sft_train": 4, "n_sft_val": 2, "n_sft_test": 2, "n_dpo_train": 2, "n_dpo_val": 2,
+                          "n_dpo_test": 2},
+                 "sft": {**small, "max_length": 256},
+                 "rl": {**small, "n_prompts": 8, "num_generations": 2, "batch_size": 2, "max_completion_length": 6},
+                 "eval": {"rl_prompts": 6, "n_samples": 2, "max_new_tokens": 8}}
+    root = run_pipeline(str(preset), overrides, environ={})
+    section = read_json(root / "metrics.json")["rl"]
+    assert section["task"] == "arith" and section["n"] == 6 and section["rewards"] == ["arith"]
+    assert set(section["models"]) == {"base", "sft", "rl"}
+    acc = section["models"]["rl"]["arith"]
+    assert acc["n"] == 6 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+    assert section["comparisons"]["rl_vs_sft"]["arith"]["n"] == 6
+    assert "kl_rl_to_sft" in section["cost"] and section["verdict"].startswith("RL ")
+    assert (root / "checkpoints" / "rl" / "picoalign.json").exists()
+    cfg = read_json(root / "checkpoints" / "rl" / "picoalign.json")
+    assert cfg["complete"]
+
+
+def test_run_method_sft_rl_puts_rl_in_dpos_place_and_rl_after_dpo_starts_from_it(tmp_path):
+    from picoalign.pipeline import resolve_configs
+
+    configs = resolve_configs(None, {"runs_dir": str(tmp_path), "tag": "m", "method": "sft+rl"}, environ={})
+    assert configs["run"].stage_names() == ["data", "sft", "rl", "eval", "report"]
+    assert configs["rl"].model == str(tmp_path / "m" / "checkpoints" / "sft")
+    configs = resolve_configs(None, {"runs_dir": str(tmp_path), "tag": "m", "stages": "data,sft,dpo,rl,eval"},
+                              environ={})
+    assert configs["rl"].model == str(tmp_path / "m" / "checkpoints" / "dpo")  # rl follows dpo: from its model
+    assert configs["rl"].out == str(tmp_path / "m" / "checkpoints" / "rl")

@@ -1,0 +1,151 @@
+"""picoalign's GRPO and RLOO against TRL 1.16's GRPOTrainer and RLOOTrainer on one fixed rollout.
+
+TRL's trainers are built on the tiny Llama for real; only their sampling is replaced
+(`_generate` returns our fixed prompt and completion token ids, as TRL's own tests do with
+a patched generator), and the reward function returns fixed numbers. Then TRL's
+`_generate_and_score_completions` gives its advantages, old and reference log-probs, and
+`_compute_loss` its loss and metrics, after the policy's weights have moved (so the ratio to
+the old log-probs is not 1 and clipping acts). picoalign's RLTask scores the same tokens with its
+own packed forward (prompt once per row) and its pure losses. Compared: per-token log-probs,
+advantages, loss, entropy, kl and clip ratios, to float tolerance.
+
+Token ids. picoalign renders a prompt with the chat template and the generation prompt, as TRL
+does for conversational prompts; the completions end at <|im_end|> (or at the length cap), as
+both trainers' generation writes them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from test_trl_agreement import load, perturbed  # noqa: E402
+
+from picoalign.config import LoraConfig, RLConfig  # noqa: E402
+from picoalign.generation.batched import Sampling, generate_full  # noqa: E402
+from picoalign.rewards import RewardSet  # noqa: E402
+from picoalign.train.batching import render_prompt  # noqa: E402
+from picoalign.train.rl import RLTask, Rollout  # noqa: E402
+
+PROMPTS = ["Tell me a story about the lighthouse.", "What is two plus three?"]
+G = 3
+MAX_NEW = 10
+REWARDS = [1.0, 0.0, 0.5, 2.0, 2.0, 2.0]  # group 1 all equal: zero std, advantage 0
+
+
+def fixed_reward(prompts, completions, **kwargs):
+    return list(REWARDS)
+
+
+@pytest.fixture(scope="module")
+def sampled(chat_model, chat_tokenizer):
+    """(prompt ids per prompt, completion ids per completion): G samples per prompt from the tiny model."""
+    model = load(chat_model).eval()
+    gens = generate_full(model, chat_tokenizer, PROMPTS, Sampling(max_new_tokens=MAX_NEW, greedy=False, seed=3), n=G)
+    ids = [g.token_ids for g in gens]
+    return [render_prompt(chat_tokenizer, p) for p in PROMPTS], ids
+
+
+def trl_scored(trainer_cls, config_cls, tmp_path, chat_model, chat_tokenizer, sampled, **kw):
+    """TRL's trainer, its scored generation batch (at the starting weights), then its loss
+    and metrics after the policy moved."""
+    from datasets import Dataset
+
+    prompt_ids, completion_ids = sampled
+    args = config_cls(output_dir=str(tmp_path), report_to=[], per_device_train_batch_size=len(completion_ids),
+                      num_generations=G, max_completion_length=MAX_NEW, use_cpu=True, bf16=False, **kw)
+    trainer = trainer_cls(model=load(chat_model), reward_funcs=fixed_reward, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
+                          processing_class=chat_tokenizer)
+    texts = [chat_tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+    repeated = [p for p in prompt_ids for _ in range(G)]
+    generated = (repeated, completion_ids, texts) if config_cls.__name__ == "RLOOConfig" else (
+        repeated, completion_ids, None, texts, None, {}, None, None)  # GRPO's also: tools, logprobs, images
+    trainer._generate = lambda prompts: generated
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(G)])
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    perturbed(trainer.model, 0.05)
+    trainer._metrics["train"].clear()
+    loss = trainer._compute_loss(trainer.model, out)
+    metrics |= {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return out, loss.item(), metrics
+
+
+def ours(tmp_path, chat_model, chat_tokenizer, sampled, **kw):
+    """picoalign's RLTask on the same rollout: (rollout, loss, stats, per-token log-probs after the move)."""
+    prompt_ids, completion_ids = sampled
+    cfg = RLConfig(model=str(chat_model), out=str(tmp_path / "out"), device="cpu", dtype="fp32", max_steps=1,
+                   num_generations=G, batch_size=len(PROMPTS), max_completion_length=MAX_NEW,
+                   lora=LoraConfig(enabled=False), rewards="random", **kw)
+    model = load(chat_model)
+    rows = [{"prompt": p} for p in PROMPTS]
+    task = RLTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32, (rows, []),
+                  RewardSet(["fixed"], [1.0], [fixed_reward]), tmp_path)
+    per_func = torch.tensor(REWARDS).unsqueeze(1)
+    width = max(map(len, completion_ids))
+    mask = torch.zeros(len(completion_ids), width)
+    for i, ids in enumerate(completion_ids):
+        mask[i, : len(ids)] = 1
+    r = Rollout(prompt_ids, completion_ids, [""] * len(completion_ids), ["stop"] * len(completion_ids),
+                per_func, task.rewards.total(per_func), mask)
+    r.old_logps = task._logps(r, model)
+    if task.needs_ref:
+        r.ref_logps = task._reference_logps(r)
+    task._advantages(r)
+    perturbed(model, 0.05)
+    model.train()
+    logps, entropy = task._logps(r, model, entropy=True)
+    loss, stats = getattr(task, "_" + cfg.method.replace("-", "_"))(r, logps)
+    stats["entropy"] = (entropy * r.mask).sum() / r.mask.sum()
+    if hasattr(r, "stats_kl"):
+        stats["kl"] = r.stats_kl
+    return r, loss.item(), {k: float(v) for k, v in stats.items()}, logps.detach()
+
+
+CLIP = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+        "clip_ratio/high_max")
+
+
+@pytest.mark.parametrize("loss_type,scale,beta", [("grpo", "group", 0.0), ("dapo", "batch", 0.0),
+                                                  ("dr_grpo", "none", 0.04), ("dapo", "group", 0.1)])
+def test_grpo_matches_trl(tmp_path, chat_model, chat_tokenizer, sampled, loss_type, scale, beta):
+    from trl import GRPOConfig, GRPOTrainer
+
+    kw = {"loss_type": loss_type, "scale_rewards": scale, "beta": beta, "num_iterations": 2, "epsilon": 0.2,
+          "epsilon_high": 0.28}
+    out, trl_loss, trl_metrics = trl_scored(GRPOTrainer, GRPOConfig, tmp_path / "trl", chat_model, chat_tokenizer,
+                                            sampled, **kw)
+    r, loss, stats, logps = ours(tmp_path, chat_model, chat_tokenizer, sampled, **kw)
+    mask = out["completion_mask"].float()
+    width = mask.shape[1]
+    assert torch.equal(r.mask[:, :width], mask)
+    torch.testing.assert_close(r.old_logps[:, :width] * mask, out["old_per_token_logps"] * mask, atol=1e-5, rtol=1e-5)
+    if beta:
+        torch.testing.assert_close(r.ref_logps * mask, out["ref_per_token_logps"] * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.advantages, out["advantages"], atol=1e-6, rtol=1e-6)
+    # TRL counts zero-std groups from the std it scales by: with scale_rewards=batch, the batch's
+    # (so 0 here); picoalign always counts the groups with nothing to learn (0.5 here).
+    assert trl_metrics["frac_reward_zero_std"] == pytest.approx(0.0 if scale == "batch" else 0.5)
+    assert loss == pytest.approx(trl_loss, abs=1e-5)
+    for key in ("entropy", *CLIP, *(("kl",) if beta else ())):
+        assert stats[key] == pytest.approx(trl_metrics[key], abs=1e-5), key
+    assert any(stats[k] > 0 for k in CLIP[:3])  # the move was large enough for clipping to act
+
+
+@pytest.mark.parametrize("beta,normalize", [(0.0, False), (0.05, True)])
+def test_rloo_matches_trl(tmp_path, chat_model, chat_tokenizer, sampled, beta, normalize):
+    from trl import RLOOConfig, RLOOTrainer
+
+    kw = {"beta": beta, "num_iterations": 2, "epsilon": 0.2, "normalize_advantages": normalize}
+    out, trl_loss, trl_metrics = trl_scored(RLOOTrainer, RLOOConfig, tmp_path / "trl", chat_model, chat_tokenizer,
+                                            sampled, **kw)
+    r, loss, stats, _ = ours(tmp_path, chat_model, chat_tokenizer, sampled, method="rloo", **kw)
+    torch.testing.assert_close(r.advantages, out["advantages"], atol=1e-5, rtol=1e-5)
+    assert loss == pytest.approx(trl_loss, abs=1e-5)
+    for key in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                *(("kl",) if beta else ())):
+        assert stats[key] == pytest.approx(trl_metrics[key], abs=1e-5), key
