@@ -145,6 +145,7 @@ def test_hub_without_network_is_one_line(tmp_path, monkeypatch):
     assert message.startswith("hf:trl-lib/ultrafeedback_binarized:train: cannot reach the hub at ")
     assert "--data set.parquet" in message and "\n" not in message
     assert "expected hf:OWNER/NAME:SPLIT" in error_of(read_sft, "hf:just-a-name")
+    assert "expected hf:OWNER/NAME:SPLIT" in error_of(read_sft, "hf:o/n:c:s:x")
 
 
 def test_check_data_reads_parquet(tmp_path):
@@ -195,3 +196,15 @@ def test_run_takes_sft_model_and_a_source_per_stage(tmp_path):
     assert read_sft(path, columns=parse_columns(configs["sft"].columns))[0]["response"] == "A"
     assert STAGES["sft"].run.blocked(configs["sft"], configs["root"]) is None  # a source is not an empty file
     assert _no_training_rows(configs["dpo"], configs["root"]) is None  # a hub id: read by the stage itself
+
+
+def test_rl_prompts_from_parquet_with_columns(tmp_path):
+    from picoalign.config import RLConfig
+    from picoalign.train.rl import read_prompt_rows
+
+    write_parquet(tmp_path / "gsm.parquet", {"question": ["1+1?", "2+2?", "3+3?"], "answer": ["2", "4", "6"]})
+    write_parquet(tmp_path / "gsm_test.parquet", {"question": ["9+9?"], "answer": ["18"]})  # named: not read
+    cfg = RLConfig(data=str(tmp_path), prompts="gsm.parquet", columns="prompt=question", max_steps=1,
+                   n_prompts=0, val_prompts=1)
+    train, val = read_prompt_rows(cfg)
+    assert val == [{"answer": "2", "prompt": "1+1?"}] and [r["prompt"] for r in train] == ["2+2?", "3+3?"]

@@ -403,8 +403,10 @@ class RLConfig(TrainConfig):
     model: str = opt("checkpoints/sft", "the checkpoint to start from (normally the run's SFT model)")
     out: str = opt("checkpoints/rl", "folder for the RL checkpoint; logs go to <out>/logs/")
     method: str = opt("grpo", " | ".join(RL_METHODS))
-    prompts: str = opt("arith", "arith (the built-in arithmetic word problems) or a .jsonl/.csv file of rows with "
-                       "`prompt` (relative to --data); the rows' other fields reach the rewards as columns")
+    prompts: str = opt("arith", "arith (the built-in arithmetic word problems) or a data file or source of rows with "
+                       "`prompt` (relative to --data: .jsonl/.csv/.parquet/.arrow, a saved folder, or "
+                       "hf:OWNER/NAME[:CONFIG]:SPLIT; --columns prompt=question maps a set's names); the rows' "
+                       "other fields reach the rewards as columns")
     n_prompts: int = opt(256, "training prompts (arith: how many to draw; a file: the first N, 0 = all)")
     val_prompts: int = opt(16, "held-out prompts scored greedily at each eval (arith: the test split; a file: "
                            "its first N rows, kept out of training)")

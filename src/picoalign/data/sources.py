@@ -5,6 +5,7 @@
     for where, row in source_rows("shards/"):        # every shard's rows in order, a batch at a time
         ...
     source_rows("hf:trl-lib/ultrafeedback_binarized:train")   # online only; HF_ENDPOINT honoured
+    source_rows("hf:openai/gsm8k:main:train")                 # a set with configs: name one
 
 A `.parquet` file or a folder of them (the hub's layout: `data/train-00000-of-00002.parquet`),
 an `.arrow` file (what `Dataset.save_to_disk` writes, or an IPC file of your own) and a
@@ -139,9 +140,11 @@ def _file_rows(path: Path) -> Iterator[tuple[object, dict]]:
 
 def _hub_rows(spec: str) -> Iterator[tuple[object, dict]]:
     """A hub set, streamed: `hf:owner/name:split`. Without a network this is one line saying so."""
-    name, _, split = spec[len(HUB):].rpartition(":")
-    if not name or not split or "/" not in name:
-        raise DataError(f"{spec}: expected hf:OWNER/NAME:SPLIT, e.g. hf:trl-lib/ultrafeedback_binarized:train")
+    parts = spec[len(HUB):].split(":")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else (parts + [""] * 3)[:3]
+    if len(parts) not in (2, 3) or not split or "/" not in name:
+        raise DataError(f"{spec}: expected hf:OWNER/NAME:SPLIT or hf:OWNER/NAME:CONFIG:SPLIT, "
+                        "e.g. hf:trl-lib/ultrafeedback_binarized:train, hf:openai/gsm8k:main:train")
     try:
         import datasets
     except ImportError:
@@ -151,7 +154,7 @@ def _hub_rows(spec: str) -> Iterator[tuple[object, dict]]:
         if offline:
             raise ConnectionError("HF_HUB_OFFLINE is set")
         _probe(os.environ.get("HF_ENDPOINT", ENDPOINT))  # fail in seconds, not after datasets' retries
-        rows = iter(datasets.load_dataset(name, split=split, streaming=True))
+        rows = iter(datasets.load_dataset(name, config, split=split, streaming=True))
         first = next(rows, None)
     except (ConnectionError, OSError, TimeoutError) as e:
         raise DataError(_no_network(spec, name, e)) from None
@@ -186,8 +189,10 @@ def data_split(data: str | Path, name: str, main: bool) -> str | Path | None:
     text = str(name)
     if text.startswith(HUB):
         return text
+    path = Path(data) / text
+    if not str(data).startswith(HUB) and path.exists():  # a folder of splits: train.parquet, val.parquet
+        return path
     if str(data).startswith(HUB) or Path(data).is_file() or (Path(data).is_dir() and is_source(data)
                                                               and not any(Path(data).glob("*.jsonl"))):
         return data if main else None
-    path = Path(data) / text
-    return path if main or path.exists() else None
+    return path if main else None

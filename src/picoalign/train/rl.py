@@ -78,10 +78,11 @@ def read_prompt_rows(cfg: RLConfig) -> tuple[list[dict], list[dict]]:
         from picoalign.data.arith import arith_rows
 
         return arith_rows(cfg.n_prompts, cfg.seed, "train"), arith_rows(cfg.val_prompts, cfg.seed, "test")
-    from picoalign.data.formats import iter_rows
+    from picoalign.data.formats import iter_rows, parse_columns
+    from picoalign.data.sources import data_split
 
     rows = []
-    for where, row in iter_rows(Path(cfg.data) / cfg.prompts):
+    for where, row in iter_rows(data_split(cfg.data, cfg.prompts, main=True), parse_columns(cfg.columns)):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise where.error("prompt", "each row needs a non-empty string `prompt` (its other fields "
                               "reach the reward functions as columns)")
