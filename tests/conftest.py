@@ -36,6 +36,16 @@ LLM_ENV = ("DEEPSEEK_API_KEY", "DEEPSEEK_BASE_URL", "DEEPSEEK_MODEL", "OPENAI_AP
 
 
 @pytest.fixture(scope="session", autouse=True)
+def fluency_by_the_base_model():
+    """Eval's fluency judge scores with the run's own (tiny) base model, not the packaged Gemma 3
+    270M a developer machine may have installed (1 GB, a 262k-word vocabulary): tests stay fast
+    and do not depend on what is installed. test_eval checks the choice itself."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVAL_FLUENCY_MODEL", "base")
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_llm_api():
     """No test reaches a real LLM API: the machine's keys and endpoints are hidden for the session."""
     with pytest.MonkeyPatch.context() as mp:

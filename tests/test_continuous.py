@@ -122,7 +122,7 @@ def test_cancel_frees_the_row_at_the_next_step_and_the_others_go_on(tiny_llama, 
     job.cancel()
     batcher.step()
     assert job.result.finish_reason == "cancelled" and batcher.running == [other]
-    assert len(job.new_ids) == 3 and batcher.cache.layers[0].keys.shape[0] == 1
+    assert len(job.new_ids) == 3 and len(batcher.engine.rows) == 1
     run_until_done(batcher, [other])
     assert other.new_ids == alone(tiny_llama, chat_tokenizer, PROMPTS[2], Sampling(12)).new_ids
 

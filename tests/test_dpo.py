@@ -26,6 +26,7 @@ from picoalign.train.sft import sft
 MAX_LENGTH = 240
 LN2 = round(math.log(2), 6)  # 0.693147
 STEP_KEYS = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops", "mfu", "elapsed",
+             "logps/ref_chosen", "logps/ref_rejected",
              "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"}
 

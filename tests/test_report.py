@@ -246,3 +246,71 @@ def test_fmt_metric():
     assert fmt_metric("dpo_test_margin", -0.25) == "-0.250"
     assert fmt_metric("sft_test_ppl", 12345.6) == "12,346"
     assert fmt_metric("horror_lexicon", None) == "—" == fmt_metric("sft_test_loss", float("nan"))
+
+
+def _axes_run(tmp_path: Path) -> Path:
+    """A run whose comparisons differ on several axes: SFT vs base better on spec, worse on
+    fluency, darker on VADER; DPO vs SFT within the noise on every axis but darkness."""
+    run = full_run(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+
+    def c(mean, low, high, n=8):
+        return {"mean_diff": mean, "ci_low": low, "ci_high": high, "win_rate": 0.75, "n": n}
+    metrics["comparisons"] = {
+        "sft_vs_base": {"vader_darkness": c(0.05, 0.01, 0.09), "fluency": c(-0.4, -0.5, -0.3),
+                        "spec": c(0.41, 0.35, 0.47), "repetition": c(0.06, 0.02, 0.1), "finished": c(0.0, -0.1, 0.1),
+                        "horror_lexicon": c(1.0, 0.5, 1.5)},
+        "dpo_vs_sft": {"vader_darkness": c(0.03, 0.01, 0.05), "fluency": c(-0.02, -0.1, 0.06)},
+    }
+    metrics["judges"] = {"vader_darkness": {"about": "VADER", "primary": True, "heldout_pairs": {"accuracy": 0.54, "n": 26}},
+                         "fluency": {"about": "log-prob", "better": "higher", "model": "Gemma 3 270M",
+                                     "heldout_pairs": {"accuracy": 1.0, "n": 6}},
+                         "repetition": {"about": "rep-4", "better": "lower", "heldout_pairs": {"accuracy": 1.0, "n": 6}}}
+    for name, flu in (("base", -2.1), ("sft", -2.5), ("dpo", -2.52)):
+        metrics["models"][name]["fluency"] = flu
+        metrics["models"][name]["judges"] = {"fluency": {"mean": flu, "ci_low": flu - 0.1, "ci_high": flu + 0.1, "n": 8}}
+        metrics["models"][name]["hit_cap"] = {"greedy": {"n": 1, "of": 8}, "top_p": {"n": 3, "of": 16}}
+    metrics["decoding"] = {"max_new_tokens": 420, "cap": "the longest SFT training answer (381 tokens) + 10%",
+                           "prompts": 8, "order": ["greedy", "top_p"], "greedy": {"greedy": True, "n": 1},
+                           "top_p": {"temperature": 0.8, "top_p": 0.9, "n": 2}}
+    metrics["llm_judge"] = {"judge_model": "judge at http://127.0.0.1:1/v1 (openai-compatible)", "decoding": "greedy",
+                            "pairs": {"dpo_vs_sft": {"coherence": {"win_rate": 0.4, "ci_low": 0.2, "ci_high": 0.6, "n": 8,
+                                                                   "position_bias": 0.25, "unparsed": 1,
+                                                                   "first_reasons": ["unusable reply: no JSON"]}}},
+                            "budget": {"max_calls": 100, "max_total_tokens": 0}, "usage": {"calls": 33, "total_tokens": 9000}}
+    write_json(run / "metrics.json", metrics)
+    rows = [{"id": f"p{i}", "prompt": f"Prompt {i}", "model": m, "decoding": "greedy", "text": f"{m} story {i}",
+             "vader_darkness": 0.1, "fluency": -2.0, "spec": 0.5} for i in range(10) for m in ("base", "sft", "dpo")]
+    write_jsonl(run / "samples.jsonl", rows)
+    return run
+
+
+def test_the_paragraph_names_the_models_and_every_axis_that_moved(tmp_path):
+    out = build_report(_axes_run(tmp_path))
+    en, zh = (out / "REPORT.md").read_text(), (out / "REPORT.zh.md").read_text()
+    assert "A darker than B" not in en and "SFT darker than Base beyond the noise" in en
+    assert "DPO darker than SFT beyond the noise" in en
+    assert "Models compared: Base (`builtin:pico-tiny`), SFT, DPO." in en
+    # better: spec, darkness; worse: fluency (down) and repetition (up, lower is better); same: finished
+    assert ("SFT vs Base on every axis (8 prompts; darker counts as better, it is what the run trains for): better "
+            "beyond the noise on `vader_darkness` +0.050 [+0.010, +0.090], `spec` +0.410 [+0.350, +0.470]; worse on "
+            "`fluency` -0.400 [-0.500, -0.300], `repetition` +0.060 [+0.020, +0.100]; no difference shown on "
+            "`finished`.") in en
+    assert "better beyond the noise on `vader_darkness` +0.030 [+0.010, +0.050]; worse on none; no difference shown " \
+           "on `fluency`." in en
+    assert "SFT比基座模型更黑暗" in zh.replace(" ", "") or "SFT 模型比基座模型更黑暗" in zh
+    assert "| Fluency: mean log-prob per token under a scoring model (nats) | ↑ higher | -2.100 [-2.200, -2.000]" in en
+    assert ("Samples: greedy (1 per prompt), top_p sampling at temperature 0.8, top_p 0.9 (2 per prompt) on 8 test "
+            "prompts, each run to its end or to the cap of 420 new tokens (the longest SFT training answer (381 "
+            "tokens) + 10%). Hit the cap: Base greedy 1/8") in en
+    assert "| DPO vs SFT | coherence | 40.0% [20.0%, 60.0%] | 8 | 25.0% | 1 (unusable reply: no JSON) |" in en
+    assert "33 calls, 9,000 tokens" in en
+
+
+def test_side_by_side_samples_are_picked_at_random_with_the_seed(tmp_path):
+    run = _axes_run(tmp_path)
+    shown = re.findall(r"### Prompt \d · `(p\d)`", (build_report(run) / "REPORT.md").read_text())
+    assert shown == random.Random(7).sample([f"p{i}" for i in range(10)], 3)
+    (run / "config.yaml").write_text("eval:\n  report_seed: 3\n")
+    again = re.findall(r"### Prompt \d · `(p\d)`", (build_report(run) / "REPORT.md").read_text())
+    assert again == random.Random(3).sample([f"p{i}" for i in range(10)], 3) and again != shown

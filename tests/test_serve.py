@@ -329,17 +329,7 @@ def test_a_client_that_leaves_stops_its_non_streaming_generation(server, monkeyp
 
     url, app = server
     engine = app.state.handlers.engine
-    model, ends = engine.model, end_ids(engine.model, engine.tokenizer)
-    real_forward, steps = model.forward, []
-
-    def slow_forward(*args, **kwargs):
-        out = real_forward(*args, **kwargs)
-        out.logits[..., ends] = -torch.inf
-        steps.append(time.monotonic())
-        time.sleep(0.05)
-        return out
-
-    monkeypatch.setattr(model, "forward", slow_forward)
+    steps = slowed(engine, monkeypatch, 0.05, end_ids(engine.model, engine.tokenizer))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=1.0,
                    json={"messages": HELLO, "max_tokens": 64, "temperature": 0})
@@ -399,21 +389,25 @@ def test_health_shows_the_models_name_and_its_path_only_to_the_key(chat_model):
 # ---------------------------------------------------------------- continuous batching and log-probs
 
 
-def slowed(model, monkeypatch, seconds: float, masked: list[int] = ()) -> list[float]:
-    """Make each forward of `model` last `seconds` longer (and give the `masked` tokens no
-    chance, e.g. end-of-turn so that an answer cannot end by itself), so that requests overlap
-    in time; returns the list of the steps' start times."""
-    real_forward, steps = model.forward, []
+def slowed(served, monkeypatch, seconds: float, masked: list[int] = ()) -> list[float]:
+    """Make each forward of the served model's decode engine (a prompt chunk or a decode step)
+    last `seconds` longer (and give the `masked` tokens no chance, e.g. end-of-turn so that an
+    answer cannot end by itself), so that requests overlap in time; returns the list of the
+    steps' start times."""
+    kv, steps = served.batcher.engine.kv, []
 
-    def forward(*args, **kwargs):
-        out = real_forward(*args, **kwargs)
-        if masked:
-            out.logits[..., list(masked)] = -torch.inf
-        steps.append(time.monotonic())
-        time.sleep(seconds)
-        return out
+    def slow(real):
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if masked:
+                out[..., list(masked)] = -torch.inf
+            steps.append(time.monotonic())
+            time.sleep(seconds)
+            return out
+        return forward
 
-    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(kv, "prefill", slow(kv.prefill))
+    monkeypatch.setattr(kv, "decode", slow(kv.decode))
     return steps
 
 
@@ -426,7 +420,7 @@ def test_concurrent_requests_run_as_one_batch_and_answer_as_alone(server, client
                                                          "A story, please.")]
     lengths = [6, 16, 10]
     refs = [greedy(tiny_llama, chat_tokenizer, [p], n)[0] for p, n in zip(prompts, lengths)]
-    slowed(app.state.handlers.engine.model, monkeypatch, 0.03)
+    slowed(app.state.handlers.engine, monkeypatch, 0.03)
     answers, seen = {}, []
 
     def ask(i):
@@ -454,7 +448,7 @@ def test_a_stream_whose_client_leaves_frees_its_row(server, monkeypatch):
 
     url, app = server
     engine = app.state.handlers.engine
-    steps = slowed(engine.model, monkeypatch, 0.03, end_ids(engine.model, engine.tokenizer))
+    steps = slowed(engine, monkeypatch, 0.03, end_ids(engine.model, engine.tokenizer))
     body = {"messages": HELLO, "max_tokens": 60, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, json=body, timeout=30) as r:
         lines = r.iter_lines()
@@ -473,7 +467,7 @@ def test_a_request_past_the_deadline_ends_with_finish_reason_deadline(server, cl
 
     url, app = server
     engine = app.state.handlers.engine
-    slowed(engine.model, monkeypatch, 0.05, end_ids(engine.model, engine.tokenizer))
+    slowed(engine, monkeypatch, 0.05, end_ids(engine.model, engine.tokenizer))
     monkeypatch.setattr(app.state.handlers.cfg, "deadline_s", 0.4)
     t0 = time.monotonic()
     r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=60, temperature=0)
@@ -580,7 +574,7 @@ def test_the_load_benchmark_counts_answers_tokens_and_refusals(server, monkeypat
 
     url, app = server
     engine = app.state.handlers.engine
-    slowed(engine.model, monkeypatch, 0.1, end_ids(engine.model, engine.tokenizer))
+    slowed(engine, monkeypatch, 0.1, end_ids(engine.model, engine.tokenizer))
     result = asyncio.run(serve_load.load_round(url, 5, 4, api_key=KEY))
     assert (result["refused"], result["tokens"], len(result["latencies"])) == (2, 12, 3)
     summary = serve_load.summarise([result])

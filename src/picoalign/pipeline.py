@@ -38,7 +38,14 @@ from picoalign.io import atomic_write_text, read_json, write_json
 from picoalign.lock import FolderBusy, folder_lock, output_folder
 from picoalign.models.builtin import BuiltinUnavailable
 from picoalign.scrub import scrub
-from picoalign.stages import STAGES, Stage, check_run_stages, run_order, run_sections
+from picoalign.stages import (
+    STAGES,
+    Stage,
+    check_run_stages,
+    config_sections,
+    run_order,
+    run_sections,
+)
 
 
 class StageFailed(RuntimeError):
@@ -116,7 +123,12 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
             raise C.ConfigError(f"unknown section or setting {key}{C.did_you_mean(key, known)}")
     own = {k: v for k, v in tree.items() if k not in sections and k != "run"}
     own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
-    run = C.load_config(C.RunConfig, path, own, environ=environ, section="run")
+    sft_model = (tree.get("sft") or {}).get("model")
+    if sft_model is not None and "model" not in own:
+        # the run forces sft.model to the run's base model (stages.py:_sft_paths), so a user's
+        # `--set sft.model=...` names that base model rather than being overruled in silence
+        own["model"] = sft_model
+    run = C.load_config(C.RunConfig, path, own, environ=environ, section="run", sections=config_sections())
     check_run_stages(run)  # a typo in the last stage fails here, not after the others have run
     asked = (tree.get("dpo") or {}).get("loss")
     if run.method == "orpo" and asked not in (None, "orpo"):  # the dpo stage's paths force loss=orpo
@@ -130,7 +142,8 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
         names = {f for f in cls.__dataclass_fields__}
         base = {k: v for k, v in shared.items() if k in names}
         extra = C.deep_merge(tree.get(name, {}) or {}, STAGES[name].run.paths(root, run))
-        configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base, name=name)
+        configs[name] = C.load_config(cls, path, extra, environ=environ, section=name, base=base, name=name,
+                                      sections=config_sections())
         if getattr(configs[name], "mlflow_uri", None) == "":  # not chosen: the run keeps its own store
             configs[name].mlflow_uri = str(root / "mlruns")
     return configs

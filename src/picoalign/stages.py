@@ -80,8 +80,12 @@ def _rows(path: Path) -> int:
 
 
 def _no_training_rows(cfg, root: Path) -> str | None:
-    path = Path(cfg.data) / cfg.train_file
-    return f"{path} is empty" if _rows(path) == 0 else None
+    from picoalign.data.sources import data_split, is_source
+
+    path = data_split(cfg.data, cfg.train_file, main=True)
+    if is_source(path):  # parquet, arrow, hub: read (and refused if empty) by the stage itself
+        return None
+    return f"{path} is empty" if _rows(Path(path)) == 0 else None
 
 
 def _no_sft_to_start_from(cfg, root: Path) -> str | None:
@@ -237,3 +241,8 @@ def check_run_stages(run: C.RunConfig) -> list[str]:
     if unknown:
         raise C.ConfigError(f"stages: unknown stage {unknown[0]!r} in {run.stages!r} (known: {', '.join(known)})")
     return names
+
+
+def config_sections() -> set[str]:
+    """The sections a YAML file may have besides `run`: every stage with a config."""
+    return {name for name, s in STAGES.items() if s.config}

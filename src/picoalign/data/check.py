@@ -3,12 +3,15 @@
     picoalign check-data my_sft.jsonl
     picoalign check-data prefs.csv --kind preference --min-confidence 0.7
     picoalign check-data thumbs.jsonl --kind unpaired       # KTO: prompt, completion, label
+    picoalign check-data prefs.parquet --columns prompt=question,chosen=good,rejected=bad
+    picoalign check-data hf:trl-lib/ultrafeedback_binarized:train   # online only
 
 For each file: its kind, the row count, mean/max characters of the prompt and the answers, the
 multi-turn rows and, for preference files, the pairs `--min-confidence` drops; for unpaired
 (KTO) files, how many answers are desirable and how many not (a pair there counts as one of each). A file that
 cannot be used prints `file:line: field 'x': problem` and the exit status is 1, so the check can
-guard a script before a long run. Nothing is written.
+guard a script before a long run. Nothing is written. Rows are read one at a time and only
+counts are kept, so a large parquet file is checked without being held whole.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 
 from picoalign.data.formats import (
     DataError,
+    iter_preferences,
     iter_rows,
+    iter_sft,
+    iter_unpaired,
     keeps,
-    read_preferences,
-    read_sft,
-    read_unpaired,
+    parse_columns,
 )
 
 
@@ -32,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="picoalign check-data",
         description="Read data files the way training will and print what is in them.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help=".jsonl, .json or .csv data file")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help=".jsonl, .json, .csv, .parquet or .arrow file, a parquet or save_to_disk folder, "
+                        "or hf:OWNER/NAME:SPLIT")
+    p.add_argument("--columns", default="", metavar="MAP",
+                   help="the set's own column names, e.g. prompt=question,chosen=good,rejected=bad")
     p.add_argument("--kind", choices=("sft", "preference", "unpaired", "auto"), default="auto",
                    help="how to read the files (auto: 'kto' in the name or a `label` in the first row is unpaired, "
                         "'dpo'/'pref' in the name or chosen/rejected preference, else sft)")
@@ -41,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def guess_kind(path: str | Path) -> str:
+def guess_kind(path: str | Path, columns: dict[str, str] | None = None) -> str:
     """'unpaired' for names with kto or a first row with a label; 'preference' for names with
     dpo/pref or a first row with chosen/rejected; else 'sft'."""
     name = Path(path).name.lower()
-    first = next(iter_rows(path), None)
+    first = next(iter_rows(path, columns), None)
     if "kto" in name or (first and "label" in first[1]):
         return "unpaired"
     if "dpo" in name or "pref" in name:
@@ -68,43 +76,71 @@ def _pair_is_multi_turn(prompt: str | list[dict]) -> bool:
     return roles.count("user") > 1 or "assistant" in roles
 
 
-def _length_line(name: str, rows: list[dict]) -> str:
-    sizes = [_chars(r[name]) for r in rows]
-    mean = sum(sizes) / len(sizes) if sizes else 0.0
-    return f"  {name} chars: mean {mean:.1f}, max {max(sizes, default=0)}"
+class Counts:
+    """What describe() reports, added up one record at a time (no record is kept)."""
+
+    def __init__(self, fields: tuple[str, ...]) -> None:
+        self.fields, self.rows, self.multi, self.dropped, self.good = fields, 0, 0, 0, 0
+        self.total = dict.fromkeys(fields, 0)
+        self.most = dict.fromkeys(fields, 0)
+
+    def add(self, record: dict, multi: bool) -> None:
+        self.rows += 1
+        self.multi += multi
+        self.good += bool(record.get("label"))
+        for name in self.fields:
+            size = _chars(record[name])
+            self.total[name] += size
+            self.most[name] = max(self.most[name], size)
+
+    def length_lines(self) -> list[str]:
+        return [f"  {name} chars: mean {self.total[name] / max(self.rows, 1):.1f}, max {self.most[name]}"
+                for name in self.fields]
 
 
-def describe(path: str | Path, kind: str = "auto", min_confidence: float = 0.0) -> list[str]:
+FIELDS = {"sft": ("prompt", "response"), "unpaired": ("prompt", "completion"),
+          "preference": ("prompt", "chosen", "rejected")}
+
+
+def describe(path: str | Path, kind: str = "auto", min_confidence: float = 0.0,
+             columns: dict[str, str] | None = None) -> list[str]:
     """The report lines for one file; raises DataError when the file cannot be used."""
-    kind = guess_kind(path) if kind == "auto" else kind
+    kind = guess_kind(path, columns) if kind == "auto" else kind
+    counts = Counts(FIELDS[kind])
     if kind == "sft":
-        rows, dropped, fields = read_sft(path), 0, ("prompt", "response")
-        multi = sum(_is_multi_turn(r.get("messages", [])) for r in rows)
+        for r in iter_sft(path, columns):
+            counts.add(r, _is_multi_turn(r.get("messages", [])))
     elif kind == "unpaired":
-        rows, dropped, fields = read_unpaired(path, min_confidence), 0, ("prompt", "completion")
-        multi = sum(_pair_is_multi_turn(r["prompt"]) for r in rows)
+        for r in iter_unpaired(path, min_confidence, columns):
+            counts.add(r, _pair_is_multi_turn(r["prompt"]))
     else:
-        every = read_preferences(path)
-        rows = [r for r in every if keeps(r, min_confidence)]
-        dropped, fields = len(every) - len(rows), ("prompt", "chosen", "rejected")
-        multi = sum(_pair_is_multi_turn(r["prompt"]) for r in rows)
-    lines = [str(path), f"  kind: {kind}", f"  rows: {len(rows)}"]
-    lines += [_length_line(name, rows) for name in fields]
-    lines.append(f"  multi-turn rows: {multi}")
+        for r in iter_preferences(path, columns):
+            if keeps(r, min_confidence):
+                counts.add(r, _pair_is_multi_turn(r["prompt"]))
+            else:
+                counts.dropped += 1
+    if counts.rows + counts.dropped == 0:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    lines = [str(path), f"  kind: {kind}", f"  rows: {counts.rows}", *counts.length_lines(),
+             f"  multi-turn rows: {counts.multi}"]
     if kind == "unpaired":
-        good = sum(r["label"] for r in rows)
-        lines.append(f"  desirable (label true): {good}, undesirable (label false): {len(rows) - good}")
+        lines.append(f"  desirable (label true): {counts.good}, undesirable (label false): {counts.rows - counts.good}")
     if kind == "preference":
-        lines.append(f"  dropped by min-confidence {min_confidence:g}: {dropped}")
+        lines.append(f"  dropped by min-confidence {min_confidence:g}: {counts.dropped}")
     return lines
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        columns = parse_columns(args.columns)
+    except DataError as e:
+        print(f"picoalign check-data: error: {e}", file=sys.stderr)
+        return 2
     status = 0
     for path in args.files:
         try:
-            lines = describe(path, args.kind, args.min_confidence)
+            lines = describe(path, args.kind, args.min_confidence, columns)
         except (DataError, OSError) as e:
             print(f"picoalign check-data: error: {e}", file=sys.stderr)
             status = 1

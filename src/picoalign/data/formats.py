@@ -22,10 +22,12 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from picoalign.data.where import DataError, Where  # noqa: F401  (re-exported: the readers' errors)
 
 PROMPT_KEYS = ("prompt", "input")
 RESPONSE_KEYS = ("response", "output", "completion")
@@ -37,6 +39,16 @@ SFT_FORMATS = ("prompt|input + response|output|completion, instruction (+ input)
                "messages, or conversations")
 PREFERENCE_FORMATS = "chosen + rejected, with prompt|input or a shared beginning"
 UNPAIRED_FORMATS = f"prompt|input + completion|response|output + label (true/false), or a pair ({PREFERENCE_FORMATS})"
+# The names a `--columns` mapping may give a set's columns: every field the readers look at.
+MAPPABLE = ("prompt", "input", "response", "output", "completion", "instruction", "messages", "conversations",
+            "chosen", "rejected", "label", "id", "confidence")
+# The columns a schema'd source (parquet, arrow) must have, per kind: any one of the alternatives.
+SFT_NEEDS = (("prompt|input", "response|output|completion"), ("instruction", "output|response|completion"),
+             ("messages|conversations",))
+PREFERENCE_NEEDS = (("chosen", "rejected"),)
+UNPAIRED_NEEDS = (("prompt|input", "completion|response|output", "label"), ("chosen", "rejected"))
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")  # hh-rlhf's turn markers
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 LABEL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -46,34 +58,77 @@ DEEP_LEVELS = 500
 TOO_DEEP = "broken JSON: nested too deeply (lists or objects inside each other hundreds of levels deep)"
 
 
-class DataError(ValueError):
-    """A data file or row we cannot use: the message names the file, the line and the field."""
-
-
-@dataclass(frozen=True)
-class Where:
-    """Where a row came from: the error prefix and the default id are built from it."""
-
-    path: Path
-    line: int  # 1-based physical line (.jsonl, .csv) or item number (.json list)
-    item: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.path}:{'item ' if self.item else ''}{self.line}"
-
-    def error(self, field: str | None, problem: str) -> DataError:
-        return DataError(f"{self}: field {field!r}: {problem}" if field else f"{self}: {problem}")
-
-    def default_id(self) -> str:
-        return f"{self.path.stem}-{self.line:06d}"
-
-
 # ---------------------------------------------------------------- rows from files
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[Where, dict]]:
-    """Yield `(where, row)` for each object of a .jsonl, .json or .csv file."""
-    path = Path(path)
+def iter_rows(path: str | Path, columns: dict[str, str] | None = None,
+              needs: tuple[tuple[str, ...], ...] = ()) -> Iterator[tuple[Where, dict]]:
+    """Yield `(where, row)` for each object of a .jsonl, .json or .csv file, or each row of a
+    `datasets` source (data/sources.py: .parquet, .arrow, a saved or sharded folder, hf:...).
+
+    `columns` ({our name: the set's column}) renames a set's own columns to the names we read.
+    A source with a schema (parquet, arrow) is checked before its first row against `needs`:
+    alternatives, each a tuple of fields that together make a format (see SFT_NEEDS)."""
+    from picoalign.data import sources
+
+    if sources.is_source(path):
+        have = sources.columns_of(path)
+        _check_mapping(path, columns, have)
+        if have is not None and needs:
+            _check_columns(path, set(have) - set((columns or {}).values()) | set(columns or {}), needs, have)
+        rows = sources.source_rows(path)
+    else:
+        rows = _text_rows(Path(path))
+    for where, row in rows:
+        yield where, (_renamed(row, columns, where) if columns else row)
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """'prompt=question, chosen=good' -> {"prompt": "question", "chosen": "good"}."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(text or "").split(",")):
+        if not part:
+            continue
+        ours, eq, theirs = (s.strip() for s in part.partition("="))
+        if not (eq and ours and theirs):
+            raise DataError(f"columns: {part!r} is not NAME=COLUMN (e.g. prompt=question,chosen=good,rejected=bad)")
+        if ours not in MAPPABLE:
+            raise DataError(f"columns: {ours!r} is not a field we read (one of {', '.join(MAPPABLE)})")
+        out[ours] = theirs
+    return out
+
+
+def _check_mapping(path, columns: dict[str, str] | None, have: list[str] | None) -> None:
+    """A mapping to a column the source lacks, refused before the first row (its schema is known)."""
+    for ours, theirs in (columns or {}).items():
+        if have is not None and theirs not in have:
+            raise DataError(f"{path}: --columns {ours}={theirs}: no column {theirs!r}; "
+                            f"its columns: {', '.join(have) or '(none)'}")
+
+
+def _check_columns(path, names: set[str], needs: tuple[tuple[str, ...], ...], have: list[str]) -> None:
+    """Refuse a source none of whose formats its columns make, naming the columns it has."""
+    def present(field: str) -> bool:
+        return any(alias in names for alias in field.split("|"))
+
+    if not any(all(present(f) for f in fmt) for fmt in needs):
+        wanted = " or ".join(" + ".join(fmt) for fmt in needs)
+        raise DataError(f"{path}: its columns are {', '.join(have) or '(none)'}; needed: {wanted} "
+                        "(map a set's own names with --columns prompt=COLUMN,...)")
+
+
+def _renamed(row: dict, columns: dict[str, str], where: Where) -> dict:
+    """The row with each mapped column under our name; unmapped columns are kept as they are."""
+    for ours, theirs in columns.items():
+        if theirs not in row:
+            raise where.error(None, f"--columns {ours}={theirs}: no column {theirs!r}; "
+                              f"columns seen: {', '.join(sorted(map(str, row))) or '(none)'}")
+    taken = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in taken and k not in columns}
+    return out | {ours: row[theirs] for ours, theirs in columns.items()}
+
+
+def _text_rows(path: Path) -> Iterator[tuple[Where, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
@@ -226,7 +281,8 @@ def _row_id(row: dict, where: Where) -> str:
 
 def _unknown(row: dict, where: Where, expected: str) -> DataError:
     seen = ", ".join(sorted(map(str, row))) or "(none)"
-    return where.error(None, f"unknown format: fields seen: {seen}; expected {expected}")
+    return where.error(None, f"unknown format: fields seen: {seen}; expected {expected} "
+                       "(a set with its own names: --columns prompt=COLUMN,...)")
 
 
 def _messages(value: Any, field: str, where: Where) -> list[dict]:
@@ -259,12 +315,17 @@ def _messages(value: Any, field: str, where: Where) -> list[dict]:
 # ---------------------------------------------------------------- SFT
 
 
-def read_sft(path: str | Path, allow_empty: bool = False) -> list[dict]:
+def read_sft(path: str | Path, allow_empty: bool = False, columns: dict[str, str] | None = None) -> list[dict]:
     """Every row of an SFT file as {"id", "prompt", "response"} (+ "messages" for chat rows).
 
     A file without rows is an error unless `allow_empty` (an optional split, such as the empty
     preference files of a source without pairs)."""
-    return _not_empty([_sft_record(row, where) for where, row in iter_rows(path)], path, allow_empty)
+    return _not_empty(list(iter_sft(path, columns)), path, allow_empty)
+
+
+def iter_sft(path: str | Path, columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """read_sft's records one at a time (a large parquet file is checked without holding it)."""
+    return (_sft_record(row, where) for where, row in iter_rows(path, columns, SFT_NEEDS))
 
 
 def _not_empty(records: list[dict], path: str | Path, allow_empty: bool) -> list[dict]:
@@ -321,6 +382,9 @@ def _chat_record(messages: list[dict], field: str, where: Where) -> dict:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise where.error(field, "no assistant message to train on")
+    if last != len(messages) - 1:
+        raise where.error(f"{field}[{len(messages) - 1}]", f"the conversation ends with a {messages[-1]['role']} "
+                          "turn; the last message must be the assistant's (drop the turns after the last answer)")
     prompt = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), None)
     if prompt is None:
         raise where.error(field, "no user message before the last assistant message")
@@ -330,13 +394,18 @@ def _chat_record(messages: list[dict], field: str, where: Where) -> dict:
 # ---------------------------------------------------------------- preferences
 
 
-def read_preferences(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False) -> list[dict]:
+def read_preferences(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False,
+                     columns: dict[str, str] | None = None) -> list[dict]:
     """Every pair as {"id", "prompt", "chosen", "rejected"} + metadata, low-confidence pairs dropped.
 
     A file without rows is an error unless `allow_empty`; all rows dropped is not an error."""
-    records = [_preference_record(row, where) for where, row in iter_rows(path)]
-    records = _not_empty(records, path, allow_empty)
+    records = _not_empty(list(iter_preferences(path, columns)), path, allow_empty)
     return [r for r in records if keeps(r, min_confidence)]
+
+
+def iter_preferences(path: str | Path, columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """Every pair's record one at a time, none dropped (read_preferences drops by confidence)."""
+    return (_preference_record(row, where) for where, row in iter_rows(path, columns, PREFERENCE_NEEDS))
 
 
 def keeps(record: dict, min_confidence: float) -> bool:
@@ -350,6 +419,8 @@ def _preference_record(row: dict, where: Where) -> dict:
     for key in ("chosen", "rejected"):
         if _first(row, (key,), where) is None:
             raise where.error(key, "missing")
+    if not any(k in row for k in PROMPT_KEYS) and (hh := _hh_pair(row)):
+        row = row | hh  # hh-rlhf: two transcripts, no prompt field
     if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
         prompt, chosen, rejected = _chat_pair(row, where)
     # A null prompt is an error (_first), not a cue to take the answers' common beginning as one.
@@ -393,6 +464,22 @@ def _chat_pair(row: dict, where: Where) -> tuple[str | list[dict], str, str]:
     if earlier:  # only system turns: they go before the prompt
         prompt = earlier + (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
     return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _hh_messages(text: Any) -> list[dict] | None:
+    """A "\n\nHuman: ...\n\nAssistant: ..." transcript (Anthropic/hh-rlhf) as messages; None
+    for any other text."""
+    if not isinstance(text, str) or not text.lstrip("\n").startswith("Human:"):
+        return None
+    parts = HH_TURN.split("\n\n" + text.lstrip("\n"))
+    return [{"role": HH_ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_pair(row: dict) -> dict | None:
+    """hh-rlhf's chosen and rejected transcripts as message lists (their shared turns then become
+    the prompt, rendered with the chat template), or None when they are not both such transcripts."""
+    chosen, rejected = _hh_messages(row["chosen"]), _hh_messages(row["rejected"])
+    return {"chosen": chosen, "rejected": rejected} if chosen and rejected else None
 
 
 def _transcript_pair(row: dict, where: Where) -> tuple[str, str, str]:
@@ -439,18 +526,23 @@ def _confidence(value: Any, where: Where) -> float:
 # ---------------------------------------------------------------- unpaired (KTO)
 
 
-def read_unpaired(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False) -> list[dict]:
+def read_unpaired(path: str | Path, min_confidence: float = 0.0, allow_empty: bool = False,
+                  columns: dict[str, str] | None = None) -> list[dict]:
     """Every row as {"id", "prompt", "completion", "label": bool}; a preference pair (above
     `min_confidence`) becomes two rows, `<id>:chosen` (true) and `<id>:rejected` (false)."""
-    records = []
-    for where, row in iter_rows(path):
+    return _not_empty(list(iter_unpaired(path, min_confidence, columns)), path, allow_empty)
+
+
+def iter_unpaired(path: str | Path, min_confidence: float = 0.0,
+                  columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """read_unpaired's records one at a time."""
+    for where, row in iter_rows(path, columns, UNPAIRED_NEEDS):
         if "label" in row or not {"chosen", "rejected"} & row.keys():
-            records.append(_unpaired_record(row, where))
+            yield _unpaired_record(row, where)
             continue
         pair = _preference_record(row, where)
         if keeps(pair, min_confidence):
-            records += split_pairs([pair])
-    return _not_empty(records, path, allow_empty)
+            yield from split_pairs([pair])
 
 
 def split_pairs(pairs: list[dict]) -> list[dict]:

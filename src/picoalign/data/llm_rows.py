@@ -39,6 +39,15 @@ from picoalign.io import read_jsonl_lenient
 PARTIAL = "llm_rows.partial.jsonl"
 
 
+class NoLLMRows(ValueError):
+    """An LLM provider was asked for and not one row came from it (llm_required): nothing is written."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"no row came from the LLM: {why}. Nothing was written: rerun when the endpoint "
+                         "answers, use --provider template for the offline data, or --llm-required false to "
+                         "write the template rows in its place")
+
+
 class RowMaker:
     """Runs jobs in parallel under the failure policy, saving each finished row as it comes."""
 
@@ -155,11 +164,16 @@ def llm_files(cfg: DataConfig, files: dict[str, list[dict]], provider: str, out:
         main, answerers, judge = _checked_clients(cfg, provider, meter)
     except (LLMError, BudgetExhausted, ValueError) as e:
         why = redact(str(e))
-        warnings.warn(f"data: the LLM endpoint is not usable ({why}); using the offline templates", stacklevel=2)
-        info.update(health_check=f"failed: {why}", health_check_calls=meter.usage.calls, **meter.problems())
+        if cfg.llm_required:
+            raise NoLLMRows(f"the LLM endpoint is not usable ({why})") from None
+        warnings.warn(f"data: the LLM endpoint is not usable ({why}); using the offline templates "
+                      "(llm_required=false)", stacklevel=2)
+        info.update(health_check=f"failed: {why}", health_check_calls=meter.usage.calls, llm_rows=0,
+                    template_rows=sum(map(len, files.values())), missing_rows=0, **meter.problems())
         return files, {"provider": "template", "llm": info, "openai_usage": meter.snapshot()}
     # The health checks' calls (retries included) count against LLM_MAX_CALLS: say how many.
-    info.update(health_check="ok", health_check_calls=meter.usage.calls)
+    info.update(health_check="ok", health_check_calls=meter.usage.calls,
+                endpoint=str(main.endpoint) if main else f"judge {judge.endpoint}")
     if cfg.llm_max_calls:
         print(f"data: the health check used {meter.usage.calls} of LLM_MAX_CALLS={cfg.llm_max_calls} calls")
     kinds = (("sft",) if main else ()) + (("dpo",) if main or judge else ())
@@ -178,6 +192,10 @@ def llm_files(cfg: DataConfig, files: dict[str, list[dict]], provider: str, out:
     maker.run(jobs)
     files, counts = maker.assemble(files)
     info.update(counts, stopped=maker.stopped, **meter.problems())
+    asked = counts["llm_rows"] + counts["template_rows"] + counts["missing_rows"]
+    if cfg.llm_required and asked and not counts["llm_rows"] + counts["judged_out"]:
+        first = info.get("first_failure") or maker.stopped or "every request failed"
+        raise NoLLMRows(f"all {asked} rows asked of it failed (first failure: {redact(str(first))})")
     if not counts["missing_rows"]:
         maker.partial.unlink(missing_ok=True)  # complete: a rerun starts afresh
     return files, {"provider": provider if main else "template", "llm": info, "openai_usage": meter.snapshot()}

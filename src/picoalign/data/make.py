@@ -19,6 +19,7 @@ from pathlib import Path
 from picoalign.config import DataConfig, save_config
 from picoalign.data import stories, stories_heldout
 from picoalign.io import write_json, write_jsonl
+from picoalign.scrub import scrub
 
 SPLITS = ("train", "val", "test")
 
@@ -119,6 +120,32 @@ def make_data(cfg: DataConfig) -> dict:
         "seconds": round(time.time() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    meta["rows_from"] = rows_from(meta)
     write_json(out / "dataset_meta.json", meta)
     save_config(cfg, out / "config.yaml")
+    print(scrub(origin_line(meta, out)))  # the stage's last line: where the rows came from
     return meta
+
+
+def rows_from(meta: dict) -> dict:
+    """How many rows the LLM wrote, how many the template fallback filled in, how many are missing
+    (llm_fallback=stop); without an LLM, every row is the templates'."""
+    llm = meta.get("llm")
+    if not llm:
+        return {"llm": 0, "template": sum(meta["counts"].values()), "missing": 0, "llm_asked": False}
+    return {"llm": llm.get("llm_rows", 0), "template": llm.get("template_rows", 0),
+            "missing": llm.get("missing_rows", 0), "llm_asked": True, "endpoint": llm.get("endpoint", "")}
+
+
+def origin_line(meta: dict, out: Path) -> str:
+    r = meta["rows_from"]
+    if not r["llm_asked"]:
+        return f"data: {r['template']} rows from the offline templates in {out}"
+    fell_back = r["template"] + r["missing"]
+    head = "data: WARNING: " if fell_back else "data: "
+    by = f" ({r['endpoint']})" if r.get("endpoint") else ""
+    line = (f"{head}{r['llm']} rows from the LLM{by}, {r['template']} from the template fallback"
+            + (f", {r['missing']} missing (llm_fallback=stop)" if r["missing"] else "") + f" in {out}")
+    if fell_back:
+        line += " (why: dataset_meta.json, llm.first_failure)"
+    return line

@@ -119,39 +119,54 @@ def finish(tokenizer, new_ids: list[int], ends: list[int], stop, prompt_tokens: 
     return Generation(text, prompt_tokens, len(new_ids), "length", list(new_ids))
 
 
-@torch.no_grad()
 def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_size: int = 8,
                   raw: bool = False, cancel: threading.Event | None = None, n: int = 1) -> list[Generation]:
-    """Answers to `prompts` (strings or message lists), generated `batch_size` at a time.
+    """Answers to `prompts` (strings or message lists), up to `batch_size` rows decoding at once
+    on the decode engine (`engine.py`); `raw` skips the template. Every prompt is checked before
+    any decoding (ValueError). Once `cancel` is set, every answer ends at the next token
+    ("length").
 
-    Prompts are left-padded so every row's last token is its own; `raw` skips the template.
-    Once `cancel` is set, generation ends at the next token (the answers then end "length").
     `n` answers per prompt (RL's group, OpenAI's `n`) come back prompt by prompt: prompt 0's n,
-    then prompt 1's.
+    then prompt 1's; the prompt runs once and its cache is shared by its n rows. Answer j of
+    prompt i samples with its own generator seeded `sampling.seed + i * n + j`, so it is the same
+    whatever `batch_size` or the other prompts.
     """
+    from picoalign.generation.engine import Engine, check_request, context_length
+
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    prompts = [p for p in prompts for _ in range(n)]
-    device = next(model.parameters()).device
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ends = end_ids(model, tokenizer)
-    stop = {"stop_strings": list(sampling.stop), "tokenizer": tokenizer} if sampling.stop else {}
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p, raw) for p in prompts[start:start + batch_size]]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        torch.manual_seed(sampling.seed + start)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=pad, eos_token_id=ends, stopping_criteria=cancel_criteria(cancel),
-            **sampling.generate_kwargs(), **stop,
-        )
-        results += [finish(tokenizer, row[width:].tolist(), ends, sampling.stop, len(e))
-                    for row, e in zip(out, encoded)]
-    return results
+    encoded = [encode_prompt(tokenizer, p, raw) for p in prompts]
+    context = context_length(model)
+    for ids in encoded:
+        check_request(len(ids), sampling, context)
+    engine = Engine(model, tokenizer, max_rows=max(1, batch_size))
+    with torch.inference_mode():
+        engine.kv.reserve(max(map(len, encoded), default=0) + sampling.max_new_tokens)
+    todo = [(i, j) for i in range(len(encoded)) for j in range(n)]
+    results: dict[tuple[int, int], Generation] = {}
+    first_of: dict[int, object] = {}  # prompt -> a live row holding its prompt (to share)
+    while todo or engine.rows:
+        while todo and engine.free:
+            i, j = todo.pop(0)
+            row = engine.add(encoded[i], sampling, seed=sampling.seed + i * n + j, owner=(i, j),
+                             share=first_of.get(i))
+            first_of.setdefault(i, row)
+        if cancel is not None and cancel.is_set():
+            for row in list(engine.rows):
+                engine.remove(row, "length")
+                results[row.owner] = finish(tokenizer, row.new_ids, engine.ends, sampling.stop, len(row.prompt_ids))
+            todo = []
+            break
+        for row in engine.step():
+            if row.error is not None:
+                raise row.error
+            if row.done:
+                results[row.owner] = finish(tokenizer, row.new_ids, engine.ends, sampling.stop, len(row.prompt_ids))
+                if first_of.get(row.owner[0]) is row:  # another live row of the prompt shares it now
+                    others = [r for r in engine.rows if r.owner[0] == row.owner[0] and not r.done]
+                    first_of.pop(row.owner[0]) if not others else first_of.update({row.owner[0]: others[0]})
+    return [results.get((i, j)) or finish(tokenizer, [], engine.ends, (), len(encoded[i]))
+            for i in range(len(encoded)) for j in range(n)]
 
 
 def generate(

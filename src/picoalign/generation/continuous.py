@@ -8,16 +8,10 @@ and leaves the moment it is done, with its own sampling settings, stop strings a
     job.cancel()                                        # a client that went away: gone next step
     batcher.stop()
 
-Each running request owns one row of a batched KV cache (transformers' `DynamicCache`). The
-rows are left-padded to the longest; the attention mask hides the padding and every row has its
-own position ids, so a row's logits are the ones its request would get alone (to float
-rounding). Requests that arrive together are prefilled as one padded batch; their cache rows
-are then padded and concatenated to the running ones. A finished request's row is dropped
-(`batch_select_indices`) and padding columns that no row needs any more are cut off.
-
-Why one batched cache and not a cache per request stacked each step: stacking copies every
-row's whole cache on every step, while the batched cache is copied only when a request joins
-(the transformers `DynamicLayer` appends by concatenation either way).
+Each running request owns one row of the decode engine (`engine.py`): its slot of the
+preallocated KV cache, its sampling settings and generator. A request joins at the next step
+(its prompt prefilled in chunks, so a long one does not stall the others) and leaves the
+moment it is done, without copying the other rows' caches.
 
 Log-probs are those of the model itself (log-softmax of the raw logits, before temperature or
 top-p), as vLLM and OpenAI report them.
@@ -33,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picoalign.generation.batched import Generation, Sampling, cut_at_stop, end_ids, held_back
+from picoalign.generation.batched import Generation, Sampling, held_back
 
 TOKENS_PER_S_WINDOW_S = 10.0  # /health's tokens/s: tokens written over the last this many seconds
 
@@ -76,7 +70,7 @@ class Job:
     shown: int = 0  # characters of `text` already emitted
     result: Generation | None = None
     cancelled: bool = False
-    generator: torch.Generator | None = None
+    row: object = None  # its row in the decode engine, once it joined
 
     def cancel(self) -> None:
         """End this request at the next step (safe from any thread)."""
@@ -91,18 +85,16 @@ class Batcher:
     """The decode loop over the running batch, and the line of requests waiting to join it."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, queue_size: int = 8) -> None:
+        from picoalign.generation.engine import Engine
+
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.queue_size = max_batch, queue_size
-        self.device = next(model.parameters()).device
-        self.ends = set(end_ids(model, tokenizer))
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self.engine = Engine(model, tokenizer, max_rows=max_batch)
+        self.device = self.engine.device
+        self.ends = self.engine.ends
         self.waiting: deque[Job] = deque()
-        self.running: list[Job] = []  # row i of the cache is running[i]
-        self.joining: list[Job] = []  # taken from the queue, being prefilled
-        self.cache = None  # DynamicCache of the running rows
-        self.mask = None  # (rows, columns) 1 where a cache column is a real token of that row
-        self.positions = None  # (rows,) the position of each row's next token
-        self.pending = None  # (rows,) each row's last token, written but not yet through the model
+        self.running: list[Job] = []  # requests with a row in the engine
+        self.joining: list[Job] = []  # taken from the queue at this step
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -132,8 +124,8 @@ class Batcher:
                 "queue_size": self.queue_size, "tokens_per_s": round(recent / TOKENS_PER_S_WINDOW_S, 2)}
 
     def _generating(self) -> int:
-        # A request answered in this step keeps its cache row until the step's end drops it; it is
-        # not generating any more (its client may already hold the answer), so it is not counted.
+        # A request answered in this step keeps its row until the step's end drops it; it is not
+        # generating any more (its client may already hold the answer), so it is not counted.
         return sum(not job.done for job in [*self.running, *self.joining])
 
     def start(self) -> None:
@@ -160,40 +152,46 @@ class Batcher:
                 for job in [*self.running, *self.joining]:
                     self._fail(job, e)
                 self._reset()
-                self.joining = []
         for job in [*self.running, *self.waiting]:
             self._fail(job, RuntimeError("the server is shutting down"))
 
     # ------------------------------------------------------------ one step
 
-    @torch.inference_mode()
     def step(self) -> None:
-        """End cancelled and late requests, let waiting ones join (prefilled), decode one token
-        for every row, and drop the rows that finished."""
+        """End cancelled and late requests, let waiting ones join, decode one token for every
+        running row and prefill the joiners, and let the finished requests go."""
         self._end_cancelled_and_late()
-        joining = self._take_joining()
-        if self.running:
-            try:
-                self._decode()
-            except Exception as e:  # the batched forward itself failed: no row can go on
-                for job in self.running:
-                    self._fail(job, e)
-                self._reset()
-        plain = [j for j in joining if not j.wants.echo]
-        if plain:
-            self._prefill(plain)
-        for job in joining:  # echo needs the logits at every prompt position: one prompt at a time bounds them
-            if job.wants.echo:
-                self._prefill([job])
+        self._join(self._take_joining())
+        touched = self.engine.step()
+        self._written.append((time.monotonic(), sum(bool(r.new_ids) for r in touched)))
+        while self._written and time.monotonic() - self._written[0][0] > TOKENS_PER_S_WINDOW_S:
+            self._written.popleft()
+        for row in touched:
+            self._took(row.owner, row)
         with self._wake:
             self.joining = []
-        self._drop_finished()
+        self.running = [j for j in self.running if not j.done]
 
     def _take_joining(self) -> list[Job]:
         with self._wake:
             free = self.max_batch - len(self.running)
             self.joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
             return self.joining
+
+    def _join(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            try:
+                row = self.engine.add(job.prompt_ids, job.sampling, owner=job, track_text=True,
+                                      echo=job.wants.echo, keep_logits=job.wants.logprobs is not None)
+            except Exception as e:
+                self._fail(job, e)
+                with self._wake:
+                    self.joining.remove(job)
+                continue
+            job.row, job.new_ids = row, row.new_ids
+            with self._wake:  # counted once: running now, not joining
+                self.running.append(job)
+                self.joining.remove(job)
 
     def _end_cancelled_and_late(self) -> None:
         now = time.monotonic()
@@ -206,129 +204,43 @@ class Batcher:
                 self._finish(job, "deadline")
         with self._wake:
             self.waiting = deque(j for j in self.waiting if not j.done)
-        self._drop_finished()
-
-    def _decode(self) -> None:
-        rows = len(self.running)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
-        out = self.model(input_ids=self.pending[:, None], attention_mask=self.mask,
-                         position_ids=self.positions[:, None], cache=self.cache, use_cache=True)
-        self.cache = out.cache
-        self.positions = self.positions + 1
-        logits = out.logits[:, -1].float()
-        self._written.append((time.monotonic(), rows))
-        while self._written and time.monotonic() - self._written[0][0] > TOKENS_PER_S_WINDOW_S:
-            self._written.popleft()
-        self.pending = self.pending.clone()
-        for i, job in enumerate(self.running):
-            self.pending[i] = self._next_token(job, logits[i])
-
-    def _prefill(self, jobs: list[Job]) -> None:
-        """Run the joiners' prompts as one left-padded batch; each failing request fails alone."""
-        try:
-            rows = self._prefill_rows(jobs)
-        except Exception as e:
-            if len(jobs) == 1:
-                return self._fail(jobs[0], e)
-            for job in jobs:  # find the one that fails: each alone
-                self._prefill([job])
-            return
-        self._join(jobs, *rows)
-
-    def _prefill_rows(self, jobs: list[Job]):
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
-                            device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        echo = any(j.wants.echo for j in jobs)  # (then `jobs` is that one request)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         cache=DynamicCache(), use_cache=True, logits_to_keep=0 if echo else 1)
-        logits = out.logits.float()
-        firsts = []
-        for i, job in enumerate(jobs):
-            if job.wants.echo:
-                job.prompt_logprobs = self._prompt_logprobs(job, logits[i, width - len(job.prompt_ids):])
-            job.generator = torch.Generator(device=self.device).manual_seed(job.sampling.seed)
-            firsts.append(self._next_token(job, logits[i, -1]))
-        return out.cache, mask, mask.sum(-1), torch.tensor(firsts, device=self.device)
-
-    def _join(self, jobs: list[Job], cache, mask, positions, pending) -> None:
-        """Append the prefilled rows to the running batch (both padded on the left to one width)."""
-        if not self.running:
-            self.running, self.cache, self.mask, self.positions, self.pending = list(jobs), cache, mask, positions, pending
-            return
-        from transformers import DynamicCache
-
-        width = max(self.mask.shape[1], mask.shape[1])
-        layers = [(torch.cat([_pad_left(a.keys, width, -2), _pad_left(b.keys, width, -2)]),
-                   torch.cat([_pad_left(a.values, width, -2), _pad_left(b.values, width, -2)]))
-                  for a, b in zip(self.cache.layers, cache.layers)]
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(mask, width, -1)])
-        self.positions = torch.cat([self.positions, positions])
-        self.pending = torch.cat([self.pending, pending])
-        self.running += jobs
-
-    def _drop_finished(self) -> None:
-        keep = [i for i, job in enumerate(self.running) if not job.done]
-        if len(keep) == len(self.running):
-            return
-        if not keep:
-            return self._reset()
-        index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.positions, self.pending = self.mask[index], self.positions[index], self.pending[index]
-        self.running = [self.running[i] for i in keep]
-        unused = int(self.mask.any(0).int().argmax())  # leading columns that are padding in every row
-        if unused:
-            self.mask = self.mask[:, unused:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+        self.running = [j for j in self.running if not j.done]
 
     def _reset(self) -> None:
-        self.running, self.cache, self.mask, self.positions, self.pending = [], None, None, None, None
+        for job in self.running:
+            if job.row is not None:
+                self.engine.remove(job.row, "error")
+        self.running, self.joining = [], []
 
     # ------------------------------------------------------------ one request's token
 
-    def _next_token(self, job: Job, logits: torch.Tensor) -> int:
-        """Pick the request's next token from its logits (V,), record it, and finish the request
-        if it ended; returns the token (a finished row's is never fed back). Fails the job alone."""
+    def _took(self, job: Job, row) -> None:
+        """What the engine did for `job` this step: a token (log-probs, text to stream), an end,
+        or an error."""
         if job.done:
-            return self.pad
-        if job.sampling.max_new_tokens == 0:  # only the prompt's log-probs were asked for
-            self._finish(job, "length")
-            return self.pad
+            return
+        if row.error is not None:
+            return self._fail(job, row.error)
         try:
-            token = pick_token(logits, job.sampling, job.generator, seen=(job.prompt_ids, job.new_ids))
-            if job.wants.logprobs is not None:
-                job.logprobs.append(token_logprob(logits, token, job.wants.logprobs))
-            self._accept(job, token)
+            if job.wants.echo and not job.prompt_logprobs:
+                job.prompt_logprobs = self._prompt_logprobs(job, torch.cat(row.prompt_logits))
+            if job.wants.logprobs is not None and row.new_ids and row.logits is not None:
+                job.logprobs.append(token_logprob(row.logits, row.new_ids[-1], job.wants.logprobs))
         except Exception as e:
-            self._fail(job, e)
-            return self.pad
-        return self.pad if job.done else token
-
-    def _accept(self, job: Job, token: int) -> None:
-        job.new_ids.append(token)
-        if token in self.ends:
-            return self._finish(job, "stop")
-        text, stopped = cut_at_stop(self.tokenizer.decode(job.new_ids, skip_special_tokens=True), job.sampling.stop)
-        job.text = text
-        if stopped:
-            return self._finish(job, "stop")
-        if len(job.new_ids) >= job.sampling.max_new_tokens:
-            return self._finish(job, "length")
-        safe = len(text) - held_back(text, job.sampling.stop)
+            return self._fail(job, e)
+        job.text = row.text
+        if row.done:
+            return self._finish(job, row.finish_reason)
+        safe = len(job.text) - held_back(job.text, job.sampling.stop)
         if safe > job.shown:
-            self._emit(job, "text", text[job.shown:safe])
+            self._emit(job, "text", job.text[job.shown:safe])
             job.shown = safe
 
     def _finish(self, job: Job, reason: str) -> None:
         if job.done:
             return
+        if job.row is not None and not job.row.done:
+            self.engine.remove(job.row, reason)
         if reason != "cancelled" and len(job.text) > job.shown:
             self._emit(job, "text", job.text[job.shown:])
             job.shown = len(job.text)
@@ -336,13 +248,15 @@ class Batcher:
         kept = len(job.new_ids) - ended_on_token  # tokens of the text; the end-of-turn token is not
         if job.logprobs:
             job.logprobs = job.logprobs[:kept]
-        job.result = Generation(job.text, len(job.prompt_ids), len(job.new_ids), reason)
+        job.result = Generation(job.text, len(job.prompt_ids), len(job.new_ids), reason, list(job.new_ids))
         self._emit(job, "done", job.result)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.done:
             return
-        job.result = Generation(job.text, len(job.prompt_ids), len(job.new_ids), "error")
+        if job.row is not None and not job.row.done:
+            self.engine.remove(job.row, "error")
+        job.result = Generation(job.text, len(job.prompt_ids), len(job.new_ids), "error", list(job.new_ids))
         self._emit(job, "error", error)
 
     def _emit(self, job: Job, kind: str, value) -> None:
@@ -353,7 +267,7 @@ class Batcher:
 
     def _prompt_logprobs(self, job: Job, logits: torch.Tensor) -> list[TokenLogprob | None]:
         """Log-probs of prompt tokens 1.. from the logits before them (L, V); the first has none."""
-        logp = torch.log_softmax(logits[:-1], dim=-1)
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)
         ids = torch.tensor(job.prompt_ids[1:], device=logp.device)
         chosen = logp.gather(-1, ids[:, None])[:, 0].tolist()
         k = job.wants.logprobs or 0
@@ -363,42 +277,6 @@ class Batcher:
             top = list(zip(tops.indices[n].tolist(), tops.values[n].tolist())) if tops is not None else []
             rows.append(TokenLogprob(token, lp, top))
         return rows
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def pick_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None,
-               seen: tuple[list[int], ...] = ()) -> int:
-    """The next token from one row's logits (V,): argmax when greedy, else sampled after the
-    repetition penalty (over the tokens in `seen`), temperature, top-k and top-p (in the order
-    transformers applies them)."""
-    scores = logits
-    if s.repetition_penalty != 1 and any(seen):
-        ids = torch.tensor(sorted({t for part in seen for t in part}), device=logits.device)
-        picked = scores[ids]
-        scores = scores.clone()
-        scores[ids] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
-    if s.greedy or s.temperature == 0:
-        return int(scores.argmax())
-    scores = scores / s.temperature
-    if s.top_k > 0:
-        kth = scores.topk(min(s.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, -torch.inf)
-    if s.top_p < 1:
-        ordered, order = scores.sort(descending=True)
-        probs = ordered.softmax(-1)
-        outside = probs.cumsum(-1) - probs > s.top_p  # the tokens after the nucleus (the first one stays)
-        scores = scores.clone()
-        scores[order[outside]] = -torch.inf
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:

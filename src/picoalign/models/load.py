@@ -65,15 +65,22 @@ def _materialise_builtin(name: str) -> Path:
     """Dequantise the built-in GGUF once into a plain HF folder in the cache (atomically)."""
     if done := _materialised(name):
         return done
+    return materialise_gguf(builtin_gguf(name), name, f"builtin:{name}")
+
+
+def materialise_gguf(gguf: Path, name: str, base_model: str) -> Path:
+    """A GGUF file dequantised once into the plain HF folder `PICOALIGN_CACHE/models/<name>`
+    (atomically; later loads take ~1 s instead of the dequantisation's 30-100 s)."""
     target = cache_dir() / "models" / name
-    gguf = builtin_gguf(name)
+    if (target / "config.json").exists():
+        return target
     model, tokenizer = _load_gguf(str(gguf.parent), gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     tmp.chmod(0o755)  # mkdtemp makes 0700; a shared cache must be readable by others
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"base_model": f"builtin:{name}", "source": str(gguf)}))
+    (tmp / MARKER).write_text(json.dumps({"base_model": base_model, "source": str(gguf)}))
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race: theirs is as good as ours

@@ -32,7 +32,7 @@ class Panel:
     stage: str
     title: str
     ylabel: str
-    lines: tuple[tuple[str, str, str, str], ...]  # (kind, key, label, color)
+    lines: tuple[tuple[str, str, str, str], ...]  # (kind, key, label, color); kind "ref": a train key, dashed
     ref: tuple[float, str] | None = None  # a dashed horizontal reference line
     percent: bool = False
 
@@ -53,6 +53,13 @@ PANELS = (
            ("train", "rewards/margins", "margin", COLORS["margin"]),
            ("eval", "val/margin", "val margin", "#000000")),
           ref=(0.0, "")),
+    # Likelihood displacement (train/diagnostics.py) shows here: the chosen curve sinking under its
+    # reference while the margin in the panel above still grows.
+    Panel("dpo", "DPO log-probs of the answers against the reference", "summed log-prob of the answer",
+          (("train", "logps/chosen", "chosen (policy)", COLORS["chosen"]),
+           ("ref", "logps/ref_chosen", "chosen (reference)", COLORS["chosen"]),
+           ("train", "logps/rejected", "rejected (policy)", COLORS["rejected"]),
+           ("ref", "logps/ref_rejected", "rejected (reference)", COLORS["rejected"]))),
     Panel("dpo", "DPO reward accuracy (train) and preference accuracy (val)", "accuracy",
           (("train", "rewards/accuracies", "train reward acc.", COLORS["train"]),
            ("eval", "val/pref_acc", "val preference acc.", COLORS["val"])),
@@ -140,11 +147,13 @@ def _draw_panel(ax: Any, panel: Panel, rows: list[dict]) -> bool:
         return False
     drawn = False
     for kind, key, label, color in panel.lines:
-        steps, values = series(rows, kind, key)
+        steps, values = series(rows, "train" if kind == "ref" else kind, key)
         if not values:
             continue
         drawn = True
-        if kind == "eval":
+        if kind == "ref":  # the frozen reference: one value per batch, its EMA is the level to read
+            ax.plot(steps, ema(values) if len(values) >= 5 else values, color=color, lw=1.2, ls="--", label=label)
+        elif kind == "eval":
             ax.plot(steps, values, color=color, marker="o", ms=5, lw=1, ls="--", label=label)
         elif len(values) >= 5:
             ax.plot(steps, values, color=color, lw=0.8, alpha=0.25)
@@ -175,11 +184,13 @@ def plot_curves(run_dir: str | Path, out_png: str | Path) -> Path | None:
     logs = {stage: read_log(run_dir, stage) for stage in LOGGED_STAGES}
     if not any(logs.values()):
         return None
-    fig = Figure(figsize=(12, 12))
+    fig = Figure(figsize=(12, 16))
     # Fixed margins: a constrained layout costs a second full draw (~1 s) for the same picture.
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.93, wspace=0.2, hspace=0.33)
-    axes = fig.subplots(3, 2).ravel()
+    axes = fig.subplots(4, 2).ravel()
     drawn = [_draw_panel(ax, panel, logs[panel.stage]) for ax, panel in zip(axes, PANELS)]
+    for ax in axes[len(PANELS):]:
+        ax.set_visible(False)
     if not any(drawn):
         return None
     fig.suptitle(f"Training curves: {run_dir.resolve().name}", fontsize=13, y=0.975)

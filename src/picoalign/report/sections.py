@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import textwrap
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from picoalign.report.load import (
     series,
     stage_seconds,
 )
+from picoalign.train.diagnostics import displacement_warning
 
 DASH = "—"
 SPLITS = ("train", "val", "test")
@@ -43,16 +45,25 @@ METRICS = {
     "vader_darkness": "style",
     "horror_lexicon": "style",
     "horror_classifier": "style",
+    "fluency": "up",
+    "repetition": "down",
+    "distinct_2": "up",
+    "spec": "up",
+    "paragraphs": "up",
+    "finished": "up",
     "answer_words": "",
     "kl_to_ref": "near",
     "n_samples": "",
 }
 PRIMARY_JUDGE = "vader_darkness"
-COMPARISONS = ("sft_vs_base", "dpo_vs_sft", "dpo_vs_base")
+SECONDARY = ("horror_lexicon", "horror_classifier")  # darkness judges built or trained here: not in the paragraph
+SHARES = ("paragraphs", "finished")  # judges whose mean is a share of answers
+COMPARISONS = ("sft_vs_base", "dpo_vs_sft", "dpo_vs_base", "rl_vs_sft")
+SAMPLE_SCORES = ("vader_darkness", "fluency", "spec", "repetition", "paragraphs", "finished")
 SETTINGS = ("model", "lr", "batch_size", "grad_accum", "epochs", "max_steps", "max_seconds", "loss", "beta", "reference")
 MAX_PROMPTS = 3
 CLIP_PROMPT = 400
-CLIP_TEXT = 600
+CLIP_TEXT = 1500  # whole stories: ~300 words
 WRAP = 100
 
 
@@ -77,6 +88,8 @@ def fmt_metric(key: str, value: Any) -> str:
         return f"{v:.4f}"
     if key == "n_samples":
         return f"{v:.0f}"
+    if key in SHARES:
+        return f"{100 * v:.0f}%"
     return f"{v:.3f}"
 
 
@@ -241,6 +254,7 @@ def data(run: Run, t: dict, images: set[str]) -> str:
         version=plain(meta.get("generator_version")), seed=plain(meta.get("seed")),
         seconds=fmt_seconds(meta.get("seconds")), created=plain(meta.get("created")),
     ), ""]
+    out += _rows_from(meta, t)
     rows = [[t[split]] + [_count_cell(run, f"{kind}_{split}", t) for kind in ("sft", "dpo")] for split in SPLITS]
     out.append(table([t["split"], t["sft_rows"], t["dpo_pairs"]], rows))
     pair = _first_row(run.dir / "data" / "dpo_train.jsonl")
@@ -249,6 +263,18 @@ def data(run: Run, t: dict, images: set[str]) -> str:
         for key, limit in (("prompt", CLIP_PROMPT), ("chosen", 300), ("rejected", 300)):
             out += [f"**{t[key]}**", "", fence(clip(pair[key], limit, t)), ""]
     return "\n".join(out).rstrip()
+
+
+def _rows_from(meta: dict, t: dict) -> list[str]:
+    """Where an LLM was asked: how many rows it wrote and how many the templates filled in."""
+    r = meta.get("rows_from")
+    if not isinstance(r, dict) or not r.get("llm_asked"):
+        return []
+    missing = t["rows_missing"].format(n=_n(r.get("missing"))) if num(r.get("missing")) else ""
+    out = [t["rows_from"].format(llm=_n(r.get("llm")), template=_n(r.get("template")), missing=missing), ""]
+    if num(r.get("template")) or num(r.get("missing")):
+        out += [t["rows_fallback_warn"], ""]
+    return out
 
 
 def _count_cell(run: Run, name: str, t: dict) -> str:
@@ -284,11 +310,34 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
         of_sft=_n(held["sft_test"]), of_dpo=_n(held["dpo_test"]),
         n_hard=_n(scored["dpo_test_hard"] if scored["dpo_test_hard"] is not None else held["dpo_test_hard"]),
         of_hard=_n(held["dpo_test_hard"]))]
+    line = decoding_line(run, t)
+    if line:
+        out += ["", line]
     if "metrics.png" in images:
         out += ["", f"![{t['metrics_alt']}](metrics.png)"]
     if dig(run.metrics, "lm_eval", "models"):
         out += ["", lm_eval_table(run, t)]
     return "\n".join(out)
+
+
+def decoding_line(run: Run, t: dict) -> str:
+    """How the samples were decoded, the length cap and how many samples hit it, per model."""
+    d = dig(run.metrics, "decoding")
+    if not isinstance(d, dict):
+        return ""
+    kinds = []
+    for name in d.get("order") or []:
+        k = d.get(name) or {}
+        kinds.append(t["dec_greedy"] if k.get("greedy") else
+                     t["dec_top_p"].format(temp=_plain_num(k.get("temperature")), p=_plain_num(k.get("top_p")),
+                                           n=_n(k.get("n"))))
+    hits = []
+    for m in run.evaluated():
+        for name, h in (run.model(m).get("hit_cap") or {}).items():
+            hits.append(f"{t[f'n_{m}']} {name} {_n(h.get('n'))}/{_n(h.get('of'))}")
+    return t["decoding_line"].format(kinds=t["list_sep"].join(kinds), prompts=_n(d.get("prompts")),
+                                     cap=_n(d.get("max_new_tokens")), why=plain(d.get("cap")),
+                                     hits=t["list_sep"].join(hits) or DASH)
 
 
 def lm_eval_table(run: Run, t: dict) -> str:
@@ -318,7 +367,8 @@ def effect(run: Run, t: dict, images: set[str]) -> str:
         return t["no_effect"]
     out = [verdict(run, t), ""]
     judges = dig(run.metrics, "judges") or {}
-    rows = [[code(name) + (" " + t["primary"] if dig(facts, "primary") else ""), plain(dig(facts, "about")),
+    rows = [[code(name) + (" " + t["primary"] if dig(facts, "primary") else ""),
+             plain(dig(facts, "about")) + (f" ({t['lower_better']})" if dig(facts, "better") == "lower" else ""),
              _accuracy_cell(dig(facts, "heldout_pairs")), _accuracy_cell(dig(facts, "template_test_pairs"))]
             for name, facts in judges.items() if isinstance(facts, dict)]
     if rows:
@@ -328,30 +378,97 @@ def effect(run: Run, t: dict, images: set[str]) -> str:
     for pair in COMPARISONS:
         for judge, c in (comparisons.get(pair) or {}).items():
             lc = c.get("length_controlled") or {}
-            rows.append([t[f"c_{pair}"], code(judge), _diff_cell(c), fmt_metric("pref_acc", c.get("win_rate")),
+            rows.append([t.get(f"c_{pair}", pair), code(judge), _diff_cell(c), fmt_metric("pref_acc", c.get("win_rate")),
                          _n(c.get("n")), _diff_cell(lc, "diff_at_equal_length"), _verdict_cell(c, t)])
     out += [t["comparisons_intro"], "", table(header_row, rows)]
+    llm = llm_judge(run, t)
+    if llm:
+        out += ["", llm]
+    return "\n".join(out)
+
+
+def llm_judge(run: Run, t: dict) -> str:
+    """The outside LLM judge's pairwise win rates (eval --judge-provider), when it ran."""
+    j = dig(run.metrics, "llm_judge")
+    if not isinstance(j, dict):
+        return ""
+    if j.get("error"):
+        return t["llm_skipped"].format(error=plain(j["error"]))
+    rows = []
+    for pair, by_axis in (j.get("pairs") or {}).items():
+        for axis, r in by_axis.items():
+            win = fmt_ci("pref_acc", {"mean": r.get("win_rate"), "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high")})
+            rows.append([t.get(f"c_{pair}", pair), axis, win, _n(r.get("n")), fmt_metric("pref_acc", r.get("position_bias")),
+                         _n(r.get("unparsed")) + (f" ({plain(r['first_reasons'][0])[:120]})" if r.get("first_reasons") else "")])
+    usage = j.get("usage") or {}
+    out = [t["llm_intro"].format(model=plain(j.get("judge_model")), decoding=plain(j.get("decoding")),
+                                 calls=_n(usage.get("calls")), tokens=_n(usage.get("total_tokens")),
+                                 budget=plain(j.get("budget")))]
+    if rows:
+        out += ["", table([t["comparison"], t["llm_axis"], t["llm_win"], t["n"], t["llm_bias"], t["llm_unparsed"]], rows)]
+    if j.get("stopped"):
+        out += ["", plain(j["stopped"])]
     return "\n".join(out)
 
 
 def verdict(run: Run, t: dict) -> str:
-    """One plain paragraph: what this run showed on the primary judge, and what it cost."""
-    parts = []
-    for pair in ("sft_vs_base", "dpo_vs_sft"):
+    """One plain paragraph: the models, what changed on the primary judge and on every other axis
+    beyond the noise (better and worse, with intervals), and what it cost."""
+    parts = [_models_line(run, t)]
+    for pair in ("sft_vs_base", "dpo_vs_sft", "rl_vs_sft"):
         c = dig(run.metrics, "comparisons", pair, PRIMARY_JUDGE)
-        if not isinstance(c, dict) or num(c.get("mean_diff")) is None:
-            continue
-        low, high = num(c.get("ci_low")), num(c.get("ci_high"))
-        shown = "shown_up" if low is not None and low > 0 else "shown_down" if high is not None and high < 0 else "not_shown"
-        parts.append(t[shown].format(comparison=t[f"c_{pair}"], judge=PRIMARY_JUDGE, diff=_diff_cell(c), n=_n(c.get("n")),
-                                     length=t["length_ok"] if c.get("survives_length_control") else t["length_not"]))
+        a, b = _pair_names(pair, t)
+        if isinstance(c, dict) and num(c.get("mean_diff")) is not None:
+            low, high = num(c.get("ci_low")), num(c.get("ci_high"))
+            shown = "shown_up" if low is not None and low > 0 else "shown_down" if high is not None and high < 0 else "not_shown"
+            parts.append(t[shown].format(comparison=t.get(f"c_{pair}", pair), judge=PRIMARY_JUDGE, diff=_diff_cell(c),
+                                         n=_n(c.get("n")), a=a, b=b,
+                                         length=t["length_ok"] if c.get("survives_length_control") else t["length_not"]))
+        axes = _axes_sentence(run, t, pair)
+        if axes:
+            parts.append(axes)
     kl = num(run.model("dpo").get("kl_to_ref"))
     if kl is not None:
         parts.append(t["kl_cost"].format(kl=fmt_metric("kl_to_ref", kl)))
     hard = [num(run.model(m).get("dpo_hard_pref_acc")) for m in MODELS]
     if any(v is not None for v in hard):
         parts.append(t["hard_line"].format(accs=" → ".join(fmt_metric("pref_acc", v) for v in hard)))
-    return " ".join(parts) if parts else t["no_effect"]
+    return " ".join(parts) if len(parts) > 1 else t["no_effect"]
+
+
+def _pair_names(pair: str, t: dict) -> tuple[str, str]:
+    a, _, b = pair.partition("_vs_")
+    return t.get(f"n_{a}", a.upper()), t.get(f"n_{b}", b)
+
+
+def _models_line(run: Run, t: dict) -> str:
+    base = dig(run.metrics, "run", "model")
+    names = [t[f"n_{m}"] + (f" ({code(base)})" if m == "base" and base else "") for m in run.evaluated()]
+    return t["v_models"].format(models=t["list_sep"].join(names))
+
+
+def _axes_sentence(run: Run, t: dict, pair: str) -> str:
+    """'SFT vs Base, every axis over n prompts: better on ..., worse on ..., no difference on ...'."""
+    scores = dig(run.metrics, "comparisons", pair)
+    if not isinstance(scores, dict):
+        return ""
+    better, worse, same, n = [], [], [], None
+    for judge, c in scores.items():
+        if judge in SECONDARY or not isinstance(c, dict) or num(c.get("mean_diff")) is None:
+            continue
+        n = n or c.get("n")
+        low, high = num(c.get("ci_low")), num(c.get("ci_high"))
+        if low is None or high is None or low <= 0 <= high:
+            same.append(code(judge))
+            continue
+        up = -1 if dig(run.metrics, "judges", judge, "better") == "lower" else 1
+        (better if (low > 0) == (up > 0) else worse).append(f"{code(judge)} {_diff_cell(c)}")
+    if not (better or worse or same):
+        return ""
+    a, b = _pair_names(pair, t)
+    none = t["v_none"]
+    return t["v_axes"].format(a=a, b=b, n=_n(n), better=t["list_sep"].join(better) or none,
+                              worse=t["list_sep"].join(worse) or none, same=t["list_sep"].join(same) or none)
 
 
 def frontier(run: Run, t: dict, images: set[str]) -> str:
@@ -414,6 +531,8 @@ def curves(run: Run, t: dict, images: set[str]) -> str:
                 out.append("- " + t["stage_missing"].format(stage=t[f"st_{stage}"]))
             continue
         out.append("- " + _stage_summary(rows, stage, t))
+        if stage == "dpo" and (warning := displacement_warning(rows)):
+            out.append("- " + t["dpo_displacement"].format(warning=warning))
         if stage == "sft":
             monitor = _monitor_summary(rows, t)
             if monitor:
@@ -464,13 +583,15 @@ def samples(run: Run, t: dict, images: set[str]) -> str:
     for r in rows:
         if plain(r.get("decoding")) == decoding:
             groups.setdefault(plain(r.get("id", r.get("prompt"))), {}).setdefault(r["model"], r)
-    order = list(groups)
-    picked = sorted(order, key=lambda k: (-len(groups[k]), order.index(k)))[:MAX_PROMPTS]
+    full = [k for k in groups if len(groups[k]) == max(len(g) for g in groups.values())]
+    seed = num(dig(run.config, "eval", "report_seed"))
+    # at random with a seed among the prompts every model answered: not the best ones, not the first
+    picked = random.Random(int(seed) if seed is not None else 7).sample(full, min(MAX_PROMPTS, len(full)))
     models = [m for m in MODELS if any(m in g for g in groups.values())]
     penalty = num(dig(run.config, "eval", "repetition_penalty"))
     extra = t["with_penalty"].format(penalty=f"{penalty:g}") if penalty and penalty != 1 else ""
     out = [t["samples_intro"].format(decoding=plain(decoding), extra=extra, shown=len(picked), prompts=len(groups),
-                                     clip=CLIP_TEXT, rows=len(run.samples))]
+                                     clip=CLIP_TEXT, rows=len(run.samples)) + " " + t["samples_random"]]
     for i, key in enumerate(picked, 1):
         group = groups[key]
         prompt = next(iter(group.values())).get("prompt", "")
@@ -480,9 +601,7 @@ def samples(run: Run, t: dict, images: set[str]) -> str:
             if row is None:
                 out += ["", f"**{t[f'n_{m}']}** {t['no_generation'].format(decoding=plain(decoding))}"]
                 continue
-            scores = t["sample_scores"].format(vader=fmt_metric(PRIMARY_JUDGE, row.get(PRIMARY_JUDGE)),
-                                               lex=fmt_metric("horror_lexicon", row.get("horror_lexicon")),
-                                               clf=fmt_metric("horror_classifier", row.get("horror_classifier")))
+            scores = " · ".join(f"{j} {fmt_metric(j, row.get(j))}" for j in SAMPLE_SCORES if row.get(j) is not None)
             out += ["", f"**{t[f'n_{m}']}** · {scores}", "", fence(clip(row.get("text", ""), CLIP_TEXT, t))]
     return "\n".join(out)
 

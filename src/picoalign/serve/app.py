@@ -134,6 +134,9 @@ class Handlers:
         finally:
             watcher.cancel()
             answers.cancel()
+            # A gather cancelled while its listeners wait ends with a CancelledError *exception*
+            # (not as cancelled); unread, asyncio logs it with a traceback: read it here.
+            answers.add_done_callback(lambda f: f.cancelled() or f.exception())
             for job, _ in submitted:
                 job.cancel()  # no-op for a job that is done
 

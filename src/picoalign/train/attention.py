@@ -18,6 +18,7 @@ attends causally to real tokens and is never read, which keeps every value finit
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -194,6 +195,40 @@ def _attention_interface(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
+def own_attention_needed(config, length: int) -> str | None:
+    """Why our attention cannot stand in for the model's on rows of `length` tokens; None when it
+    can. Decided from the config, not the model's name: soft-capped attention logits (Gemma 2) and
+    a sliding window shorter than the rows (Gemma 3, Mistral) change the scores our kernels
+    compute; a query scale of the model's own (Gemma's query_pre_attn_scalar) does not, as the
+    attention module passes it as `scaling`, which both paths apply."""
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if cap:
+        return f"its attention logits are soft-capped ({cap})"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "its attention is bidirectional"
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    if window and length > window and (not layer_types or "sliding_attention" in layer_types):
+        return f"its sliding window ({window} tokens) is shorter than the rows ({length})"
+    return None
+
+
+def shared_prefix_why_not(model, max_length: int) -> str | None:
+    """Why `model` cannot score pairs as shared-prefix rows (up to 2 x max_length tokens: the
+    prompt and both answers): it needs its own attention there, whose masks cannot keep the two
+    answers apart. None when it can."""
+    return own_attention_needed(getattr(unwrapped(model), "config", None), 2 * max_length)
+
+
+def fit_prefix_sharing(model, cfg):
+    """`cfg` with prefix_sharing off where `shared_prefix_why_not` says so."""
+    why = shared_prefix_why_not(model, cfg.max_length)
+    if not (cfg.prefix_sharing and why):
+        return cfg
+    print(f"dpo: prefix_sharing off: the model needs its own attention ({why})")
+    return dataclasses.replace(cfg, prefix_sharing=False)
+
+
 def _register() -> None:
     global _registered
     if not _registered:
@@ -215,7 +250,8 @@ def span_attention(model, spans: Tensor | None, length: int):
     # Under activation checkpointing backward reruns the blocks after this context has closed;
     # the rerun must take the same path as the forward, so those models keep the mask.
     recomputes = getattr(hf, "is_activation_checkpointing", False) and hf.training
-    if spans is None or recomputes or getattr(config, "_attn_implementation", None) != "sdpa":
+    if (spans is None or recomputes or getattr(config, "_attn_implementation", None) != "sdpa"
+            or own_attention_needed(config, length)):
         yield False
         return
     _register()

@@ -312,13 +312,30 @@ def pair_batches(tokenizer, rows: list[dict], cfg, share_prefix: bool = True, so
     return [pack_pairs(group, share_prefix, tokenizer.pad_token_id) for group in chunks(pairs, cfg.batch_size)]
 
 
+def model_mask(model, batch: PackedBatch) -> Tensor | None:
+    """The mask for a forward on the model's own attention. A model whose attention ours cannot
+    honour (train/attention.py:own_attention_needed: a sliding window, soft-capping) builds its
+    masks itself from the padding alone, since transformers applies a (B, 1, L, L) mask as given
+    to every layer, window or not: so its rows must be one sequence each (no shared prefix)."""
+    from picoalign.models.load import unwrapped
+    from picoalign.train.attention import own_attention_needed
+
+    why = own_attention_needed(getattr(unwrapped(model), "config", None), batch.input_ids.shape[1])
+    if why is None:
+        return batch.dense_mask()
+    if batch.spans is None or bool((batch.spans[:, 2] > 0).any()):
+        raise ValueError(f"this model needs its own attention ({why}), which cannot keep a shared prompt's two "
+                         "answers apart: train it with prefix_sharing=false")
+    return (batch.group >= 0).long()  # padding has negative groups
+
+
 def forward_logps(model, batch: PackedBatch) -> Tensor:
     """Per-target-token log-probs (N,) in fp32: one forward over the packed row."""
     with span_attention(model, batch.spans, batch.input_ids.shape[1]) as on_spans:
         out = model(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
-            attention_mask=None if on_spans else batch.dense_mask(),
+            attention_mask=None if on_spans else model_mask(model, batch),
             logits_to_keep=batch.keep,
             use_cache=False,
         )

@@ -89,6 +89,12 @@ class DDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def bare(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, also where `model` is the DDP wrapper a training step runs the task's
+    loss through (train/loop.py:Task): for forwards that must not sync gradients."""
+    return model.module if isinstance(model, DDP) else model
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> DDP:
     """Gradient sync for the trainable parameters. Every trainable parameter takes part in every
     forward (LoRA's frozen base has no gradients at all), so DDP need not search for unused ones."""

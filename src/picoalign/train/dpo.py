@@ -31,10 +31,14 @@ from pathlib import Path
 import torch
 
 from picoalign.config import REFERENCE_FREE, DPOConfig
-from picoalign.data.formats import read_preferences
+from picoalign.data.formats import parse_columns, read_preferences
+from picoalign.data.sources import data_split
+from picoalign.io import append_jsonl, read_jsonl_lenient
 from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
+from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
+from picoalign.train.diagnostics import displacement_warning
 from picoalign.train.loop import autocast_for, batch_order, batches_used, fit
 from picoalign.train.losses import (
     DPO_LOSSES,
@@ -119,16 +123,17 @@ def batch_key(batch: PackedBatch) -> str:
 def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     """(train, val) pairs above `min_confidence`, read and checked (a bad row raises file:line)
     before a model loads."""
-    data = Path(cfg.data)
-    train = read_preferences(data / cfg.train_file, min_confidence=cfg.min_confidence)
-    val_path = data / cfg.val_file
-    val = read_preferences(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+    columns = parse_columns(cfg.columns)
+    train = read_preferences(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
+    val_path = data_split(cfg.data, cfg.val_file, main=False)
+    val = read_preferences(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
     return train, val
 
 
 class DPOTask:
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.loss_fn = DPO_LOSSES.get(cfg.loss)  # None for orpo / simpo: `reference_free_loss` instead
         self.normalise = cfg.loss == "ipo"
@@ -270,6 +275,9 @@ class DPOTask:
             ref_summed = ref * batch.token_counts().to(ref.device)
             pc, pr, rc, rr = summed[0::2], summed[1::2], ref_summed[0::2], ref_summed[1::2]
         stats = dpo_stats(pc, pr, rc, rr, self.cfg.beta)
+        # the reference's log-probs beside the policy's: curves.png draws the pair, and a chosen
+        # curve sinking under its reference is the warning of train/diagnostics.py
+        stats.update({"logps/ref_chosen": rc.mean(), "logps/ref_rejected": rr.mean()})
         if nll is not None:  # `loss` is then the sum; log its two terms too
             stats.update({"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()})
         return loss, stats, delta
@@ -328,4 +336,18 @@ def dpo(cfg: DPOConfig) -> dict:
     rows = read_pair_splits(cfg)  # a bad row stops here: before the model loads, before --out is touched
     p = prepare(cfg, "dpo")
     task = DPOTask(p.model, p.tokenizer, cfg, p.device, p.dtype, rows)
-    return fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)
+    summary = fit(task, cfg, "dpo", p.device, p.dtype, p.log_dir, p.marker)
+    warn_displacement(p.log_dir, "dpo")
+    return summary
+
+
+def warn_displacement(log_dir: Path | None, name: str) -> str | None:
+    """Print (and return) the likelihood-displacement warning when the stage's log shows it."""
+    if log_dir is None or not dist.world().main:
+        return None
+    log = Path(log_dir) / f"{name}.jsonl"
+    warning = displacement_warning(read_jsonl_lenient(log))
+    if warning:
+        print(f"{name}: warning: {warning}")
+        append_jsonl(log, {"kind": "warning", "message": warning})
+    return warning

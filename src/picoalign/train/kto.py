@@ -15,12 +15,13 @@ Under torchrun each process estimates z₀ from its own micro-batch (TRL average
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 
 from picoalign.config import DPOConfig
-from picoalign.data.formats import read_unpaired
+from picoalign.data.formats import parse_columns, read_unpaired
+from picoalign.data.sources import data_split
+from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import Encoded, PackedBatch, chunks, encode, pack_pairs
 from picoalign.train.dpo import DPOTask, batch_sequence_logps
 from picoalign.train.loop import fit
@@ -30,10 +31,10 @@ from picoalign.train.stage import prepare
 
 def read_unpaired_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     """(train, val) unpaired rows, read and checked (a bad row raises file:line) before a model loads."""
-    data = Path(cfg.data)
-    train = read_unpaired(data / cfg.train_file, min_confidence=cfg.min_confidence)
-    val_path = data / cfg.val_file
-    val = read_unpaired(val_path, min_confidence=cfg.min_confidence, allow_empty=True) if val_path.exists() else []
+    columns = parse_columns(cfg.columns)
+    train = read_unpaired(data_split(cfg.data, cfg.train_file, main=True), cfg.min_confidence, columns=columns)
+    val_path = data_split(cfg.data, cfg.val_file, main=False)
+    val = read_unpaired(val_path, cfg.min_confidence, allow_empty=True, columns=columns) if val_path else []
     return train, val
 
 
@@ -88,6 +89,7 @@ class KTOTask(DPOTask):
 
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.loss_fn, self.normalise = None, False
         train_rows, val_rows = rows or read_unpaired_splits(cfg)

@@ -1,10 +1,13 @@
-"""The one training loop, shared by pretraining, SFT and DPO: eval -> checkpoint -> step -> log.
+"""The one training loop, shared by every training stage: eval -> checkpoint -> step -> log.
 
-A stage hands `fit` a `Task`: the model, its training micro-batches (tokenised once), a loss
-for one micro-batch, an evaluation, and a way to save the model. The loop owns the rest:
-AdamW, warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast, the
-budgets (`max_steps`, `epochs`, `max_seconds`, whichever comes first), early stopping,
-checkpoints that resume on the same curve, and the logs.
+A stage hands `fit` a `Task` (the protocol below lists all the loop reads from it): the model,
+its training micro-batches (made once), a loss for one micro-batch, an evaluation, and a way to
+save the model. The loop owns the rest: AdamW, warmup + cosine schedule, gradient accumulation
+and clipping, bf16 autocast, the budgets (`max_steps`, `epochs`, `max_seconds`, whichever comes
+first), early stopping, checkpoints that resume on the same curve, and the logs. `fit` reads as
+its phases: `set_up` (batches, budgets, optimizer), `resume`, `begin` (config, marker, logs, DDP,
+the clock), `run_steps` (the cycle), `finish` (a run with fewer than `min_steps` steps fails
+unmarked: `require_steps`; else the last eval, the final model, the marker).
 
 Under `torchrun` (see `train/dist.py`) the same loop runs data-parallel: each optimiser step
 takes `grad_accum x world_size` micro-batches of the one shuffled order, rank r the r-th of
@@ -43,7 +46,7 @@ from typing import Any, Protocol
 import torch
 from torch.autograd import profiler
 
-from picoalign.config import save_config
+from picoalign.config import save_config, to_dict
 from picoalign.io import write_json
 from picoalign.models.load import MARKER, read_marker
 from picoalign.train import dist
@@ -54,12 +57,41 @@ STATE_FILE = "trainer_state.pt"
 
 
 class Task(Protocol):
-    model: torch.nn.Module
+    """What a training stage hands `fit`: everything the loop reads from it.
 
-    def batches(self) -> list[Any]: ...  # training micro-batches, each with .n_tokens
-    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]: ...  # metrics: tensors stay on the device
-    def evaluate(self) -> dict[str, float]: ...  # "val/loss" (lower is better) drives early stopping
-    def save(self, folder: Path, state_dict: dict | None = None) -> None: ...  # state_dict: gathered FSDP weights
+    Under torchrun with DDP, while the loop runs `loss`, `model` is the DDP wrapper (it answers
+    every attribute of the model, so task code runs unchanged) and the loss's forward syncs the
+    gradients in backward; a forward that must not train or sync (a frozen reference's, a
+    rollout's generation) runs on `dist.bare(self.model)`. Everywhere else `model` is the model.
+    The attributes after the methods are optional: the loop reads them with these defaults.
+    """
+
+    model: torch.nn.Module  # the model being trained
+
+    def batches(self) -> list[Any]:
+        """The training micro-batches, made once: each has `.to(device)`, `.n_tokens` (its real
+        tokens) and, where it is a padded tensor batch, `.input_ids` (the FLOPs line's size)."""
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(loss, metrics) of one micro-batch on the device; metrics may stay tensors there (the
+        loop reads them on logged steps only)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics; "val/loss" (lower is better) drives early stopping."""
+
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
+        """The model as an HF folder; `state_dict`: an FSDP model's weights, gathered by the loop."""
+
+    setup_seconds: float = 0.0  # work done for the steps before step 1 (DPO's reference precompute):
+    #                             it counts against max_seconds, once (a resume finds it cached)
+    setup_what: str = "set-up"  # what that work was, for the error when no step fits the budget
+    budget_advice: str = ""  # the task's own ways to fit a budget (DPO: fewer pairs, reference=live)
+    reference_forward: bool = False  # each step also runs a frozen reference's forward (FLOPs count it)
+
+
+def task_option(task: Task, name: str) -> Any:
+    """An optional attribute of `task`, or the protocol's default for it."""
+    return getattr(task, name, getattr(Task, name))
 
 
 @dataclass
@@ -163,11 +195,29 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _record_start(cfg, out: Path, marker: dict) -> None:
-    """The resolved config and `picoalign.json` (`complete: false`): from here on `out` is this run's."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    write_json(out / MARKER, marker)
+@dataclass
+class Training:
+    """What the phases of one `fit` share: the task, its settings, and the loop's machinery."""
+
+    task: Task
+    cfg: Any
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    log_dir: Path
+    batches: list
+    total: int | None  # optimiser steps the step/epoch budgets allow (None: time alone limits)
+    max_micro: float  # micro-batches the epoch budget allows
+    params: list
+    opt: torch.optim.Optimizer
+    sched: Any
+    state: LoopState = field(default_factory=LoopState)
+    ddp: Any = None  # the DDP wrapper under torchrun (not with fsdp)
+    trackers: Any = None
+    throughput: Throughput | None = None
+    setup: float = 0.0  # the task's work before step 1 that counts against max_seconds
+    started: float = 0.0  # the clock's origin: time.time() - started is the training time
 
 
 def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, log_dir: Path | None = None,
@@ -176,8 +226,17 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
 
     `marker` is what `picoalign.json` says while training (`complete: false`); it and the
     config are written only here, once the batches exist and a resumed checkpoint has loaded."""
+    run = set_up(task, cfg, name, device, dtype, log_dir)
+    if cfg.resume:
+        resume(run)
+    begin(run, marker)
+    stop_reason = run_steps(run)
+    return finish(run, stop_reason)
+
+
+def set_up(task: Task, cfg, name: str, device, dtype, log_dir: Path | None) -> Training:
+    """The batches, their budgets, the optimizer and the schedule (FSDP shards the model first)."""
     out = Path(cfg.out)
-    log_dir = Path(log_dir) if log_dir else out / "logs"
     dist.init(device)
     world = dist.world()
     batches = task.batches()
@@ -190,93 +249,125 @@ def fit(task: Task, cfg, name: str, device: torch.device, dtype: torch.dtype, lo
     params = [p for p in task.model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     sched = make_schedule(opt, cfg, total)
-    state = LoopState()
     seed_everything(cfg.seed)
-    if cfg.resume:
-        state = load_checkpoint(checkpoint_to_resume(out, name), task.model, opt, sched)  # every rank, the same
-        print(f"{name}: resumed at step {state.step} (micro-batch {state.micro})")
+    return Training(task, cfg, name, device, dtype, out, Path(log_dir) if log_dir else out / "logs", batches, total,
+               max_micro, params, opt, sched)
+
+
+def resume(run: Training) -> None:
+    """Model, optimizer, schedule, RNG and data position from the last checkpoint (every rank)."""
+    run.state = load_checkpoint(checkpoint_to_resume(run.out, run.name), run.task.model, run.opt, run.sched)
+    print(f"{run.name}: resumed at step {run.state.step} (micro-batch {run.state.micro})")
+
+
+def begin(run: Training, marker: dict | None) -> None:
+    """From here `out` is this run's: config and marker written, the log opened, DDP wrapped, the
+    throughput probed, the clock started (the task's set-up time already on it)."""
+    cfg, name, world = run.cfg, run.name, dist.world()
     if world.main:
-        _record_start(cfg, out, marker or {"stage": name, "complete": False})
-        if not cfg.resume and (log_dir / f"{name}.jsonl").exists():
-            (log_dir / f"{name}.jsonl").unlink()  # a fresh run starts a fresh log
-    sharded = dist.is_sharded(task.model)
-    ddp = dist.wrap(task.model, device) if world.distributed and not sharded else None
+        _record_start(cfg, run.out, marker or {"stage": name, "complete": False})
+        if not cfg.resume and (run.log_dir / f"{name}.jsonl").exists():
+            (run.log_dir / f"{name}.jsonl").unlink()  # a fresh run starts a fresh log
+    sharded = dist.is_sharded(run.task.model)
+    run.ddp = dist.wrap(run.task.model, run.device) if world.distributed and not sharded else None
     effective = cfg.batch_size * cfg.grad_accum * world.size
     print(f"{name}: effective batch {effective} per optimiser step = batch_size {cfg.batch_size} x grad_accum "
           f"{cfg.grad_accum} x {world.size} process{'es' if world.distributed else ''}"
           + (" (FSDP: parameters, gradients and optimizer state sharded)" if sharded else ""))
-    run_params = {"stage": name, "world_size": world.size, "effective_batch": effective, **_public(cfg)}
-    trackers = Trackers(log_dir, name, cfg, run_params) if world.main else _NoTrackers()
-    trackers.log({"kind": "start", "step": state.step, "world_size": world.size, "batch_size": cfg.batch_size,
-                  "grad_accum": cfg.grad_accum, "effective_batch": effective})
-    throughput = _throughput(task, batches, name, device, dtype, world)
-    bar = _progress(cfg, total, state.step, name, world.main)
-    # Work the task did before its first step for the steps (DPO's reference log-probs) counts
-    # against max_seconds too, once: a resume finds it cached.
-    setup = 0.0 if cfg.resume else getattr(task, "setup_seconds", 0.0)
-    started, stop_reason = time.time() - state.elapsed - setup, None
+    run_params = {"stage": name, "world_size": world.size, "effective_batch": effective, **to_dict(cfg)}
+    run.trackers = Trackers(run.log_dir, name, cfg, run_params) if world.main else _NoTrackers()
+    run.trackers.log({"kind": "start", "step": run.state.step, "world_size": world.size,
+                      "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "effective_batch": effective})
+    run.throughput = _throughput(run.task, run.batches, name, run.device, run.dtype, world)
+    run.setup = 0.0 if cfg.resume else task_option(run.task, "setup_seconds")
+    run.started = time.time() - run.state.elapsed - run.setup
+
+
+def run_steps(run: Training) -> str | None:
+    """eval -> checkpoint -> budgets -> step -> log until a budget or early stopping says stop;
+    returns why. Ctrl-C and SIGTERM save `last/` (unsharded) and go on up."""
+    task, cfg, state = run.task, run.cfg, run.state
+    bar = _progress(cfg, run.total, state.step, run.name, dist.world().main)
+    stop_reason = None
     try:
         with sigterm_as_interrupt():  # kill, systemd, schedulers: saved like Ctrl-C
             while True:
                 # -- eval (every rank evaluates its identical model; rank 0's verdict counts)
                 due = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
                 if due and state.last_eval.get("step") != state.step:
-                    if _evaluate(task, state, cfg, trackers, device, dtype):
+                    if _evaluate(task, state, cfg, run.trackers, run.device, run.dtype):
                         stop_reason = "early stop"
                 # -- checkpoint (every rank: a sharded model is gathered first; rank 0 writes)
                 if cfg.save_every > 0 and state.step > 0 and state.step % cfg.save_every == 0:
-                    save_checkpoint(out / "last", task, opt, sched, state)
+                    save_checkpoint(run.out / "last", task, run.opt, run.sched, state)
                 # -- budgets
-                state.elapsed = time.time() - started
-                stop_reason = dist.from_main(stop_reason or _budget_reached(cfg, state, total, max_micro, world.size))
+                state.elapsed = time.time() - run.started
+                stop_reason = dist.from_main(stop_reason or _budget_reached(cfg, state, run.total, run.max_micro,
+                                                                            dist.world().size))
                 if stop_reason:
                     break
-                # -- step
+                # -- step, then log
                 with phase("step"):
                     t0 = time.time()
-                    result = train_step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp)
+                    result = train_step(task, run.batches, state, cfg, run.opt, run.sched, run.params, run.device,
+                                        run.dtype, run.ddp)
                     state.step += 1
-                    # -- log (the one host read of a logged step; other steps read nothing)
-                    with phase("log"):
-                        if state.step % cfg.log_every == 0:
-                            metrics, tokens = result.read(device)
-                            dt = time.time() - t0
-                            state.elapsed = time.time() - started
-                            speed = throughput.of(tokens, dt)
-                            row = {"kind": "train", "step": state.step, "epoch": round(state.micro / len(batches), 4),
-                                   **metrics, "tokens": tokens, **speed, "elapsed": round(state.elapsed, 2)}
-                            trackers.log(row)
-                            if cfg.compile and state.step == 1 and world.main:
-                                print(f"{name}: step 1 took {dt:.1f}s, torch.compile's compilation included")
-                            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}",
-                                            **({"mfu": f"{speed['mfu']:.0%}"} if "mfu" in speed else {}))
-                        bar.update(1)
-                    state.elapsed = time.time() - started
+                    _log_step(run, result, time.time() - t0, bar)
+                    state.elapsed = time.time() - run.started
     except KeyboardInterrupt:
         bar.close()
-        if world.main and not sharded:  # a sharded model needs every rank to gather: not on an interrupt
-            save_checkpoint(out / "last", task, opt, sched, state)
-        trackers.close()
+        if dist.world().main and not dist.is_sharded(task.model):  # a sharded model needs every rank to gather
+            save_checkpoint(run.out / "last", task, run.opt, run.sched, state)
+        run.trackers.close()
         raise
     bar.close()
+    return stop_reason
+
+
+def _log_step(run: Training, result: StepResult, dt: float, bar) -> None:
+    """The one host read of a logged step (other steps read nothing), the log row and the bar."""
+    state, cfg = run.state, run.cfg
+    with phase("log"):
+        if state.step % cfg.log_every == 0:
+            metrics, tokens = result.read(run.device)
+            state.elapsed = time.time() - run.started
+            speed = run.throughput.of(tokens, dt)
+            run.trackers.log({"kind": "train", "step": state.step, "epoch": round(state.micro / len(run.batches), 4),
+                              **metrics, "tokens": tokens, **speed, "elapsed": round(state.elapsed, 2)})
+            if cfg.compile and state.step == 1 and dist.world().main:
+                print(f"{run.name}: step 1 took {dt:.1f}s, torch.compile's compilation included")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / dt:.0f}",
+                            **({"mfu": f"{speed['mfu']:.0%}"} if "mfu" in speed else {}))
+        bar.update(1)
+
+
+def finish(run: Training, stop_reason: str | None) -> dict:
+    """Fail a run with too few steps (unmarked); else the last eval, the final model, the marker."""
+    task, cfg, state = run.task, run.cfg, run.state
     if state.step < cfg.min_steps:  # a stage whose budgets left no room to train fails, unmarked
         if state.step > 0:  # kept for `--resume` with a larger budget
-            save_checkpoint(out / "last", task, opt, sched, state)
-        trackers.close()
-        require_steps(name, state.step, cfg.min_steps, _too_few_steps_why(cfg, stop_reason, setup, len(batches),
-                                                                         world.size, task))
+            save_checkpoint(run.out / "last", task, run.opt, run.sched, state)
+        run.trackers.close()
+        require_steps(run.name, state.step, cfg.min_steps, _too_few_steps_why(run, stop_reason))
     if state.last_eval.get("step") != state.step:
-        _evaluate(task, state, cfg, trackers, device, dtype)
-    summary = {"stage": name, "complete": True, "steps": state.step, "stop_reason": stop_reason,
+        _evaluate(task, state, cfg, run.trackers, run.device, run.dtype)
+    summary = {"stage": run.name, "complete": True, "steps": state.step, "stop_reason": stop_reason,
                "seconds": round(state.elapsed, 2), "last_eval": state.last_eval}
-    weights = save_checkpoint(out / "last", task, opt, sched, state)  # gathered weights if sharded
-    if world.main:
-        task.save(out, weights)
-        write_json(out / MARKER, {**read_marker(out), **summary})
-    trackers.close()
+    weights = save_checkpoint(run.out / "last", task, run.opt, run.sched, state)  # gathered weights if sharded
+    if dist.world().main:
+        task.save(run.out, weights)
+        write_json(run.out / MARKER, {**read_marker(run.out), **summary})
+    run.trackers.close()
     dist.barrier()  # when fit returns, on any rank, the final model is on disk
-    print(f"{name}: done in {state.step} steps, {state.elapsed:.0f}s ({stop_reason}); saved to {out}")
+    print(f"{run.name}: done in {state.step} steps, {state.elapsed:.0f}s ({stop_reason}); saved to {run.out}")
     return summary
+
+
+def _record_start(cfg, out: Path, marker: dict) -> None:
+    """The resolved config and `picoalign.json` (`complete: false`): from here on `out` is this run's."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    write_json(out / MARKER, marker)
 
 
 class TooFewSteps(ValueError):
@@ -294,16 +385,17 @@ def require_steps(name: str, steps: int, minimum: int, why: str = "") -> None:
                       + (f". {why}" if why else ""))
 
 
-def _too_few_steps_why(cfg, stop_reason: str | None, setup: float, n_batches: int, world_size: int, task) -> str:
+def _too_few_steps_why(run: Training, stop_reason: str | None) -> str:
     """Which budget ended the run and what to change (the task adds its own ways: fewer pairs, ...)."""
-    advice = getattr(task, "budget_advice", "")
+    cfg, n, world_size = run.cfg, len(run.batches), dist.world().size
+    advice = task_option(run.task, "budget_advice")
     if stop_reason == "max_seconds":
-        spent = f"; {setup:.0f} s of it went to work before step 1 ({getattr(task, 'setup_what', 'set-up')})" \
-            if setup > 0 else ""
+        spent = (f"; {run.setup:.0f} s of it went to work before step 1 ({task_option(run.task, 'setup_what')})"
+                 if run.setup > 0 else "")
         return (f"max_seconds={cfg.max_seconds:g} was spent{spent}. Give it a larger max_seconds"
                 + (f", {advice}" if advice else "") + ", or set min_steps=0 to accept an untrained output")
     if stop_reason == "epochs":
-        return (f"epochs={cfg.epochs:g} over {n_batches} micro-batch{'es' if n_batches != 1 else ''} fills fewer "
+        return (f"epochs={cfg.epochs:g} over {n} micro-batch{'es' if n != 1 else ''} fills fewer "
                 f"steps of grad_accum {cfg.grad_accum} x {world_size} process{'es' if world_size > 1 else ''}. "
                 "Raise epochs or lower grad_accum, or give it more data")
     return f"it stopped on {stop_reason}. Raise max_steps or lower min_steps"
@@ -328,22 +420,23 @@ def train_step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp
     """One optimiser step over `grad_accum` micro-batches (on each of the `world_size` ranks):
     forward + backward of each, clip, AdamW, schedule. No host sync: the numbers stay on the device."""
     world = dist.world()
-    (ddp or task.model).train()
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
-    for i in range(cfg.grad_accum):
-        with phase("data"):
-            epoch, k = divmod(state.micro + i * world.size + world.rank, len(batches))
-            batch = batches[batch_order(len(batches), epoch, cfg.seed)[k]].to(device)
-        with _through(task, ddp, sync=i == cfg.grad_accum - 1):
-            with phase("forward"), autocast_for(device, dtype):
-                loss, metrics = task.loss(batch)
-            with phase("backward"):
-                (loss / cfg.grad_accum).backward()
-        for key, v in {"loss": loss, **metrics}.items():
-            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
-            sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
-        tokens += batch.n_tokens
+    with _ddp_forward(task, ddp):
+        task.model.train()
+        for i in range(cfg.grad_accum):
+            with phase("data"):
+                epoch, k = divmod(state.micro + i * world.size + world.rank, len(batches))
+                batch = batches[batch_order(len(batches), epoch, cfg.seed)[k]].to(device)
+            with _gradient_sync(task.model, sync=i == cfg.grad_accum - 1):
+                with phase("forward"), autocast_for(device, dtype):
+                    loss, metrics = task.loss(batch)
+                with phase("backward"):
+                    (loss / cfg.grad_accum).backward()
+            for key, v in {"loss": loss, **metrics}.items():
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+                sums[key] = sums.get(key, 0.0) + v / cfg.grad_accum
+            tokens += batch.n_tokens
     with phase("optimizer"):
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -357,27 +450,31 @@ def train_step(task, batches, state, cfg, opt, sched, params, device, dtype, ddp
 
 
 @contextmanager
-def _through(task, ddp, sync: bool):
-    """Let the task's forward run through the DDP wrapper, so that backward averages the
-    gradients across ranks; on accumulation micro-steps but the last, without that sync."""
-    if dist.is_sharded(task.model):  # FSDP hooks live on the model itself
-        task.model.set_requires_gradient_sync(sync)
-        yield
-        return
+def _ddp_forward(task, ddp):
+    """For one training step under DDP: `task.model` is the DDP wrapper, so the task's forward
+    syncs gradients in backward (see `Task`); outside steps (eval, checkpoints) the model itself."""
     if ddp is None:
         yield
         return
     bare, task.model = task.model, ddp
     try:
-        with nullcontext() if sync else ddp.no_sync():
-            yield
+        yield
     finally:
         task.model = bare
 
 
+def _gradient_sync(model, sync: bool):
+    """Gradient sync in this backward (DDP wrapper or FSDP model), or not: an accumulation
+    micro-step but the last only accumulates."""
+    if dist.is_sharded(model):  # FSDP hooks live on the model itself
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return model.no_sync() if isinstance(model, dist.DDP) and not sync else nullcontext()
+
+
 def _throughput(task, batches, name: str, device, dtype, world) -> Throughput:
     """FLOPs per token of this task's step, and the peak its model's matmul shapes reach here."""
-    per_token = flops_per_token(task.model, trains_in_full(task.model), getattr(task, "reference_forward", False))
+    per_token = flops_per_token(task.model, trains_in_full(task.model), task_option(task, "reference_forward"))
     # padded tokens per micro-batch: what the matmuls see
     row_tokens = sum(b.input_ids.numel() if hasattr(b, "input_ids") else b.n_tokens for b in batches) / len(batches)
     t0 = time.time()
@@ -432,12 +529,6 @@ class _NoTrackers:
 
     def close(self) -> None:
         pass
-
-
-def _public(cfg) -> dict:
-    from picoalign.config import to_dict
-
-    return to_dict(cfg)
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from picoalign.config import SFTConfig
-from picoalign.data.formats import read_preferences, read_sft
+from picoalign.data.formats import parse_columns, read_preferences, read_sft
+from picoalign.data.sources import data_split
+from picoalign.train.attention import shared_prefix_why_not
 from picoalign.train.batching import PackedBatch, forward_logps, pair_batches, sft_batches
 from picoalign.train.loop import fit
 from picoalign.train.losses import masked_lm_loss
@@ -32,13 +34,14 @@ class SFTRows:
 
 def read_sft_splits(cfg: SFTConfig) -> SFTRows:
     """Every row the stage uses, read and checked (a bad one raises file:line) before a model loads."""
-    data = Path(cfg.data)
-    train = read_sft(data / cfg.train_file)
-    val_path = data / cfg.val_file
-    val = read_sft(val_path, allow_empty=True) if val_path.exists() else []
+    columns = parse_columns(cfg.columns)
+    train = read_sft(data_split(cfg.data, cfg.train_file, main=True), columns=columns)
+    val_path = data_split(cfg.data, cfg.val_file, main=False)
+    val = read_sft(val_path, allow_empty=True, columns=columns) if val_path else []
     monitor = []
-    if cfg.monitor_file and (data / cfg.monitor_file).exists():
-        monitor = read_preferences(data / cfg.monitor_file, allow_empty=True)
+    monitor_path = data_split(cfg.data, cfg.monitor_file, main=False) if cfg.monitor_file else None
+    if monitor_path:  # a preference file of the data folder: `columns` names the SFT set's columns
+        monitor = read_preferences(monitor_path, allow_empty=True)
         monitor = monitor[: cfg.monitor_pairs] if cfg.monitor_pairs else monitor
     return SFTRows(train, val, monitor)
 
@@ -50,7 +53,7 @@ class SFTTask:
         self.train = sft_batches(tokenizer, rows.train, cfg)
         val = sft_batches(tokenizer, rows.val, cfg)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
-        self.monitor = pair_batches(tokenizer, rows.monitor, cfg)
+        self.monitor = pair_batches(tokenizer, rows.monitor, cfg, not shared_prefix_why_not(model, cfg.max_length))
         truncated = sum(b.n_truncated for b in self.train)
         print(f"sft: {sum(b.n_seqs for b in self.train)} training examples in {len(self.train)} batches "
               f"({truncated} truncated at max_length={cfg.max_length}), {len(self.val)} val batches")

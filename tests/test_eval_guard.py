@@ -1,0 +1,59 @@
+"""`picoalign eval` at its edges: pair metrics only (n_samples=0), and test splits with nothing in them."""
+
+from __future__ import annotations
+
+from picoalign.config import EvalConfig
+from picoalign.eval.evaluate import evaluate
+
+
+def cfg_for(chat_model, data, out, **kw) -> EvalConfig:
+    return EvalConfig(models=f"sft={chat_model},dpo={chat_model}", data=str(data), out=str(out), device="cpu",
+                      dtype="fp32", max_length=512, batch_size=4, max_new_tokens=4, decodings="greedy", **kw)
+
+
+def test_pair_metrics_only_with_n_samples_0(tmp_path, chat_model, data_dir, capsys):
+    """`--set n_samples=0` used to crash with a TypeError in the headline (the style score's mean is
+    None without samples); now the headline gives the pair metrics and no sample is made."""
+    metrics = evaluate(cfg_for(chat_model, data_dir, tmp_path, n_samples=0))
+    out = capsys.readouterr().out
+    for name in ("sft", "dpo"):
+        m = metrics["models"][name]
+        assert m["n_samples"] == 0 and m["vader_darkness"] is None and m["dpo_test_pref_acc"] is not None
+        assert "kl_to_ref" not in m  # on no samples it would read 0: "did not move"
+        assert f"eval: {name}: dpo_test_pref_acc {m['dpo_test_pref_acc']:.2f}" in out
+    assert metrics["comparisons"] == {}
+    assert (tmp_path / "samples.jsonl").read_text() == ""
+    assert "no samples (n_samples=0" in out
+    from picoalign.report.build import build_report
+
+    build_report(tmp_path)  # the report reads the same metrics: a None style score is a dash, not a crash
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+def test_empty_test_splits_are_skipped_without_loading_a_model(tmp_path, chat_model, monkeypatch, capsys):
+    """Empty test splits used to load every model and run for minutes on nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("sft_test.jsonl", "dpo_test.jsonl", "dpo_train.jsonl"):
+        (data / name).write_text("")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded for nothing")
+
+    monkeypatch.setattr("picoalign.eval.evaluate.load_model", no_loading)
+    metrics = evaluate(cfg_for(chat_model, data, tmp_path / "out"))
+    out = capsys.readouterr().out
+    assert "eval: nothing to evaluate: the test splits in" in out and "sft_test.jsonl, dpo_test.jsonl" in out
+    assert metrics == {} and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_one_empty_split_is_named_and_skipped(tmp_path, chat_model, data_dir, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("sft_test.jsonl", "dpo_test.jsonl", "dpo_train.jsonl"):
+        (data / name).write_text((data_dir / name).read_text())
+    (data / "dpo_test_hard.jsonl").write_text("")
+    metrics = evaluate(cfg_for(chat_model, data, tmp_path / "out", n_samples=1))
+    assert "eval: dpo_test_hard.jsonl has no rows: skipped" in capsys.readouterr().out
+    assert "dpo_hard_pref_acc" not in metrics["models"]["sft"]
+    assert metrics["models"]["sft"]["n_samples"] == 1
