@@ -192,16 +192,16 @@ def test_a_run_file_gives_each_stage_its_section(tmp_path, clean_env):
 def test_the_cli_has_one_subcommand_per_registry_entry_in_its_order():
     sub = next(a for a in build_parser()._actions if a.dest == "stage")
     assert list(sub.choices) == STAGES
-    assert STAGES[:7] == ["data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report"]
+    assert STAGES[:8] == ["data", "tokenizer", "pretrain", "sft", "dpo", "rl", "eval", "report"]
     for name in ("deid", "check-data", "run", "frontier", "export"):  # the commands the old hand list missed
         assert name in STAGES
 
 
 def test_run_chains_the_registry_stages_that_have_a_run_part():
-    assert run_order() == ("data", "tokenizer", "pretrain", "sft", "dpo", "eval", "report")
+    assert run_order() == ("data", "tokenizer", "pretrain", "sft", "dpo", "rl", "eval", "report")
     assert registry.run_sections() == {"data": DataConfig, "tokenizer": registry.C.TokenizerConfig,
                                        "pretrain": registry.C.PretrainConfig, "sft": SFTConfig,
-                                       "dpo": DPOConfig, "eval": registry.C.EvalConfig}
+                                       "dpo": DPOConfig, "rl": registry.C.RLConfig, "eval": registry.C.EvalConfig}
 
 
 @pytest.mark.parametrize("name", STAGES)
