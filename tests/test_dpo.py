@@ -385,7 +385,7 @@ def test_bad_pairs_leave_a_finished_checkpoint_as_it_was(tmp_path, sft_full, pre
     with (bad / "dpo_train.jsonl").open("a") as f:
         f.write(json.dumps({"prompt": None, "chosen": "The door opened.", "rejected": "The door stayed shut."}) + "\n")
     monkeypatch.setattr(stage, "load_model", lambda *a, **k: pytest.fail("a model loaded before the data was read"))
-    with pytest.raises(DataError, match=r"dpo_train.jsonl:9: field 'prompt': missing"):
+    with pytest.raises(DataError, match=r"dpo_train.jsonl:9: field 'prompt': null"):
         dpo(dpo_cfg(copy, sft_full, bad, max_steps=4))
     assert {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()} == before
     assert json.loads((copy / "picoalign.json").read_text())["complete"] is True

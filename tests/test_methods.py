@@ -138,7 +138,7 @@ def test_method_settings_are_checked_at_load(settings_, message):
 
 
 def test_run_method_is_checked_and_orpo_leaves_sft_out():
-    with pytest.raises(ConfigError, match="method must be one of sft\\+dpo, orpo; got 'kto'"):
+    with pytest.raises(ConfigError, match="method must be one of sft\\+dpo, orpo, sft\\+rl; got 'kto'"):
         RunConfig(method="kto")
     assert RunConfig(method="orpo").stage_names() == ["data", "dpo", "eval", "report"]
     assert RunConfig().stage_names() == ["data", "sft", "dpo", "eval", "report"]
