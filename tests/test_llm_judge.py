@@ -161,6 +161,7 @@ def llamacpp_server(chat_model, tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    proc.stderr.close()
 
 
 @needs_server
