@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picoalign.generation.batched import Generation, Sampling, held_back
+from picoalign.generation.answers import Generation, Sampling, held_back
 
 TOKENS_PER_S_WINDOW_S = 10.0  # /health's tokens/s: tokens written over the last this many seconds
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from picoalign.generation.batched import Sampling, cut_at_stop, end_ids
+from picoalign.generation.answers import Sampling, cut_at_stop, end_ids
 from picoalign.generation.kv import LlamaKV, backend_for, causal_lm
 from picoalign.generation.sampling import RowSettings
 

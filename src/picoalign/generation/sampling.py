@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from picoalign.generation.batched import Sampling
+from picoalign.generation.answers import Sampling
 
 
 class RowSettings:

@@ -16,7 +16,7 @@ import queue
 import threading
 from contextlib import AbstractContextManager, nullcontext
 
-from picoalign.generation.batched import Generation, Sampling, finish, held_back
+from picoalign.generation.answers import Generation, Sampling, finish, held_back
 
 _END = object()
 
