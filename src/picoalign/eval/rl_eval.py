@@ -91,7 +91,7 @@ def rl_task_section(run: Path, models: dict[str, str], device, dtype, seed: int 
         print(f"eval: rl task, {name}: " + ", ".join(f"{k} {_mean(v):.3f}" for k, v in scores[name].items()))
     section = _summary(rows, names, scores, answers, seed)
     if "sft" in kept:  # what RL cost: how far its answers moved from SFT's distribution
-        from picoalign.eval.evaluate import mean_token_kl
+        from picoalign.eval.kl import mean_token_kl
 
         (policy, tokenizer), (sft, _) = kept["rl"], kept["sft"]
         with autocast_for(device, dtype), torch.no_grad():

@@ -7,7 +7,7 @@ from typing import Any
 
 from picoalign.io import read_jsonl_lenient
 from picoalign.report.load import Run, dig
-from picoalign.report.sections import clip, code, fmt_ci, plain, table
+from picoalign.report.markdown import clip, code, fmt_ci, plain, table
 
 PHRASES = {
     "en": {"none": "No RL stage in this run (`run.stages` with `rl`, or `run.method=sft+rl`; preset "
