@@ -62,7 +62,8 @@ def template_rows(tmp_path: Path) -> dict[str, list[dict]]:
 def data_argv(out: Path, url: str) -> list[str]:
     sizes = [x for k, v in SIZES.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     return ["data", "--out", str(out), "--provider", "openai-compatible", "--llm-base-url", url,
-            "--llm-model", "tiny", "--llm-temperature", "0", "--llm-timeout", "60", *sizes]
+            "--llm-model", "tiny", "--llm-temperature", "0", "--llm-timeout", "60",
+            "--llm-required", "false", *sizes]  # these tests read the template fallback policy
 
 
 def written_text(folder: Path) -> str:
@@ -114,7 +115,8 @@ def test_row_requests_to_serve_follow_the_fallback_policy(served, fallback, tmp_
     monkeypatch.setattr(LLMClient, "health_check", lambda self: None)
     cfg = DataConfig(out=str(tmp_path / "data"), provider="openai-compatible", llm_base_url=served,
                      llm_model="tiny", llm_temperature=0, llm_max_output_tokens=16, llm_max_retries=1, llm_batch_size=1,
-                     llm_concurrency=1, llm_max_consec_fails=0, llm_fallback=fallback, llm_timeout=60, **SIZES)
+                     llm_concurrency=1, llm_max_consec_fails=0, llm_fallback=fallback, llm_timeout=60,
+                     llm_required=False, **SIZES)
     meta = make_data(cfg)
     offline = template_rows(tmp_path)
     made = read_rows(Path(cfg.out))

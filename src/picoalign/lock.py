@@ -91,6 +91,7 @@ def folder_lock(folder: str | Path, stage: str) -> Iterator[Path]:
         finally:
             _held[folder] -= 1
         return
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -107,8 +108,19 @@ def folder_lock(folder: str | Path, stage: str) -> Iterator[Path]:
         finally:
             del _held[folder]
             _write(fd, {})  # released cleanly: the next holder has nothing to take over
+            if created:  # a stage that failed before writing anything leaves no folder behind
+                _remove_if_only_the_lock(folder)
     finally:
         os.close(fd)  # drops the flock
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    try:
+        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
+    except OSError:  # gone already, or someone wrote into it meanwhile: leave it
+        pass
 
 
 def carry_lock(old: Path, new: Path) -> None:
