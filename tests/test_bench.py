@@ -58,5 +58,5 @@ def test_the_grpo_benchmark_runs_our_side_on_the_tiny_model(tmp_path, chat_model
             "prompts": 2, "generations": 2, "completion_length": 4}
     result = compare_grpo.summarise(compare_grpo.ours_side(spec), 4)
     assert result["s_per_step"] > 0 and result["completions_per_s"] == pytest.approx(4 / result["s_per_step"],
-                                                                                        rel=0.01)
+                                                                                        rel=0.02)  # each figure rounded to 3 significant digits
     assert len(result["steps"]) == 2 and 0 < result["mean_completion_tokens"] <= 4
