@@ -1070,13 +1070,6 @@ def load_config(
     return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
-def strip_userinfo(text: str) -> str:
-    """`text` with the user:password part of every URL in it replaced by ***."""
-    from picoalign.scrub import MASK, URL_USERINFO
-
-    return URL_USERINFO.sub(rf"\1{MASK}@", text)
-
-
 def to_dict(cfg: Any) -> dict:
     """The config as plain data, without its secret fields, and its strings through the secret
     scrubber (picoalign/scrub.py: URL passwords, credential query values, configured keys)."""

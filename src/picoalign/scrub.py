@@ -85,6 +85,11 @@ def _query_value(match: re.Match) -> str:
     return f"{sep}{name}={MASK}" if secret else match.group(0)
 
 
+def strip_userinfo(text: str) -> str:
+    """`text` with the user:password part of every URL in it replaced by ***."""
+    return URL_USERINFO.sub(rf"\1{MASK}@", text)
+
+
 def scrub(text: str, environ: Mapping[str, str] | None = None, also: Iterable[str] = ()) -> str:
     """`text` with every configured secret, URL userinfo and credential query value as ***."""
     if not text:

@@ -41,8 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from picoalign.config import strip_userinfo
-from picoalign.scrub import scrub
+from picoalign.scrub import scrub, strip_userinfo
 
 AUTO_ORDER = (("deepseek", "DEEPSEEK_API_KEY"), ("openai", "OPENAI_API_KEY"), ("openai-compatible", "LLM_BASE_URL"))
 ALIASES = {"chatgpt": "openai"}

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# (as_messages is not used here: bench/compare.py still imports it from this module)
-from picoalign.models.chat import as_messages, render_answer, render_prompt, token_ids  # noqa: F401
+from picoalign.models.chat import render_answer, render_prompt, token_ids
 from picoalign.train.attention import span_attention
 from picoalign.train.losses import token_logps
 

@@ -33,10 +33,11 @@ import torch
 
 from picoalign.config import RLConfig
 from picoalign.generation.batched import Sampling, generate_full
+from picoalign.models.chat import render_prompt
 from picoalign.rewards import RewardError, RewardSet, parse_names
 from picoalign.train import dist
 from picoalign.train import rl_losses as L
-from picoalign.train.batching import Encoded, chunks, pack_pairs, render_prompt
+from picoalign.train.batching import Encoded, chunks, pack_pairs
 from picoalign.train.loop import fit
 from picoalign.train.losses import dpo_stats, token_logps
 from picoalign.train.stage import prepare, save_model
