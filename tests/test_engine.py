@@ -152,3 +152,26 @@ def test_builtin_greedy_equals_transformers_generate():
     assert isinstance(backend_for(model, 1), LlamaKV)
     for prompt, g in zip(prompts, got):
         assert g.token_ids == hf_greedy(model, tokenizer, encode_prompt(tokenizer, prompt), 8)[: len(g.token_ids)]
+
+
+def test_top_p_and_top_k_masks_equal_transformers_warpers():
+    """The nucleus found among the top candidates (and, for a flat row, by sorting the whole
+    vocabulary) is the token set transformers' TopPLogitsWarper keeps, row by row."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from picoalign.generation.sampling import NUCLEUS_CANDIDATES, _top_k, _top_p
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 4 * NUCLEUS_CANDIDATES
+    scores = torch.randn(6, vocab, generator=g) * torch.tensor([[8.0], [4.0], [2.0], [1.0], [0.05], [0.01]])
+    assert scores[4:].softmax(-1).max() < 1 / NUCLEUS_CANDIDATES  # flat rows: the nucleus is past the candidates
+    for p in (0.1, 0.5, 0.9, 0.99):
+        ours = _top_p(scores, torch.full((6,), p))
+        theirs = TopPLogitsWarper(p)(None, scores.clone())
+        assert torch.equal(ours.isinf(), theirs.isinf()), p
+        kept = (~ours.isinf()).sum(-1)
+        assert kept[0] < kept[3] < kept[5] and kept[5] > NUCLEUS_CANDIDATES * (p > 0.3)
+    mixed = _top_p(scores, torch.tensor([0.5, 1.0, 0.9, 1.0, 0.9, 1.0]))
+    assert not mixed[1].isinf().any() and not mixed[5].isinf().any()
+    for k in (1, 7, 50):
+        assert torch.equal(_top_k(scores, torch.full((6,), k)).isinf(), TopKLogitsWarper(k)(None, scores.clone()).isinf())
