@@ -255,11 +255,9 @@ def _timed_dpo_task():
     class TimedDPOTask(DPOTask):
         """DPOTask that records how long its reference precompute took."""
 
-        def _compute_reference(self, batches):
-            t = time.perf_counter()
-            out = super()._compute_reference(batches)
-            self.precompute_s = time.perf_counter() - t
-            return out
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.precompute_s = getattr(self, "setup_seconds", None)  # None: nothing to precompute
 
     return TimedDPOTask
 
