@@ -378,14 +378,14 @@ class DPOConfig(TrainConfig):
             raise ConfigError("label_smoothing must be in [0, 0.5)")
         if self.beta <= 0:
             raise ConfigError("beta must be > 0")
-        if self.sft_weight < 0 or (self.sft_weight > 0 and self.loss in ("orpo", "kto")):
-            raise ConfigError(f"sft_weight must be >= 0, and 0 with loss={self.loss} (orpo trains the NLL of the "
-                              "chosen answer already; kto has no chosen answer)")
+        method = METHODS[self.loss]  # what the method's entry says it cannot take
+        if self.sft_weight < 0 or (self.sft_weight > 0 and method.no_sft_weight):
+            raise ConfigError(f"sft_weight must be >= 0, and 0 with loss={self.loss} ({method.no_sft_weight})")
         if self.simpo_gamma < 0 or min(self.desirable_weight, self.undesirable_weight) <= 0:
             raise ConfigError("simpo_gamma must be >= 0, desirable_weight and undesirable_weight > 0")
-        if self.loss == "kto" and self.batch_size < 2:
-            raise ConfigError("loss=kto needs batch_size >= 2: its reference point comes from the other "
-                              "examples of the batch (with one, it is the example's own reward)")
+        least, why = method.min_batch
+        if self.batch_size < least:
+            raise ConfigError(f"loss={self.loss} needs batch_size >= {least}: {why}")
 
 
 # Online RL (`picoalign rl`, train/rl.py): the methods and GRPO's options, as TRL 1.16 names them.
