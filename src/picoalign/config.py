@@ -180,6 +180,27 @@ def opt(default: Any, help: str, env: str | None = None, secret: bool = False, b
 
 
 @dataclass
+class Runtime:
+    """Where and how a command runs its model: device, dtype and seed, declared once for every
+    config that runs one (training stages, eval, frontier, run, generate/chat/serve) and checked
+    at load. A class says which dtypes it takes: training ones bf16 or fp32 (no gradient scaler),
+    inference ones fp16 too."""
+
+    DTYPE_CHOICES = DTYPES  # class attributes, not settings
+    TRAINS = True  # dtype=fp16 is refused with the reason (the training loop has no grad scaler)
+    device: str = opt("auto", "auto | cpu | mps | cuda | cuda:N", env="DEVICE")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp32 (generate, chat, serve: fp16 too)")
+    seed: int = opt(1234, "random seed (data order, initialisation, sampling)", env="SEED")
+
+    def check_runtime(self) -> None:
+        check_device(self.device)
+        if self.TRAINS:
+            check_dtype(self.dtype, training=True)
+        else:
+            one_of("dtype", self.dtype, self.DTYPE_CHOICES)
+
+
+@dataclass
 class DataConfig:
     """`picoalign data`: make the SFT and preference splits."""
 
@@ -265,7 +286,7 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Runtime):
     """Settings every training stage shares: model, optimiser, budgets, eval, checkpoints."""
 
     STAGE = "TRAIN"
@@ -276,9 +297,6 @@ class TrainConfig:
                      f"{MODELS_RUN}; README, 'Models that have been run')")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
     logs: str = opt("", "folder for the logs (empty = <out>/logs)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp32")
-    seed: int = opt(1234, "random seed", env="SEED")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings"})
     load_in: str = opt("none", "quantised loading on CUDA: none | 4bit | 8bit")
     lr: float = opt(2e-4, "peak learning rate")
@@ -321,8 +339,7 @@ class TrainConfig:
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = one per physical core); got {self.threads}")
         one_of("schedule", self.schedule, ("cosine", "constant"))
-        check_dtype(self.dtype, training=True)
-        check_device(self.device)
+        self.check_runtime()
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
@@ -478,10 +495,11 @@ class RLConfig(TrainConfig):
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Runtime):
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
     STAGE = "EVAL"
+    TRAINS = False  # scores and samples: bf16 | fp32 (DTYPES)
     ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = capped by the longest SFT answer
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
     data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
@@ -490,9 +508,6 @@ class EvalConfig:
     models: str = opt("", "name=PATH,... to evaluate instead of a run's checkpoints")
     reference: str = opt("", "reference model for DPO rewards (default: the run's SFT model)")
     out: str = opt("", "where metrics.json and samples.jsonl go (default: the run folder)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "compute dtype: auto | bf16 | fp32")
-    seed: int = opt(1234, "random seed for sampling", env="SEED")
     max_length: int = opt(512, "truncate scored examples to this many tokens")
     batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
@@ -549,8 +564,7 @@ class EvalConfig:
         decodings = [d.strip() for d in self.decodings.split(",") if d.strip()]
         if not decodings or any(d not in ("greedy", "top_p") for d in decodings):
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
-        one_of("dtype", self.dtype, DTYPES)
-        check_device(self.device)
+        self.check_runtime()
         for name in ("batch_size", "generate_batch_size", "n_sampled", "fluency_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -582,7 +596,7 @@ def parse_floats(text: str, name: str, positive: bool = False) -> list[float]:
 
 
 @dataclass
-class FrontierConfig:
+class FrontierConfig(Runtime):
     """`picoalign frontier`: DPO at several β from a run's SFT model, judge score vs KL to it."""
 
     STAGE = "FRONTIER"
@@ -596,9 +610,6 @@ class FrontierConfig:
     max_new_tokens: int = opt(80, "tokens generated per answer (as the default eval preset)")
     generate_batch_size: int = opt(32, "prompts generated at once")
     repetition_penalty: float = opt(1.15, "as in eval: the same for every model")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "compute dtype: auto | bf16 | fp32")
-    seed: int = opt(1234, "random seed", env="SEED")
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -609,8 +620,7 @@ class FrontierConfig:
         parse_floats(self.sft_weights, "sft_weights")
         for loss in self.loss_names():
             one_of("losses", loss, tuple(n for n in METHODS if n != "orpo"))
-        check_dtype(self.dtype, training=True)  # it trains DPO points
-        check_device(self.device)
+        self.check_runtime()  # it trains DPO points: bf16 | fp32
         for name in ("n_samples", "max_new_tokens", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -621,17 +631,14 @@ class FrontierConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Runtime):
     """`picoalign run`: the whole pipeline; each stage's settings live in its own section."""
 
-    STAGE = "RUN"
+    STAGE = "RUN"  # device, dtype and seed (Runtime) are every stage's: the run passes them on
     tag: str = opt("", "run name: everything goes to <runs_dir>/<tag>/ (default: a timestamp)", env="RUN_TAG")
     runs_dir: str = opt("runs", "folder that holds the runs")
     model: str = opt(BUILTIN_MODEL, f"the base model SFT starts from (run end to end: {MODELS_RUN}; also "
                      "--set sft.model=...)", env="BASE_CKPT_OVERRIDE")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
-    dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
-    seed: int = opt(1234, "random seed (every stage)", env="SEED")
     stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
     method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
                       "the base model in place of both (checkpoints/dpo; eval compares it with the base) | "
@@ -640,8 +647,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         one_of("method", self.method, RUN_METHODS)
-        check_device(self.device)
-        check_dtype(self.dtype, training=True)  # shared with the training stages
+        self.check_runtime()  # shared with the training stages
         # the names in `stages` are checked against the stage registry (stages.py:check_run_stages)
         # when the run loads, before the first stage starts: the registry imports this module
 
@@ -728,26 +734,23 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Runtime):
     """Settings every command that generates shares: the model and how it decodes."""
 
     STAGE = "GENERATE"
+    DTYPE_CHOICES, TRAINS = INFERENCE_DTYPES, False  # weights for inference: fp16 too
     model: str = opt(BUILTIN_MODEL, "model: builtin:..., hub id, HF folder, .gguf, or a run's checkpoint "
                      "(a LoRA adapter loads on its base)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "weights for inference: auto (bf16 where fast) | bf16 | fp16 | fp32")
     merge_adapter: bool = opt(True, "merge a LoRA adapter into its base at load (false: run base + adapter)")
     max_new_tokens: int = opt(200, "tokens generated at most per answer (it stops earlier at end-of-turn)")
     greedy: bool = opt(False, "greedy decoding (ignores temperature, top_p, top_k)")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.9, "nucleus sampling: keep the most likely tokens up to this mass (1 = off)")
     top_k: int = opt(0, "sample only from the k most likely tokens (0 = off)")
-    seed: int = opt(1234, "random seed for sampling", env="SEED")
 
     def __post_init__(self) -> None:
         check_numbers(self)
-        check_dtype(self.dtype)
-        check_device(self.device)
+        self.check_runtime()
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

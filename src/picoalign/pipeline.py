@@ -136,7 +136,7 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
                             "(or use run.method=sft+dpo for SFT, then that loss)")
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
-    shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
+    shared = {f.name: getattr(run, f.name) for f in dataclasses.fields(C.Runtime)}  # device, dtype, seed
     configs = {"run": run, "root": root}
     for name, cls in sections.items():
         names = {f for f in cls.__dataclass_fields__}
