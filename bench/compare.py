@@ -24,15 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its modules beside it, when imported by path
-from bench_common import (  # noqa: E402, F401  (make_bench_data, print_table: compare_generate's)
-    BATCH,
-    _quiet,
-    environment,
-    make_bench_data,
-    matmul_peak,
-    print_table,
-    resolve_dtype,
-)
+from bench_common import BATCH, _quiet, environment, matmul_peak, resolve_dtype  # noqa: E402
 from compare_train import print_training, run_training  # noqa: E402
 from train_sides import ours_setup  # noqa: E402, F401  (the test drives one step of each mode)
 
