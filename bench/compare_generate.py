@@ -156,7 +156,7 @@ def bound(model, dtype, batch: int, bandwidth: float, peak_gflops: float) -> dic
 
 def run_generate(args, env: dict, peaks: dict) -> dict:
     import torch
-    from compare import make_bench_data
+    from bench_common import make_bench_data
 
     from picoalign.data.formats import read_sft
     from picoalign.generation.batched import encode_prompt, end_ids
@@ -195,7 +195,7 @@ def run_generate(args, env: dict, peaks: dict) -> dict:
 
 
 def print_generate(result: dict) -> None:
-    from compare import print_table
+    from bench_common import print_table
 
     rows = result["rows"]
     hf1 = rows["HF generate batch 1"]["tokens_per_s"]

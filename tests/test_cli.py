@@ -232,19 +232,41 @@ def test_the_registry_check_refuses_an_entry_that_does_not_fit(monkeypatch, key,
 def test_a_new_stage_is_one_registry_entry_plus_its_module(tmp_path, clean_env, capsys, monkeypatch):
     """A `hello` stage in a module of its own: `picoalign hello` calls it with its arguments,
     `run` chains it (after the others, as the entry is last) with the run folder, `run.stages`
-    accepts its name, and `--help` lists it."""
+    accepts its name, `--help` lists it, and the report shows it from its entry alone: its row
+    in the stages table (in both languages), its log's summary, its panel of curves.png and its
+    log in INDEX.md."""
+    from picoalign.report.build import build_report
+    from picoalign.report.curves import Panel
+    from picoalign.report.plots import panels
+    from picoalign.stages import Facts
+
     (tmp_path / "hello_stage.py").write_text(
-        "from pathlib import Path\n\n"
+        "import json\nfrom pathlib import Path\n\n"
         "def main(argv):\n    print('hello', *argv)\n\n"
-        "def write(root):\n    Path(root, 'hello.txt').write_text('hi')\n")
+        "def write(root):\n    Path(root, 'hello.txt').write_text('hi')\n"
+        "    Path(root, 'logs').mkdir(exist_ok=True)\n"
+        "    Path(root, 'logs', 'hello.jsonl').write_text(''.join(json.dumps({'kind': 'train', 'step': i, "
+        "'loss': 3.0 - i}) + '\\n' for i in (1, 2)))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    curve = Panel("Greeting loss", "loss", (("train", "loss", "train", "#000000"),))
     monkeypatch.setitem(registry.STAGES, "hello", Stage(
-        "hello", "say hello", "hello_stage:main", run=InRun(lambda root, run: {}, call="hello_stage:write")))
+        "hello", "say hello", "hello_stage:main", run=InRun(lambda root, run: {}, call="hello_stage:write"),
+        report=Facts({"en": "greeting", "zh": "问候"}, log=True, curves=(curve,))))
     monkeypatch.chdir(tmp_path)
     assert main(["hello", "a", "b"]) == 0 and capsys.readouterr().out == "hello a b\n"
     assert "say hello" in build_parser().format_help()
     assert main(["run", "--set", "stages=hello", "--tag", "x"]) == 0
     assert (tmp_path / "runs" / "x" / "hello.txt").read_text() == "hi"
     assert "hello" in read_json(tmp_path / "runs" / "x" / "metrics.json")["run"]["stage_seconds"]
+    report = build_report(tmp_path / "runs" / "x")
+    en, zh = (report / "REPORT.md").read_text(), (report / "REPORT.zh.md").read_text()
+    assert "| greeting | done: 2 steps, 0 evals |" in en and "| 问候 | 完成：2 步，0 次评估 |" in zh
+    assert "- greeting: 2 train steps; train loss 2.000 → 1.000" in en
+    assert ("hello", curve) in panels() and (report / "curves.png").exists()
+    assert "[logs/hello.jsonl](../logs/hello.jsonl) | greeting log" in (report / "INDEX.md").read_text()
     assert main(["run", "--set", "stages=helo", "--tag", "y"]) == 2
     assert "unknown stage 'helo'" in capsys.readouterr().err and not (tmp_path / "runs" / "y").exists()
+    monkeypatch.setitem(registry.STAGES, "hello", Stage(  # without its report facts: refused
+        "hello", "say hello", "hello_stage:main", run=InRun(lambda root, run: {}, call="hello_stage:write")))
+    with pytest.raises(ValueError, match="stage hello: a stage of `run` needs its report facts"):
+        check_registry()

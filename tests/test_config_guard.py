@@ -104,3 +104,29 @@ def test_max_length_is_checked_against_the_models_context(chat_model, tmp_path):
         C.DPOConfig(model=str(adapter), max_length=3000)
     with pytest.raises(C.ConfigError, match="8192 tokens"):
         C.SFTConfig(max_length=10000)  # the built-in model
+
+
+def test_list_settings_take_a_yaml_list_or_a_comma_string(tmp_path):
+    """A list setting (config.Names / Numbers) reads the same from a YAML list, `--set a=x,y` and a
+    comma string in a file; it stays the comma string (saved configs and older files) and reads
+    as a list; what is no list, or an item that is no number where numbers are asked, is refused
+    at load by its key."""
+    path = tmp_path / "eval.yaml"
+    path.write_text("judges: [fluency, spec]\ndecodings: greedy, top_p\n")
+    from_file = C.load_config(C.EvalConfig, path, environ={})
+    from_set = C.load_config(C.EvalConfig, overrides=["judges=fluency,spec", "decodings=[greedy, top_p]"],
+                             environ={})
+    for cfg in (from_file, from_set):
+        assert cfg.judges.items == ["fluency", "spec"] and cfg.decodings.items == ["greedy", "top_p"]
+    assert from_set.judges == "fluency,spec" and C.to_dict(from_set)["judges"] == "fluency,spec"
+    assert type(C.to_dict(from_set)["judges"]) is str  # yaml.safe_dump writes it
+    built = C.FrontierConfig(run="runs/x", betas="0.1, 1", losses=["sigmoid", "kto"])
+    assert built.betas.values == [0.1, 1.0] and built.loss_names() == ["sigmoid", "kto"]
+    run = C.load_config(C.RunConfig, overrides=["stages=[data, sft]"], environ={})
+    assert run.stage_names() == ["data", "sft"]
+    with pytest.raises(C.ConfigError, match=r"^judges: expected a list \(a YAML list or a comma string\), got"):
+        C.load_config(C.EvalConfig, overrides={"judges": {"fluency": 1}}, environ={})
+    with pytest.raises(C.ConfigError, match=r"^betas: 'abc' is not a number"):
+        C.load_config(C.FrontierConfig, overrides=["run=x", "betas=[0.1, abc]"], environ={})
+    with pytest.raises(C.ConfigError, match=r"^rewards: the list item 'a,b' holds a comma"):
+        C.load_config(C.RLConfig, overrides={"rewards": ["a,b"], "max_steps": 1}, environ={})

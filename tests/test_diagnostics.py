@@ -7,7 +7,7 @@ import json
 
 from picoalign.io import write_json, write_jsonl
 from picoalign.report.build import build_report
-from picoalign.report.plots import PANELS, _draw_panel
+from picoalign.report.plots import _draw_panel, panels
 from picoalign.train.diagnostics import displacement_warning
 from picoalign.train.dpo import warn_displacement
 
@@ -64,7 +64,7 @@ def test_report_warns_and_curves_draw_the_reference(tmp_path):
     assert "**Warning (DPO):** the chosen answers' log-probs fell below the reference's" in en
     assert "**警告（DPO）：** the chosen answers'" in zh
     assert (out / "curves.png").is_file()
-    panel = next(p for p in PANELS if "against the reference" in p.title)
+    panel = next(p for _, p in panels() if "against the reference" in p.title)
     ax = Figure().subplots()
     assert _draw_panel(ax, panel, DISPLACED)
     lines = {line.get_label(): line for line in ax.get_lines()}

@@ -16,11 +16,14 @@ import pytest
 import torch
 
 import picoalign.train.dpo as dpo_module
+import picoalign.train.reference as reference_module
 from picoalign.config import DPOConfig, LoraConfig, SFTConfig
 from picoalign.io import read_jsonl_lenient, write_jsonl
 from picoalign.models.load import load_model, read_marker
 from picoalign.train.batching import pair_batches
-from picoalign.train.dpo import DPOTask, batch_key, batch_sequence_logps, dpo
+from picoalign.train.dpo import dpo
+from picoalign.train.reference import ReferenceCache, batch_key
+from picoalign.train.scoring import batch_sequence_logps
 from picoalign.train.sft import sft
 
 MAX_LENGTH = 240
@@ -140,10 +143,10 @@ def test_first_step_has_zero_rewards_and_loss_ln2(tmp_path, sft_full, pref_dir, 
     # a second run in the same folder reuses the file: not recomputed, not rewritten
     mtime = cache.stat().st_mtime_ns
 
-    def no_recompute(self, batches):
+    def no_recompute(self, policy, batches):
         raise AssertionError("the reference log-probs were computed again")
 
-    monkeypatch.setattr(DPOTask, "_compute_reference", no_recompute)
+    monkeypatch.setattr(ReferenceCache, "compute", no_recompute)
     dpo(dpo_cfg(out, sft_full, pref_dir, max_steps=1))
     assert cache.stat().st_mtime_ns == mtime
     again = log_rows(out)[-1]
@@ -258,8 +261,8 @@ def test_the_reference_scores_only_what_the_budget_uses(tmp_path, sft_full, pref
 
     out = tmp_path / "dpo"
     scored = []
-    real = DPOTask._compute_reference
-    monkeypatch.setattr(DPOTask, "_compute_reference", lambda self, b: scored.append(len(b)) or real(self, b))
+    real = ReferenceCache.compute
+    monkeypatch.setattr(ReferenceCache, "compute", lambda self, m, b: scored.append(len(b)) or real(self, m, b))
     cfg = dpo_cfg(out, sft_full, pref_dir, max_steps=1)
     dpo(cfg)
     _, tokenizer = load_model(str(sft_full))
@@ -280,7 +283,7 @@ def test_the_reference_scores_only_what_the_budget_uses(tmp_path, sft_full, pref
     summary = dpo(dpo_cfg(timed, sft_full, pref_dir, max_steps=0, epochs=0, max_seconds=2))
     assert scored == [len(val)]  # before step 1: the val batch only
     assert summary["steps"] >= 2 and summary["stop_reason"] == "max_seconds"
-    assert len(seen["task"]._scored) == len(train)  # each training batch scored once, when first used
+    assert len(seen["task"].reference.scored) == len(train)  # each training batch scored once, when first used
     assert summary["seconds"] >= 2
 
 
@@ -301,7 +304,7 @@ def costly_reference(monkeypatch, seconds: float, step_seconds: float = 0.0) -> 
     import picoalign.train.loop as loop_module
 
     clock = FakeClock()
-    monkeypatch.setattr(dpo_module, "time", clock)
+    monkeypatch.setattr(reference_module, "time", clock)
     monkeypatch.setattr(loop_module, "time", clock)
     real = dpo_module.batch_sequence_logps
 
@@ -309,7 +312,8 @@ def costly_reference(monkeypatch, seconds: float, step_seconds: float = 0.0) -> 
         clock.now += step_seconds if torch.is_grad_enabled() else seconds
         return real(model, batch, normalise)
 
-    monkeypatch.setattr(dpo_module, "batch_sequence_logps", scored)
+    monkeypatch.setattr(dpo_module, "batch_sequence_logps", scored)  # the policy's forward
+    monkeypatch.setattr(reference_module, "batch_sequence_logps", scored)  # the reference's
     return clock
 
 
@@ -331,7 +335,7 @@ def test_a_time_budget_smaller_than_the_precompute_still_trains(tmp_path, sft_fu
     assert summary["steps"] == 2 and summary["stop_reason"] == "epochs" and 20 <= summary["seconds"] < 21
     assert read_marker(out)["complete"] is True
     assert len(torch.load(out / "ref_logps.pt", weights_only=False)["logps"]) == 1
-    assert len(seen["task"]._scored) == 2  # the second training batch in step 2, the val batch at the end
+    assert len(seen["task"].reference.scored) == 2  # the second training batch in step 2, the val batch at the end
 
 
 def test_full_fine_tuning_scores_late_batches_against_the_start(tmp_path, sft_full, pref_dir, monkeypatch):

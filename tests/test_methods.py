@@ -173,12 +173,12 @@ def kto_dir(tmp_path_factory, pref_dir) -> Path:
 def test_reference_free_methods_compute_no_reference(tmp_path, sft_full, pref_dir, monkeypatch, loss, extra):
     """ORPO and SimPO train with no reference: nothing precomputed, no ref_logps.pt; they log TRL's
     names, and the validation loss moves."""
-    from picoalign.train.dpo import DPOTask
+    from picoalign.train.reference import ReferenceCache
 
-    def no_reference(self, batches):
+    def no_reference(self, policy, batches):
         raise AssertionError("a reference-free method computed reference log-probs")
 
-    monkeypatch.setattr(DPOTask, "_compute_reference", no_reference)
+    monkeypatch.setattr(ReferenceCache, "compute", no_reference)
     out = tmp_path / loss
     summary = dpo(dpo_cfg(out, sft_full, pref_dir, loss=loss, beta=2.0 if loss == "simpo" else 0.1, eval_every=1,
                           lr=1e-2, max_steps=3))

@@ -164,7 +164,7 @@ def test_report_shows_the_numbers_of_metrics_json(full_run):
     text = (report / "REPORT.md").read_text()
     assert table_row(text, EN["m_kl_to_ref"])[-3:-1] == ["—", "—"]  # only DPO has a reference
     seconds = read_json(root / "metrics.json")["run"]["stage_seconds"]
-    for stage, label in (("sft", EN["st_sft"]), ("dpo", EN["st_dpo"])):
+    for stage, label in (("sft", "SFT"), ("dpo", "DPO")):  # their names in stages.py
         assert table_row(text, label)[-1] == f"{seconds[stage]:.1f} s"
     html = (report / "index.html").read_text()
     assert "data:image/png;base64," in html and fmt_metric("sft_test_loss", metrics["dpo"]["sft_test_loss"]) in html

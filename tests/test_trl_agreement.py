@@ -35,8 +35,9 @@ pytest.importorskip("trl")
 from picoalign.config import DPOConfig as PicoDPOConfig  # noqa: E402
 from picoalign.config import LoraConfig  # noqa: E402
 from picoalign.train.batching import encode, pack_pairs  # noqa: E402
-from picoalign.train.dpo import DPOTask, batch_sequence_logps  # noqa: E402
+from picoalign.train.dpo import DPOTask  # noqa: E402
 from picoalign.train.losses import DPO_LOSSES  # noqa: E402
+from picoalign.train.scoring import batch_sequence_logps  # noqa: E402
 
 MAX_LENGTH = 200
 BETA = 0.1
@@ -132,6 +133,7 @@ def pico_task(tmp_path_factory, chat_model, chat_tokenizer, pairs):
 def pico_metrics(task: DPOTask, batch, loss: str, eps: float = 0.0, sft_weight: float = 0.0) -> dict[str, float]:
     task.cfg.loss, task.cfg.label_smoothing, task.cfg.sft_weight = loss, eps, sft_weight
     task.loss_fn, task.normalise = DPO_LOSSES[loss], loss == "ipo"
+    task.reference.normalise = task.normalise
     task.model.train()
     with torch.no_grad():
         value, stats, _ = task.pair_loss(batch)

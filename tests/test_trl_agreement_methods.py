@@ -198,7 +198,7 @@ def test_kto_loss_and_metrics_match_trl(tmp_path, chat_model, chat_tokenizer, un
     task = KTOTask(load(chat_model), chat_tokenizer, cfg, torch.device("cpu"), torch.float32,
                    rows=([{"prompt": p, "completion": c, "label": label} for p, c, label in unpaired], []))
     task.model = perturbed(load(chat_model)) if policy_moved else load(chat_model)
-    task.live_ref = (load(chat_model) if policy_moved else perturbed(load(chat_model))).eval()
+    task.reference.live = (load(chat_model) if policy_moved else perturbed(load(chat_model))).eval()
     # TRL's mismatched answers (each example with the previous one's), truncated as TRL's collator does
     encoded = [Encoded(ex["prompt_ids"], [ex["completion_ids"][: MAX_LENGTH - len(ex["prompt_ids"])],
                                            ex["KL_completion_ids"][: MAX_LENGTH - len(ex["prompt_ids"])]])

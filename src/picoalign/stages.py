@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from picoalign import config as C
+from picoalign.report import curves
 
 
 def _never(cfg, root: Path) -> str | None:
@@ -46,12 +47,25 @@ class InRun:
 
 
 @dataclass(frozen=True)
+class Facts:
+    """What the report (report/) says of a stage of `run`: its row in the stages table, its
+    training log's summary and its panels of curves.png."""
+
+    title: dict[str, str]  # its name in the report, by language ("en", "zh")
+    log: bool = False  # it writes logs/<name>.jsonl (one JSON line per step or eval)
+    curves: tuple[curves.Panel, ...] = ()  # its panels of curves.png (report/curves.py), from its log
+    done: str = ""  # a file under the run folder whose presence means it ran (a stage without a log)
+    optional: bool = False  # a run without it is whole: "not run (optional)" rather than "missing"
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     help: str
     target: str  # "module:function" that `picoalign <name>` calls with the config (or the arguments)
     config: type | None = None
     run: InRun | None = None  # None: a command only, not a stage of `picoalign run`
+    report: Facts | None = None  # how the report shows it (a stage of `run` has one)
 
     def function(self, target: str = "") -> Callable:
         module, name = (target or self.target).split(":")
@@ -164,31 +178,39 @@ def _no_checkpoint_to_start_rl(cfg, root: Path) -> str | None:
 _ENTRIES = [
     Stage("data", "make SFT and preference data", "picoalign.data.make:make_data", C.DataConfig,
           InRun(lambda root, run: {"out": str(root / "data"), "seed": run.seed},
-                done=_exists("dataset_meta.json", "already made"))),
+                done=_exists("dataset_meta.json", "already made")),
+          Facts({"en": "data", "zh": "数据生成"}, done="data/dataset_meta.json")),
     Stage("tokenizer", "train a byte-level BPE tokenizer for the pico model",
           "picoalign.models.tokenizer:train_tokenizer", C.TokenizerConfig,
           InRun(lambda root, run: {"data": str(root / "data"), "out": str(root / "tokenizer")},
-                done=_exists("tokenizer.json", "already trained"))),
+                done=_exists("tokenizer.json", "already trained")),
+          Facts({"en": "tokenizer", "zh": "分词器"}, done="tokenizer/tokenizer.json", optional=True)),
     Stage("pretrain", "pretrain the tiny pico GPT from scratch (or continue pretraining a model)",
           "picoalign.train.pretrain:pretrain", C.PretrainConfig,
           InRun(lambda root, run: {**_train_paths(root, "base"), "tokenizer": str(root / "tokenizer")},
-                done=_training_done, resume=True)),
+                done=_training_done, resume=True),
+          Facts({"en": "pretraining", "zh": "预训练"}, log=True, curves=curves.PRETRAIN, optional=True)),
     Stage("sft", "supervised fine-tuning (loss on the response)", "picoalign.train.sft:sft", C.SFTConfig,
           InRun(_sft_paths, done=_training_done, blocked=_no_training_rows, check=_model_file_present,
-                resume=True)),
+                resume=True),
+          Facts({"en": "SFT", "zh": "监督微调（SFT）"}, log=True, curves=curves.SFT)),
     Stage("dpo", "DPO and its variants against a frozen reference; ORPO, SimPO, KTO (--loss)",
           "picoalign.train.preference:train_preferences", C.DPOConfig,
           InRun(_dpo_paths, done=_training_done, blocked=_no_sft_to_start_from, check=_model_file_present,
-                resume=True)),
+                resume=True),
+          Facts({"en": "DPO", "zh": "偏好优化（DPO）"}, log=True, curves=curves.DPO)),
     Stage("rl", "online RL on the model's own samples: GRPO, RLOO, online DPO (--method), rewards you can check",
           "picoalign.train.rl:rl", C.RLConfig,
           InRun(_rl_paths, done=_training_done, blocked=_no_checkpoint_to_start_rl, check=_model_file_present,
-                resume=True)),
+                resume=True),
+          Facts({"en": "RL", "zh": "在线强化学习（RL）"}, log=True, curves=curves.RL, optional=True)),
     Stage("eval", "evaluate base/SFT/DPO on the test splits", "picoalign.eval.evaluate:evaluate", C.EvalConfig,
           InRun(lambda root, run: {"run": str(root), "data": str(root / "data"), "out": str(root)},
-                done=_evaluated, blocked=_no_models)),
+                done=_evaluated, blocked=_no_models),
+          Facts({"en": "evaluation", "zh": "评估"})),
     Stage("report", "build the results report of a run folder", "picoalign.report.build:main",
-          run=InRun(lambda root, run: {}, optional=True, call="picoalign.report.build:build_report")),
+          run=InRun(lambda root, run: {}, optional=True, call="picoalign.report.build:build_report"),
+          report=Facts({"en": "report", "zh": "报告"})),
     Stage("frontier", "DPO at several beta from a run's SFT model: judge score vs KL (the DPO paper's figure 2)",
           "picoalign.eval.frontier:frontier", C.FrontierConfig),
     Stage("generate", "answers from a model to --prompt TEXT or --prompt-file FILE",
@@ -216,6 +238,16 @@ def run_sections() -> dict[str, type]:
     return {name: STAGES[name].config for name in run_order() if STAGES[name].config}
 
 
+def reported() -> tuple[Stage, ...]:
+    """The stages the report shows (its stages table), in `run`'s order."""
+    return tuple(s for s in STAGES.values() if s.run and s.report)
+
+
+def logged() -> tuple[str, ...]:
+    """The stages whose training log (logs/<name>.jsonl) the report reads."""
+    return tuple(s.name for s in reported() if s.report.log)
+
+
 def check_registry() -> None:
     """Refuse a registry that the CLI or `run` could not use; cheap: imports no stage module."""
     for key, s in STAGES.items():
@@ -230,6 +262,8 @@ def check_registry() -> None:
                              f"(a dataclass whose docstring starts with `picoalign {s.name}`)")
         if s.run is not None and (s.config is None) != bool(s.run.call):
             raise ValueError(f"stage {s.name}: in `run`, a stage without a config needs `call` (and only it)")
+        if s.run is not None and (s.report is None or not {"en", "zh"} <= set(s.report.title)):
+            raise ValueError(f"stage {s.name}: a stage of `run` needs its report facts, its name in en and zh")
 
 
 def check_run_stages(run: C.RunConfig) -> list[str]:

@@ -21,7 +21,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from picoalign.config import DataConfig
+from picoalign.config import DataConfig, split_names
 from picoalign.data.judge import judge_jobs
 from picoalign.data.llm import (
     BudgetExhausted,
@@ -213,7 +213,7 @@ def _checked_clients(cfg: DataConfig, provider: str, meter: Meter):
                 return endpoint(main.endpoint.provider, spec.strip(), main.endpoint.base_url)
             return parse_endpoint(spec)
 
-        answerers = [LLMClient(ep(s), limits, meter) for s in cfg.answer_models.split(",") if s.strip()]
+        answerers = [LLMClient(ep(s), limits, meter) for s in split_names(cfg.answer_models)]
         if not cfg.judge_model and not main:
             raise ValueError("judge needs judge_model=MODEL@PROVIDER when no data provider is set")
         judge = LLMClient(ep(cfg.judge_model), limits, meter) if cfg.judge_model else main

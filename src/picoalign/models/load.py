@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from picoalign.config import INFERENCE_DTYPES, ConfigError
+from picoalign.config import INFERENCE_DTYPES, ConfigError, split_names
 from picoalign.models.builtin import builtin_file
 
 MARKER = "picoalign.json"  # written into every folder picoalign saves: base model, stage, completeness
@@ -251,7 +251,7 @@ def add_lora(model, lora_cfg):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules
-    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    target_modules = "all-linear" if targets == "all-linear" else split_names(targets)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training
 

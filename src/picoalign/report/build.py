@@ -29,6 +29,7 @@ from picoalign.report.load import Run, load_run, note
 from picoalign.report.plots import plot_curves, plot_frontier, plot_metrics
 from picoalign.report.sections import SECTIONS, SPLITS, code, header
 from picoalign.report.strings import EN, STRINGS
+from picoalign.stages import reported
 
 RUN_FILES = [
     ("config.yaml", "resolved run config: every setting the run used"),
@@ -40,12 +41,17 @@ RUN_FILES = [
     ("checkpoints/base", "pretrained base model (only when pretraining ran)"),
     ("checkpoints/sft", "SFT model or adapter, saved with its config"),
     ("checkpoints/dpo", "DPO model or adapter, saved with its config"),
-    ("logs/pretrain.jsonl", "pretraining log: one JSON line per step or eval (optional stage)"),
-    ("logs/sft.jsonl", "SFT log: one JSON line per step or eval"),
-    ("logs/dpo.jsonl", "DPO log: one JSON line per step or eval"),
     ("metrics.json", "held-out metrics of the base, SFT and DPO models"),
     ("samples.jsonl", "generations of each model, with their style scores"),
 ]
+
+
+def run_files() -> list[tuple[str, str]]:
+    """The files of a run folder INDEX.md lists: RUN_FILES, each logging stage's log (stages.py)
+    before metrics.json."""
+    logs = [(f"logs/{s.name}.jsonl", f"{s.report.title['en']} log: one JSON line per step or eval"
+             + (" (optional stage)" if s.report.optional else "")) for s in reported() if s.report.log]
+    return RUN_FILES[:-2] + logs + RUN_FILES[-2:]
 REPORT_FILES = [
     ("REPORT.md", "the report in English"),
     ("REPORT.zh.md", "the report in Chinese (中文报告)"),
@@ -155,7 +161,7 @@ def _index(run: Run, out: Path) -> str:
              "Links are relative to this folder (`report/`). Missing parts are stages that did not run.", "",
              "## The run folder", "", "| Path | What | Status |", "|---|---|---|"]
     known = {"report"}
-    for rel, what in RUN_FILES:
+    for rel, what in run_files():
         path = run.dir / rel
         known.add(rel.split("/")[0])
         link = f"[{rel}](../{rel}{'/' if path.is_dir() else ''})" if path.exists() else f"`{rel}`"

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from picoalign.io import read_jsonl_lenient
+from picoalign.stages import logged
 
-LOGGED_STAGES = ("pretrain", "sft", "dpo")
 MODELS = ("base", "sft", "dpo")
 
 
@@ -149,7 +149,7 @@ def load_run(run_dir: str | Path) -> Run:
     run.config = _read(run_dir, "config.yaml", yaml.safe_load, run.problems)
     run.meta = _read(run_dir, "data/dataset_meta.json", json.loads, run.problems)
     run.metrics = _read(run_dir, "metrics.json", json.loads, run.problems)
-    for stage in LOGGED_STAGES:
+    for stage in logged():  # the stages whose registry entry says they log (stages.py)
         rows = _read_rows(run_dir, f"logs/{stage}.jsonl", run.problems)
         if rows:
             run.logs[stage] = rows

@@ -15,58 +15,24 @@ import io
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from picoalign.report.load import LOGGED_STAGES, MODELS, dig, frontier_points, num, read_log, series
+from picoalign.report.curves import Panel
+from picoalign.report.load import MODELS, dig, frontier_points, num, read_log, series
 from picoalign.report.sections import fmt_metric
+from picoalign.stages import logged, reported
 
-COLORS = {"train": "#1f77b4", "val": "#d62728", "chosen": "#2ca02c", "rejected": "#d62728", "margin": "#555555"}
 MODEL_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#ff7f0e"}
 DPI = 110
 
 
-@dataclass(frozen=True)
-class Panel:
-    stage: str
-    title: str
-    ylabel: str
-    lines: tuple[tuple[str, str, str, str], ...]  # (kind, key, label, color); kind "ref": a train key, dashed
-    ref: tuple[float, str] | None = None  # a dashed horizontal reference line
-    percent: bool = False
+def panels() -> list[tuple[str, Panel]]:
+    """(stage, panel) for every panel of curves.png, from each stage's registry entry (stages.py):
+    the stages every run has first, in the registry's order, then the optional ones."""
+    stages = sorted(reported(), key=lambda s: s.report.optional)
+    return [(s.name, panel) for s in stages for panel in s.report.curves]
 
-
-PANELS = (
-    Panel("sft", "SFT loss (response tokens only)", "cross-entropy (nats/token)",
-          (("train", "loss", "train", COLORS["train"]), ("eval", "val/loss", "val", COLORS["val"]))),
-    Panel("sft", "SFT monitor: preference pairs under the SFT model", "mean log-prob of the response",
-          (("eval", "monitor/logps_chosen", "chosen", COLORS["chosen"]),
-           ("eval", "monitor/logps_rejected", "rejected", COLORS["rejected"]))),
-    Panel("dpo", "DPO loss", "loss",
-          (("train", "loss", "train", COLORS["train"]), ("eval", "val/loss", "val", COLORS["val"]),
-           ("train", "loss/preference", "train, preference term (with sft_weight)", "#9467bd")),
-          ref=(math.log(2), "ln 2 (sigmoid loss at the start)")),
-    Panel("dpo", "DPO implicit rewards  β·log(π/π_ref)", "reward",
-          (("train", "rewards/chosen", "chosen", COLORS["chosen"]),
-           ("train", "rewards/rejected", "rejected", COLORS["rejected"]),
-           ("train", "rewards/margins", "margin", COLORS["margin"]),
-           ("eval", "val/margin", "val margin", "#000000")),
-          ref=(0.0, "")),
-    # Likelihood displacement (train/diagnostics.py) shows here: the chosen curve sinking under its
-    # reference while the margin in the panel above still grows.
-    Panel("dpo", "DPO log-probs of the answers against the reference", "summed log-prob of the answer",
-          (("train", "logps/chosen", "chosen (policy)", COLORS["chosen"]),
-           ("ref", "logps/ref_chosen", "chosen (reference)", COLORS["chosen"]),
-           ("train", "logps/rejected", "rejected (policy)", COLORS["rejected"]),
-           ("ref", "logps/ref_rejected", "rejected (reference)", COLORS["rejected"]))),
-    Panel("dpo", "DPO reward accuracy (train) and preference accuracy (val)", "accuracy",
-          (("train", "rewards/accuracies", "train reward acc.", COLORS["train"]),
-           ("eval", "val/pref_acc", "val preference acc.", COLORS["val"])),
-          ref=(0.5, "chance"), percent=True),
-    Panel("pretrain", "Pretraining loss (optional stage)", "cross-entropy (nats/token)",
-          (("train", "loss", "train", COLORS["train"]), ("eval", "val/loss", "val", COLORS["val"]))),
-)
 
 BARS = (  # metric key, title, better
     ("sft_test_loss", "SFT test loss", "lower is better"),
@@ -181,15 +147,17 @@ def plot_curves(run_dir: str | Path, out_png: str | Path) -> Path | None:
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    logs = {stage: read_log(run_dir, stage) for stage in LOGGED_STAGES}
+    logs = {stage: read_log(run_dir, stage) for stage in logged()}
     if not any(logs.values()):
         return None
-    fig = Figure(figsize=(12, 16))
+    drawing = panels()
+    rows = max(1, math.ceil(len(drawing) / 2))
+    fig = Figure(figsize=(12, 4 * rows))
     # Fixed margins: a constrained layout costs a second full draw (~1 s) for the same picture.
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.93, wspace=0.2, hspace=0.33)
-    axes = fig.subplots(4, 2).ravel()
-    drawn = [_draw_panel(ax, panel, logs[panel.stage]) for ax, panel in zip(axes, PANELS)]
-    for ax in axes[len(PANELS):]:
+    axes = fig.subplots(rows, 2).ravel()
+    drawn = [_draw_panel(ax, panel, logs[stage]) for ax, (stage, panel) in zip(axes, drawing)]
+    for ax in axes[len(drawing):]:
         ax.set_visible(False)
     if not any(drawn):
         return None

@@ -54,7 +54,7 @@ def _diff(c: Any) -> str:
 
 
 def _curve(run: Run, p: dict) -> list[str]:
-    rows = [r for r in read_jsonl_lenient(run.dir / "logs" / "rl.jsonl") if isinstance(r, dict) and r.get("kind") == "train"]
+    rows = [r for r in run.logs.get("rl", []) if r.get("kind") == "train"]
     if not rows:
         return []
     k = max(1, len(rows) // 10)

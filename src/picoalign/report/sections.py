@@ -41,10 +41,10 @@ from picoalign.report.markdown import (  # noqa: F401  (re-exported: build.py an
     table,
 )
 from picoalign.report.strings import STRINGS
+from picoalign.stages import STAGES, logged, reported
 from picoalign.train.diagnostics import displacement_warning
 
 SPLITS = ("train", "val", "test")
-STAGES = ("data", "pretrain", "sft", "dpo", "eval", "report")
 # metric key -> which way is better (a phrase key in strings.py)
 METRICS = {
     "sft_test_loss": "down",
@@ -116,7 +116,8 @@ def setup(run: Run, t: dict, images: set[str]) -> str:
     ]
     out = ["\n".join(f"- **{k}**{t['colon']}{v}" for k, v in items), ""]
     out.append(table([t["stage"], t["status"], t["wall"]],
-                     [[t[f"st_{s}"], _status(run, s, t), fmt_seconds(stage_seconds(run, s))] for s in STAGES]))
+                     [[stage_title(s.name, t), _status(run, s.name, t), fmt_seconds(stage_seconds(run, s.name))]
+                      for s in reported()]))
     out += ["", _settings(run, t)]
     return "\n".join(out)
 
@@ -136,27 +137,36 @@ def language(t: dict) -> str:
     return next((lang for lang, table in STRINGS.items() if table is t), "en")
 
 
+def stage_title(stage: str, t: dict) -> str:
+    """The stage's name in the language of `t`, from its registry entry (stages.py)."""
+    title = STAGES[stage].report.title
+    return title.get(language(t), title["en"])
+
+
 def _status(run: Run, stage: str, t: dict) -> str:
-    if stage == "data":
-        return t["done"] if run.meta else t["missing"]
+    """The stages table's status of `stage`: its log's steps, its output's presence, what eval
+    scored; a stage it lacks is "missing" or, when the registry says it is optional, "not run"."""
+    facts = STAGES[stage].report
     if stage == "eval":
         models = run.evaluated()
         return t["done_eval"].format(models=t["list_sep"].join(t[f"n_{m}"] for m in models)) if models else t["missing"]
     if stage == "report":
         return t["this_report"]
+    if facts.done and (run.dir / facts.done).exists():
+        return t["done"]
     rows = run.logs.get(stage)
-    if not rows:
-        return t["optional"] if stage == "pretrain" else t["missing"]
-    steps = len(series(rows, "train", "loss")[0])
-    evals = len(series(rows, "eval", "val/loss")[0])
-    return t["done_steps"].format(steps=steps, evals=evals)
+    if facts.log and rows:
+        steps = len(series(rows, "train", "loss")[0])
+        evals = len(series(rows, "eval", "val/loss")[0])
+        return t["done_steps"].format(steps=steps, evals=evals)
+    return t["optional"] if facts.optional else t["missing"]
 
 
 def _settings(run: Run, t: dict) -> str:
     if run.config is None:
         return t["no_config"]
     lines = []
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in logged():
         cfg = run.config.get(stage)
         if not isinstance(cfg, dict):
             continue
@@ -165,7 +175,7 @@ def _settings(run: Run, t: dict) -> str:
         if isinstance(lora, dict) and lora.get("enabled"):
             items.append(f"lora.r={lora.get('r')}")
         if items:
-            lines.append(f"- {t[f'st_{stage}']}{t['colon']}{code(' · '.join(items))}")
+            lines.append(f"- {stage_title(stage, t)}{t['colon']}{code(' · '.join(items))}")
     return "\n".join([t["settings"], "", *lines]) if lines else ""
 
 
@@ -448,11 +458,11 @@ def curves(run: Run, t: dict, images: set[str]) -> str:
     out = []
     if "curves.png" in images:
         out += [f"![{t['curves_alt']}](curves.png)", "", t["curves_legend"], ""]
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in logged():
         rows = run.logs.get(stage)
         if not rows:
-            if stage != "pretrain":
-                out.append("- " + t["stage_missing"].format(stage=t[f"st_{stage}"]))
+            if not STAGES[stage].report.optional:
+                out.append("- " + t["stage_missing"].format(stage=stage_title(stage, t)))
             continue
         out.append("- " + _stage_summary(rows, stage, t))
         if stage == "dpo" and (warning := displacement_warning(rows)):
@@ -467,7 +477,7 @@ def curves(run: Run, t: dict, images: set[str]) -> str:
 def _stage_summary(rows: list[dict], stage: str, t: dict) -> str:
     steps, loss = series(rows, "train", "loss")
     ends = head_tail(loss)
-    name = t[f"st_{stage}"]
+    name = stage_title(stage, t)
     if ends:
         text = t["sum_loss"].format(stage=name, steps=len(steps), a=f"{ends[0]:.3f}", b=f"{ends[1]:.3f}")
     else:

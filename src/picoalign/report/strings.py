@@ -27,7 +27,8 @@ EN: dict[str, str] = {
     "method": "Method",
     "method_orpo": "ORPO ({loss}): one stage from the base model (NLL of the chosen answer + odds ratio), in place of SFT + DPO; no reference model. Its model is the one called DPO below",
     "method_sft_then": "SFT, then {name} ({loss}) in the DPO stage",
-    # (each method's own name comes from its entry in picoalign/methods.py)
+    # (each method's own name comes from its entry in picoalign/methods.py, each stage's from
+    # its entry in picoalign/stages.py)
     "device": "Device",
     "dtype": "Dtype",
     "versions": "Versions",
@@ -39,12 +40,6 @@ EN: dict[str, str] = {
     "wall": "Wall time",
     "settings": "Key settings from `config.yaml`:",
     "no_config": "No readable `config.yaml` in the run folder.",
-    "st_data": "data",
-    "st_pretrain": "pretraining",
-    "st_sft": "SFT",
-    "st_dpo": "DPO",
-    "st_eval": "evaluation",
-    "st_report": "report",
     # data
     "h_data": "Data",
     "no_data": "No `data/dataset_meta.json`: the data stage is missing / not run.",
@@ -211,7 +206,7 @@ ZH: dict[str, str] = {
     "method": "方法",
     "method_orpo": "ORPO（{loss}）：从基座模型出发的单一阶段（chosen 回答的 NLL + 几率比），取代 SFT + DPO；不用参考模型。下文称为 DPO 的模型即是它",
     "method_sft_then": "先 SFT，再在 DPO 阶段训练 {name}（{loss}）",
-    # （各方法的名称来自 picoalign/methods.py 中它的条目）
+    # （各方法的名称来自 picoalign/methods.py 中它的条目，各阶段的名称来自 picoalign/stages.py）
     "device": "设备",
     "dtype": "计算精度",
     "versions": "软件版本",
@@ -223,12 +218,6 @@ ZH: dict[str, str] = {
     "wall": "耗时",
     "settings": "`config.yaml` 中的关键设置：",
     "no_config": "运行目录中没有可读取的 `config.yaml`。",
-    "st_data": "数据生成",
-    "st_pretrain": "预训练",
-    "st_sft": "监督微调（SFT）",
-    "st_dpo": "偏好优化（DPO）",
-    "st_eval": "评估",
-    "st_report": "报告",
     # data
     "h_data": "数据",
     "no_data": "没有 `data/dataset_meta.json`：数据阶段缺失 / 未运行。",

@@ -10,7 +10,7 @@ and the methods beside it: ORPO and SimPO without a reference, KTO on unpaired e
 
 The starting model is the SFT checkpoint (an SFT adapter is merged into its base first); the
 policy trains a fresh LoRA adapter on it (or all weights), and the SFT model is the frozen
-reference. By default the reference's log-probs are computed once before training and stored
+reference (train/reference.py: `ReferenceCache`). By default the reference's log-probs are computed once before training and stored
 with the run (`ref_logps.pt`), so no second model sits in memory (with `max_seconds` the precompute
 takes at most half of it: the steps score the batches it left as they reach them, which for full
 fine-tuning or a named reference keeps a frozen copy in memory); `reference: live` computes them
@@ -22,10 +22,6 @@ reference at all.
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,89 +30,15 @@ from picoalign.config import DPOConfig
 from picoalign.data.formats import read_preferences
 from picoalign.io import append_jsonl, read_jsonl_lenient
 from picoalign.methods import METHODS
-from picoalign.models.load import load_model, read_marker
 from picoalign.train import dist
 from picoalign.train.attention import fit_prefix_sharing
-from picoalign.train.batching import PackedBatch, forward_logps, pair_batches
+from picoalign.train.batching import PackedBatch, pair_batches
 from picoalign.train.diagnostics import displacement_warning
-from picoalign.train.loop import autocast_for, batch_order, batches_used, fit
-from picoalign.train.losses import (
-    dpo_stats,
-    orpo_loss,
-    orpo_odds_ratio_loss,
-    sequence_logps,
-    simpo_loss,
-)
+from picoalign.train.loop import fit
+from picoalign.train.losses import dpo_stats, orpo_loss, orpo_odds_ratio_loss, simpo_loss
+from picoalign.train.reference import ReferenceCache
+from picoalign.train.scoring import batch_sequence_logps
 from picoalign.train.stage import prepare, read_splits, save_model
-
-
-def batch_sequence_logps(model, batch: PackedBatch, normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs per sequence, token-level log-probs) for one preference batch."""
-    tokens = forward_logps(model, batch)
-    seq = sequence_logps(tokens, batch.seq_index, batch.n_seqs)
-    if normalise:  # IPO works on the mean log-prob per token of each answer
-        seq = seq / batch.token_counts().to(seq.device)
-    return seq, tokens
-
-
-PRECOMPUTE_SHARE = 0.5  # of max_seconds: the most the reference precompute may take before step 1
-
-
-@torch.no_grad()
-def reference_logps(model, batches: list[PackedBatch], device, dtype, normalise: bool,
-                    progress: bool = False, deadline: float | None = None, budget: float = 0.0) -> list[torch.Tensor]:
-    """The reference's per-sequence log-probs for `batches` (the model in eval mode), in order.
-    Past `deadline` (a `time.time()`) it stops, so the list may be shorter than `batches`; after
-    the first batch it says how much of the time `budget` (max_seconds) the whole would take."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    out = []
-    pairs = sum(b.n_seqs // 2 for b in batches)
-    bar = tqdm(total=pairs, desc="dpo reference", unit="pair", disable=not progress, dynamic_ncols=True)
-    t0 = time.time()
-    with autocast_for(device, dtype), bar:
-        for batch in batches:
-            if deadline is not None and time.time() >= deadline:
-                break
-            seq, _ = batch_sequence_logps(model, batch.to(device), normalise)
-            out.append(seq.float().cpu())
-            bar.update(batch.n_seqs // 2)
-            if budget > 0 and len(out) == 1 and len(batches) > 1:
-                eta = (time.time() - t0) * pairs / (batch.n_seqs // 2)
-                bar.write(f"dpo: the reference for {pairs} pairs takes about {eta:.0f}s, {eta / budget:.0%} of "
-                          f"max_seconds={budget:g}" + (f"; it stops at {(deadline - t0) / budget:.0%} of it and the "
-                                                      "steps score the rest as they reach them"
-                                                      if deadline and eta > deadline - t0 else ""))
-    model.train(was_training)
-    return out
-
-
-def _weights_stamp(spec: str) -> str:
-    """Size and mtime of a local checkpoint's weight files (and its base's): changes when it is redone."""
-    folder = Path(spec)
-    if not folder.is_dir():
-        return spec
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    marker = read_marker(folder)
-    return stamp + ("|" + _weights_stamp(marker["base_model"]) if marker.get("base_model") else "")
-
-
-def _reference_stamp(cfg: DPOConfig, dtype: torch.dtype) -> str:
-    """What stored reference log-probs depend on besides the batch: the reference weights and the
-    dtype they ran in (a bf16 run keeps its frozen weights in bf16), the loss (IPO normalises)."""
-    reference = cfg.model if cfg.reference in ("precompute", "live") else cfg.reference
-    return f"{reference}|{_weights_stamp(reference)}|{dtype}|{cfg.loss}"
-
-
-def batch_key(batch: PackedBatch) -> str:
-    """A batch's content: its tokens, their layout and its targets (what its log-probs are of)."""
-    h = hashlib.sha256()
-    for t in (batch.input_ids, batch.position_ids, batch.labels, batch.seq_index):
-        h.update(t.cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
@@ -125,132 +47,55 @@ def read_pair_splits(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     return read_splits(cfg, read_preferences)
 
 
-class DPOTask:
-    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
-                 rows: tuple[list[dict], list[dict]] | None = None) -> None:
+class PreferenceTask:
+    """What every preference method's task shares (the loop's `Task`): its rows as batches, its
+    frozen reference (a `ReferenceCache`; None for a method without one), its loss through
+    `pair_loss` (each method's own), its saving. DPOTask and KTOTask differ in their rows, their
+    batches and their `pair_loss` / `evaluate`."""
+
+    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype, rows: tuple[list[dict], list[dict]],
+                 make_batches) -> None:
         cfg = fit_prefix_sharing(model, cfg)
         self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
         self.method = METHODS[cfg.loss]
         self.loss_fn = self.method.function()  # with a reference: f(Δ, β, ε); without: f(model, batch, cfg)
         self.normalise = self.method.normalise
-        train_rows, val_rows = rows or read_pair_splits(cfg)
-        self.train = pair_batches(tokenizer, train_rows, cfg, cfg.prefix_sharing)
-        val = pair_batches(tokenizer, val_rows, cfg, cfg.prefix_sharing)
+        self.train = make_batches(tokenizer, rows[0], cfg)
+        val = make_batches(tokenizer, rows[1], cfg)
         self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
-        self.live_ref = None
-        self.reference_forward = cfg.reference == "live" and self.method.reference  # FLOPs count
-        if self.method.reference:
-            self._attach_reference()
-        print(f"dpo: {len(train_rows)} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
-              f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference if self.method.reference else 'none'}")
+        self.reference = ReferenceCache(cfg, device, dtype, self.normalise) if self.method.reference else None
+        self.reference_forward = cfg.reference == "live" and self.reference is not None  # FLOPs count
+        if self.reference is not None:
+            self.setup_what = "the reference log-probs"
+            self.budget_advice = "fewer pairs, or reference=live (scored as the steps go)"
+            self.reference.attach(model, self.train, self.val)
+            self.setup_seconds = self.reference.setup_seconds
 
-    def _attach_reference(self) -> None:
-        """Reference log-probs for the batches this run will use: the training batches its step or
-        epoch budget takes (in the loop's order) and the val batches, from `ref_logps.pt` where it
-        has them (stored per batch content, so a longer run or another β reuses them), the rest
-        computed now. With a time budget the precompute stops when its share of it
-        (`PRECOMPUTE_SHARE`) is spent; a batch left without them (and every training batch of a
-        run limited only by time) is scored when a step first reaches it, inside `max_seconds`."""
-        cfg = self.cfg
-        self.setup_seconds, self._scored = 0.0, {}
-        self.setup_what = "the reference log-probs"
-        self.budget_advice = "fewer pairs, or reference=live (scored as the steps go)"
-        if cfg.reference == "live":
-            if not cfg.lora.enabled:  # full fine-tuning: keep a frozen copy of the start
-                self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-            return
-        reach = batches_used(cfg, len(self.train), dist.world().size)
-        # Only time limits the run: any batch may be reached. LoRA scores a batch on first use for
-        # free (its adapter off), rather than precompute batches the run may never reach.
-        on_first_use = reach is None and cfg.reference == "precompute" and cfg.lora.enabled
-        if reach is None:
-            reach = batch_order(len(self.train), 0, cfg.seed)
-        needed = ([] if on_first_use else [self.train[i] for i in reach]) + self.val
-        cache, stamp = Path(cfg.out) / "ref_logps.pt", _reference_stamp(cfg, self.dtype)
-        saved = torch.load(cache, weights_only=False) if cache.exists() else {}
-        known = saved.get("logps", {}) if saved.get("stamp") == stamp else {}
-        keys = [batch_key(b) for b in needed]
-        missing = [b for b, k in zip(needed, keys) if k not in known]
-        if missing:
-            t0 = time.time()
-            self._deadline = t0 + PRECOMPUTE_SHARE * cfg.max_seconds if cfg.max_seconds > 0 and not cfg.resume else None
-            logps = dist.gather_shards(self._compute_reference, missing)  # each rank its share (torchrun)
-            self.setup_seconds = time.time() - t0
-            known |= {batch_key(b): ref for b, ref in zip(missing, logps) if ref is not None}
-            if dist.world().main:  # a cache keyed by its inputs: it leaves the folder's marker alone
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp")
-                torch.save({"stamp": stamp, "logps": known}, tmp)
-                tmp.replace(cache)
-            self._report_precompute(missing, logps)
-        for batch, key in zip(needed, keys):
-            batch.ref_logps = known.get(key)
-        later = sum(b.ref_logps is None for b in [self.train[i] for i in reach] + self.val)
-        if later:
-            self._keep_reference_for(later)
-
-    def _report_precompute(self, missing: list[PackedBatch], logps: list) -> None:
-        """How long the precompute took, and how much of the time budget that is (before step 1)."""
-        pairs = sum(b.n_seqs // 2 for b, ref in zip(missing, logps) if ref is not None)
-        took, budget = self.setup_seconds, self.cfg.max_seconds
-        share = f", {took / budget:.0%} of max_seconds={budget:g}" if budget > 0 else ""
-        print(f"dpo: reference log-probs of {pairs} pairs took {took:.0f}s{share}"
-              + ("; the precompute stopped at its share of the budget" if pairs < sum(b.n_seqs // 2 for b in missing)
-                 else ""))
-
-    def _keep_reference_for(self, later: int) -> None:
-        """A frozen reference for the batches scored when first used: the policy with its adapter
-        off (LoRA, free), else a copy of the starting model or the named checkpoint (a second model
-        in memory: what a budget too small to precompute costs)."""
-        kept = ""
-        if self.cfg.reference != "precompute":
-            self.live_ref, _ = load_model(self.cfg.reference, self.device)
-            self.live_ref.eval().requires_grad_(False)
-            kept = f"; {self.cfg.reference} stays loaded to score them"
-        elif not self.cfg.lora.enabled:
-            self.live_ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-            kept = "; a frozen copy of the starting model scores them"
-        print(f"dpo: {later} batches without precomputed reference log-probs (the budget may not reach them): "
-              f"each is scored when a step first uses it{kept}")
-
-    def _compute_reference(self, batches: list[PackedBatch]) -> list[torch.Tensor | None]:
-        """Reference log-probs of `batches`, None for those the precompute's deadline left out."""
-        pairs = sum(b.n_seqs // 2 for b in batches)
-        deadline = getattr(self, "_deadline", None)
-        print(f"dpo: precomputing reference log-probs for {pairs} pairs ({len(batches)} batches)"
-              + (f", for at most {PRECOMPUTE_SHARE:.0%} of max_seconds={self.cfg.max_seconds:g}" if deadline else ""))
-        show = self.cfg.progress and dist.world().main
-        if self.cfg.reference not in ("precompute", "live"):
-            ref_model, _ = load_model(self.cfg.reference, self.device)
-            logps = reference_logps(ref_model, batches, self.device, self.dtype, self.normalise, show, deadline,
-                                    self.cfg.max_seconds)
-            del ref_model
-        else:
-            adapter_off = self.model.disable_adapter() if self.cfg.lora.enabled else nullcontext()
-            with adapter_off:  # a fresh adapter changes nothing yet; off makes the intent plain
-                logps = reference_logps(self.model, batches, self.device, self.dtype, self.normalise, show,
-                                        deadline, self.cfg.max_seconds)
-        return logps + [None] * (len(batches) - len(logps))
+    def _reference(self, batch: PackedBatch) -> torch.Tensor:
+        return self.reference.logps(self.model, batch)
 
     def batches(self) -> list[PackedBatch]:
         return self.train
 
-    def _reference(self, batch: PackedBatch) -> torch.Tensor:
-        if batch.ref_logps is not None:
-            return batch.ref_logps
-        key = None if self.cfg.reference == "live" else batch_key(batch)
-        if key in self._scored:
-            return self._scored[key]
-        bare = dist.bare(self.model)  # inside a step, under DDP, the model is the wrapper: no sync here
-        with torch.no_grad():
-            if self.live_ref is not None:
-                ref = batch_sequence_logps(self.live_ref, batch, self.normalise)[0]
-            else:
-                with bare.disable_adapter() if self.cfg.lora.enabled else nullcontext():
-                    ref = batch_sequence_logps(bare, batch, self.normalise)[0]
-        if key is not None:  # the frozen reference scores a batch once
-            self._scored[key] = ref.detach()
-        return ref
+    def loss(self, batch: PackedBatch):
+        loss, stats, _ = self.pair_loss(batch)
+        return loss, stats  # tensors: the loop reads them once per logged step
+
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
+        save_model(self.model, self.tokenizer, folder, state_dict)
+
+
+class DPOTask(PreferenceTask):
+    """Preference pairs: DPO and its variants against the reference, ORPO and SimPO without one."""
+
+    def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
+                 rows: tuple[list[dict], list[dict]] | None = None) -> None:
+        rows = rows or read_pair_splits(cfg)
+        super().__init__(model, tokenizer, cfg, device, dtype, rows,
+                         lambda tok, part, c: pair_batches(tok, part, c, c.prefix_sharing))
+        cfg = self.cfg
+        print(f"dpo: {len(rows[0])} training pairs in {len(self.train)} batches, {len(self.val)} val batches, "
+              f"loss={cfg.loss} beta={cfg.beta} reference={cfg.reference if self.method.reference else 'none'}")
 
     def pair_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(mean loss, TRL-style stats, Δ per pair) for one preference batch."""
@@ -278,10 +123,6 @@ class DPOTask:
             stats.update({"loss/preference": preference.detach(), "loss/sft_nll": nll.detach()})
         return loss, stats, delta
 
-    def loss(self, batch: PackedBatch):
-        loss, stats, _ = self.pair_loss(batch)
-        return loss, stats  # tensors: the loop reads them once per logged step
-
     def evaluate(self) -> dict[str, float]:
         """Validation loss, preference accuracy (reward of chosen > rejected) and mean margin."""
         if not self.val:
@@ -294,9 +135,6 @@ class DPOTask:
         m = torch.cat(margins)
         return {"val/loss": round(loss_sum / len(m), 6), "val/pref_acc": round((m > 0).float().mean().item(), 4),
                 "val/margin": round(m.mean().item(), 4)}
-
-    def save(self, folder: Path, state_dict: dict | None = None) -> None:
-        save_model(self.model, self.tokenizer, folder, state_dict)
 
 
 def _mean_logps(model, batch: PackedBatch, beta: float):

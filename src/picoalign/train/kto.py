@@ -20,12 +20,11 @@ import torch
 
 from picoalign.config import DPOConfig
 from picoalign.data.formats import read_unpaired
-from picoalign.methods import METHODS
-from picoalign.train.attention import fit_prefix_sharing
 from picoalign.train.batching import Encoded, PackedBatch, chunks, encode, pack_pairs
-from picoalign.train.dpo import DPOTask, batch_sequence_logps
+from picoalign.train.dpo import PreferenceTask
 from picoalign.train.loop import fit
 from picoalign.train.losses import kto_reference_point, kto_stats
+from picoalign.train.scoring import batch_sequence_logps
 from picoalign.train.stage import prepare, read_splits
 
 
@@ -80,21 +79,14 @@ def kto_batch(encoded: list[Encoded], labels: list[bool], share_prefix: bool, pa
     return batch
 
 
-class KTOTask(DPOTask):
-    """DPO's task with unpaired examples: its reference handling, its saving; its own batches and loss."""
+class KTOTask(PreferenceTask):
+    """Unpaired examples against the reference: KTO's batches, its loss and its validation metrics."""
 
     def __init__(self, model, tokenizer, cfg: DPOConfig, device, dtype,
                  rows: tuple[list[dict], list[dict]] | None = None) -> None:
-        cfg = fit_prefix_sharing(model, cfg)
-        self.model, self.tokenizer, self.cfg, self.device, self.dtype = model, tokenizer, cfg, device, dtype
-        self.method = METHODS[cfg.loss]
-        self.loss_fn, self.normalise = self.method.function(), False
-        train_rows, val_rows = rows or read_unpaired_splits(cfg)
-        self.train = unpaired_batches(tokenizer, train_rows, cfg)
-        val = unpaired_batches(tokenizer, val_rows, cfg)
-        self.val = val[: cfg.eval_batches] if cfg.eval_batches else val
-        self.live_ref = None
-        self._attach_reference()
+        train_rows, val_rows = rows = rows or read_unpaired_splits(cfg)
+        super().__init__(model, tokenizer, cfg, device, dtype, rows, unpaired_batches)
+        cfg = self.cfg
         good = sum(r["label"] for r in train_rows)
         bad = len(train_rows) - good
         ratio = cfg.desirable_weight * good / max(cfg.undesirable_weight * bad, 1e-9)

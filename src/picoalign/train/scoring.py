@@ -29,3 +29,12 @@ def pair_logps(model, batches: list[PackedBatch], device) -> tuple[torch.Tensor,
         chosen.append(seq[0::2].float().cpu())
         rejected.append(seq[1::2].float().cpu())
     return torch.cat(chosen), torch.cat(rejected)
+
+
+def batch_sequence_logps(model, batch: PackedBatch, normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs per sequence, token-level log-probs) for one preference batch."""
+    tokens = forward_logps(model, batch)
+    seq = sequence_logps(tokens, batch.seq_index, batch.n_seqs)
+    if normalise:  # IPO works on the mean log-prob per token of each answer
+        seq = seq / batch.token_counts().to(seq.device)
+    return seq, tokens

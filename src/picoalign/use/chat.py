@@ -78,10 +78,7 @@ class ChatSession:
 
     def change(self, pairs: list[str]) -> None:
         """Apply `key=value` pairs (decoding settings only); raises ConfigError on a bad one."""
-        for pair in pairs:
-            if pair.split("=", 1)[0] not in DECODING:
-                raise C.ConfigError(f"{pair}: only these can change in a chat: {', '.join(DECODING)}")
-        self.cfg = C.load_config(ChatConfig, overrides=pairs, environ={}, base=C.to_dict(self.cfg))
+        self.cfg = C.changed(self.cfg, pairs, DECODING)
 
 
 def _read_line(stdin, stdout, interactive: bool) -> str | None:
