@@ -55,7 +55,7 @@ class Timings:
         from picoalign.generation import kv
 
         self.kv, self.decode, self.prefill = kv.LlamaKV, [], []
-        self.real = (kv.LlamaKV.decode, kv.LlamaKV.prefill)
+        self.real = (kv.LlamaKV.decode, kv.LlamaKV.prefill_many)
 
     def __enter__(self):
         real_decode, real_prefill = self.real
@@ -66,17 +66,17 @@ class Timings:
             self.decode.append((rows if active is None else sum(active), time.perf_counter() - t))
             return out
 
-        def prefill(kv_self, slot, ids, all_logits=False):
+        def prefill_many(kv_self, chunks):  # several prompts' chunks in one forward
             t = time.perf_counter()
-            out = real_prefill(kv_self, slot, ids, all_logits)
-            self.prefill.append((len(ids), time.perf_counter() - t))
+            out = real_prefill(kv_self, chunks)
+            self.prefill.append((sum(len(ids) for _, ids, _ in chunks), time.perf_counter() - t))
             return out
 
-        self.kv.decode, self.kv.prefill = decode, prefill
+        self.kv.decode, self.kv.prefill_many = decode, prefill_many
         return self
 
     def __exit__(self, *exc):
-        self.kv.decode, self.kv.prefill = self.real
+        self.kv.decode, self.kv.prefill_many = self.real
 
 
 def ours(model, tok, prompts, batch: int, new: int) -> dict:

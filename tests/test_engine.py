@@ -142,13 +142,64 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_llama, chat_tokenizer)
 
 @pytest.mark.slow
 def test_builtin_greedy_equals_transformers_generate():
-    """SmolLM2-135M in fp32: a batch of two chat prompts, 8 tokens each, equals `generate`."""
+    """SmolLM2-135M in fp32 on its packed weights (prepack.py): a batch of four chat prompts,
+    24 tokens each, equals `generate`, which runs the plain `F.linear`."""
     from picoalign.generation.batched import encode_prompt
+    from picoalign.generation.prepack import packable
     from picoalign.models.load import load_for_inference
 
     model, tokenizer = load_for_inference("builtin:smollm2-135m-instruct", device="cpu", dtype="fp32")
-    prompts = ["Write a one-line story about a cat.", "What is the capital of France?"]
-    got = generate_full(model, tokenizer, prompts, Sampling(8), batch_size=2)
+    prompts = ["Write a one-line story about a cat.", "What is the capital of France?",
+               "Write a short horror story about a lighthouse keeper.", "List three colours."]
+    got = generate_full(model, tokenizer, prompts, Sampling(24), batch_size=4)
     assert isinstance(backend_for(model, 1), LlamaKV)
+    assert len(packable(model)) == 30 * 7 + 1 or not torch.backends.mkldnn.is_available()
     for prompt, g in zip(prompts, got):
-        assert g.token_ids == hf_greedy(model, tokenizer, encode_prompt(tokenizer, prompt), 8)[: len(g.token_ids)]
+        assert g.token_ids == hf_greedy(model, tokenizer, encode_prompt(tokenizer, prompt), 24)[: len(g.token_ids)]
+
+
+def test_packed_linears_follow_the_weight_and_give_it_back():
+    """Inside the context a linear runs on its packed copy (F.linear to float tolerance); a
+    weight changed in place (an optimizer step) is packed again; outside, the module is as it was."""
+    from picoalign.generation.prepack import packable, packed_linears
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.Linear(8, 8))
+    x = torch.randn(3, 512)
+    linears = packable(model)
+    assert linears == [model[0]]  # the tiny one is left alone
+    with torch.inference_mode(), packed_linears(linears):
+        assert "forward" in model[0].__dict__
+        first = model[0](x)
+    assert torch.allclose(first, torch.nn.functional.linear(x, model[0].weight, model[0].bias), atol=1e-4)
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # in place: the version changes, the storage does not
+    with torch.inference_mode(), packed_linears(packable(model)):
+        second = model[0](x)
+    assert torch.allclose(second, 2 * first - model[0].bias, atol=1e-4)
+    assert "forward" not in model[0].__dict__ and model[0](x).requires_grad
+
+
+def test_top_p_and_top_k_masks_equal_transformers_warpers():
+    """The nucleus found among the top candidates (and, for a flat row, by sorting the whole
+    vocabulary) is the token set transformers' TopPLogitsWarper keeps, row by row."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from picoalign.generation.sampling import NUCLEUS_CANDIDATES, _top_k, _top_p
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 4 * NUCLEUS_CANDIDATES
+    scores = torch.randn(6, vocab, generator=g) * torch.tensor([[8.0], [4.0], [2.0], [1.0], [0.05], [0.01]])
+    assert scores[4:].softmax(-1).max() < 1 / NUCLEUS_CANDIDATES  # flat rows: the nucleus is past the candidates
+    for p in (0.1, 0.5, 0.9, 0.99):
+        ours = _top_p(scores, torch.full((6,), p))
+        theirs = TopPLogitsWarper(p)(None, scores.clone())
+        assert torch.equal(ours.isinf(), theirs.isinf()), p
+        kept = (~ours.isinf()).sum(-1)
+        assert kept[0] < kept[3] < kept[5] and kept[5] > NUCLEUS_CANDIDATES * (p > 0.3)
+    mixed = _top_p(scores, torch.tensor([0.5, 1.0, 0.9, 1.0, 0.9, 1.0]))
+    assert not mixed[1].isinf().any() and not mixed[5].isinf().any()
+    for k in (1, 7, 50):
+        assert torch.equal(_top_k(scores, torch.full((6,), k)).isinf(), TopKLogitsWarper(k)(None, scores.clone()).isinf())

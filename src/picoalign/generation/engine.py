@@ -27,6 +27,7 @@ import torch
 
 from picoalign.generation.answers import Sampling, cut_at_stop, end_ids
 from picoalign.generation.kv import LlamaKV, backend_for, causal_lm
+from picoalign.generation.prepack import packable, packed_linears
 from picoalign.generation.sampling import RowSettings
 
 MAX_STOP_STRINGS = 16
@@ -101,6 +102,7 @@ class Engine:
         self.context = context_length(model)
         self.rows: list[Row] = []  # row i owns cache slot i
         self.tokens = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # each slot's pending token
+        self.linears = packable(model)  # run on weights packed for the CPU's kernels (prepack.py)
 
     @property
     def free(self) -> int:
@@ -136,8 +138,9 @@ class Engine:
         if was_training:  # no dropout while sampling; the mode is given back
             self.model.eval()
         try:
-            touched = self._decode()
-            touched += self._prefill()
+            with packed_linears(self.linears):
+                touched = self._decode()
+                touched += self._prefill()
         finally:
             if was_training:
                 self.model.train()
@@ -160,48 +163,69 @@ class Engine:
         return self._pick(logits if len(slots) == n else logits[slots], slots)
 
     def _prefill(self) -> list[Row]:
-        budget, ready, firsts = self.prefill_chunk, [], []
+        """The waiting prompts' next chunks, all in one forward (at most `prefill_chunk` tokens
+        while other rows decode, four times that when none does: nothing waits on it then);
+        then the rows that share a prompt now in the cache."""
+        budget = self.prefill_chunk * (1 if any(r.decoding for r in self.rows) else 4)
+        chunks, ready, firsts = [], [], []
         for slot, row in enumerate(self.rows):
-            if row.new_ids or row.done or (budget <= 0 and row.share is None):
+            if row.new_ids or row.done or budget <= 0 or self._sharing(row):
                 continue
-            try:
-                last, taken = self._prefill_row(slot, row, budget)
-            except Exception as e:  # this prompt fails alone (a token id past the vocabulary, ...)
-                row.error, row.finish_reason = e, "error"
+            take = min(budget, len(row.prompt_ids) - row.filled)
+            if take > 0:
+                chunks.append((slot, row, take))
+                budget -= take
+        for (slot, row, _), out in zip(chunks, self._run_chunks(chunks)):
+            if isinstance(out, BaseException):  # this prompt fails alone (a token id past the vocabulary, ...)
+                row.error, row.finish_reason = out, "error"
                 ready.append(row)
-                continue
-            budget -= taken
-            if last is not None:
-                firsts.append((slot, last))
+            elif row.filled == len(row.prompt_ids):
+                firsts.append((slot, out))
+        for slot, row in enumerate(self.rows):
+            if not row.new_ids and not row.done and self._sharing(row) and row.share.last_prompt_logits is not None:
+                self.kv.copy(self.rows.index(row.share), slot, len(row.prompt_ids))
+                row.filled = len(row.prompt_ids)
+                row.last_prompt_logits = row.share.last_prompt_logits
+                firsts.append((slot, row.last_prompt_logits))
         if firsts:
             ready += self._pick(torch.stack([lg for _, lg in firsts]), [s for s, _ in firsts])
         return ready
 
-    def _prefill_row(self, slot: int, row: Row, budget: int) -> tuple[torch.Tensor | None, int]:
-        """Advance `row`'s prompt by one chunk of at most `budget` tokens: its last prompt logits
-        (V,) once all of it is in (else None), and the tokens run."""
+    def _sharing(self, row: Row) -> bool:
+        """Whether `row` takes its prompt's cache from `row.share` (else it runs the prompt)."""
         src = row.share
         if src is not None and (src not in self.rows or src.done or row.echo):
             src = row.share = None  # nothing to share any more: run the prompt
-        if src is not None and src.last_prompt_logits is None:
-            return None, 0  # wait for the source's prompt
-        if src is not None and (not src.new_ids or isinstance(self.kv, LlamaKV)):
-            self.kv.copy(self.rows.index(src), slot, len(row.prompt_ids))
-            row.filled = len(row.prompt_ids)
-            row.last_prompt_logits = src.last_prompt_logits
-            return row.last_prompt_logits, 0
-        row.share = None  # the fallback cache cannot give back just the prompt once decoding went on
-        take = min(budget, len(row.prompt_ids) - row.filled)
-        if take <= 0:
-            return None, 0
-        out = self.kv.prefill(slot, row.prompt_ids[row.filled:row.filled + take], all_logits=row.echo)
+        if src is not None and src.new_ids and not isinstance(self.kv, LlamaKV):
+            src = row.share = None  # the fallback cache cannot give back just the prompt once decoding went on
+        return src is not None
+
+    def _run_chunks(self, chunks: list[tuple[int, Row, int]]) -> list:
+        """Each chunk's logits (its last prompt logits once the prompt is all in), or the
+        exception its prompt raised: a failed joint forward is retried a prompt at a time."""
+        if not chunks:
+            return []
+        try:
+            outs = self.kv.prefill_many([(slot, row.prompt_ids[row.filled:row.filled + take], row.echo)
+                                         for slot, row, take in chunks])
+        except Exception as e:
+            return [e] if len(chunks) == 1 else [self._one_chunk(*c) for c in chunks]
+        return [self._took(row, take, out) for (_, row, take), out in zip(chunks, outs)]
+
+    def _one_chunk(self, slot: int, row: Row, take: int):
+        try:
+            return self._took(row, take, self.kv.prefill(slot, row.prompt_ids[row.filled:row.filled + take],
+                                                         all_logits=row.echo))
+        except Exception as e:
+            return e
+
+    def _took(self, row: Row, take: int, out: torch.Tensor) -> torch.Tensor:
         row.filled += take
         if row.echo:
             row.prompt_logits.append(out.float())
-        if row.filled < len(row.prompt_ids):
-            return None, take
-        row.last_prompt_logits = out[-1].float()
-        return row.last_prompt_logits, take
+        if row.filled == len(row.prompt_ids):
+            row.last_prompt_logits = out[-1].float()
+        return row.last_prompt_logits
 
     def _pick(self, logits: torch.Tensor, slots: list[int]) -> list[Row]:
         """Choose, record and check each slot's next token."""

@@ -152,24 +152,44 @@ class LlamaKV:
 
     def prefill(self, slot: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
         """Run `ids` after what slot `slot` holds; logits of the last token (1, V), or of all."""
-        start, n = self.lengths[slot], len(ids)
-        self.reserve(start + n)
-        positions = torch.arange(start, start + n, device=self.device)[None]
-        causal = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
+        return self.prefill_many([(slot, ids, all_logits)])[0]
+
+    def prefill_many(self, chunks: list[tuple[int, list[int], bool]]) -> list[torch.Tensor]:
+        """Several slots' prompt chunks `(slot, ids, all_logits)` in one forward: their tokens lie
+        end to end in one sequence, so each projection is one matrix product over all of them
+        (a prompt at a time left the two cores waiting on per-layer overhead), and attention runs
+        per chunk over its own slot's cache. Logits per chunk as `prefill` gives them."""
+        spans, at = [], 0
+        for slot, ids, _ in chunks:
+            start = self.lengths[slot]
+            self.reserve(start + len(ids))
+            causal = torch.ones(len(ids), start + len(ids), dtype=torch.bool, device=self.device).tril(start)
+            spans.append((slot, start, at, at + len(ids), causal))
+            at += len(ids)
+        positions = torch.cat([torch.arange(start, start + b - a, device=self.device)
+                               for _, start, a, b, _ in spans])[None]
 
         def attend(i, q, k, v):
             self._store(i, k)
-            self.keys[i][slot, :, start:start + n] = k[0]
-            self.values[i][slot, :, start:start + n] = v[0]
-            return self._attention(q, self.keys[i][slot:slot + 1, :, :start + n],
-                                   self.values[i][slot:slot + 1, :, :start + n], causal)
+            outs = []
+            for slot, start, a, b, causal in spans:
+                end = start + b - a
+                self.keys[i][slot, :, start:end] = k[0, :, a:b]
+                self.values[i][slot, :, start:end] = v[0, :, a:b]
+                outs.append(self._attention(q[:, :, a:b], self.keys[i][slot:slot + 1, :, :end],
+                                            self.values[i][slot:slot + 1, :, :end], causal))
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-        ids_t = torch.tensor([ids], device=self.device)
-        hidden = self._layers(ids_t, positions, attend)
-        self.filled[slot, start:start + n] = True
-        self.pos[slot] += n
-        self.lengths[slot] += n
-        return self._logits(hidden[0] if all_logits else hidden[0, -1:])
+        ids_t = torch.tensor([[t for _, ids, _ in chunks for t in ids]], device=self.device)
+        hidden = self._layers(ids_t, positions, attend)[0]
+        wanted = []
+        for (slot, start, a, b, _), (_, _, all_logits) in zip(spans, chunks):
+            self.filled[slot, start:start + b - a] = True
+            self.pos[slot] += b - a
+            self.lengths[slot] += b - a
+            wanted.append(hidden[a:b] if all_logits else hidden[b - 1:b])
+        logits = self._logits(torch.cat(wanted))
+        return list(logits.split([len(w) for w in wanted]))
 
     def decode(self, tokens: torch.Tensor, rows: int, active: list[bool] | None = None) -> torch.Tensor:
         """One token for each of slots 0..rows-1 (`tokens` (rows,)); logits (rows, V). Slots not
@@ -275,6 +295,9 @@ class ModelKV:
         self.caches[slot] = out.cache
         self.lengths[slot] += len(ids)
         return out.logits[0] if all_logits else out.logits[0, -1:]
+
+    def prefill_many(self, chunks: list[tuple[int, list[int], bool]]) -> list[torch.Tensor]:
+        return [self.prefill(slot, ids, all_logits) for slot, ids, all_logits in chunks]
 
     def decode(self, tokens: torch.Tensor, rows: int, active: list[bool] | None = None) -> torch.Tensor:
         out = []

@@ -84,16 +84,32 @@ def _top_k(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill((k[:, None] > 0) & (scores < kth), -torch.inf)
 
 
+NUCLEUS_CANDIDATES = 1024  # where top-p looks first: sorting the whole vocabulary costs ~64 ms a step at
+# 32 rows of 49k on 2 cores, the top 1024 ~8 ms, and at the temperatures people sample at they
+# hold the nucleus; a row whose nucleus reaches past them is sorted whole, so the result is the same
+
+
 def _top_p(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (the first always)."""
+    """Keep the smallest set of most likely tokens whose probability reaches p (the first always):
+    a token stays when the tokens more likely than it hold at most p."""
     rows = (p < 1).nonzero()[:, 0]
     if rows.numel() == 0:
         return scores
-    sub = scores[rows]
-    ordered, order = sub.sort(dim=-1, descending=True)
-    probs = ordered.softmax(-1)
-    outside = probs.cumsum(-1) - probs > p[rows, None]
-    sub = sub.scatter(-1, order, ordered.masked_fill(outside, -torch.inf))
+    sub, p_rows = scores[rows], p[rows, None]
+    probs = sub.softmax(-1)
+    top = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1).values  # descending
+    before = top.cumsum(-1) - top
+    inside = (before[:, -1] + top[:, -1] > p_rows[:, 0]) | (top.shape[-1] == probs.shape[-1])
+    if not bool(inside.all()):  # the nucleus reaches past the candidates: these rows sorted whole
+        wide = (~inside).nonzero()[:, 0]
+        ordered = probs[wide].sort(dim=-1, descending=True).values
+        before_wide = ordered.cumsum(-1) - ordered
+        kept = (before_wide <= p_rows[wide]).sum(-1)
+        least = ordered.gather(-1, (kept - 1)[:, None])
+    kept = (before <= p_rows).sum(-1)
+    least_all = top.gather(-1, (kept.clamp(max=top.shape[-1]) - 1)[:, None])  # the least likely kept
+    if not bool(inside.all()):
+        least_all[wide] = least
     scores = scores.clone()
-    scores[rows] = sub
+    scores[rows] = sub.masked_fill(probs < least_all, -torch.inf)
     return scores
