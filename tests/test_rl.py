@@ -91,7 +91,7 @@ def test_the_rl_preset_runs_end_to_end_on_a_tiny_model(tmp_path, chat_model):
                           "n_dpo_test": 2},
                  "sft": {**small, "max_length": 256},
                  "rl": {**small, "n_prompts": 8, "num_generations": 2, "batch_size": 2, "max_completion_length": 6},
-                 "eval": {"rl_prompts": 6, "n_samples": 2, "max_new_tokens": 8}}
+                 "eval": {"rl_prompts": 6, "max_new_tokens": 8}}  # the preset's n_samples 0: no story judges
     root = run_pipeline(str(preset), overrides, environ={})
     section = read_json(root / "metrics.json")["rl"]
     assert section["task"] == "arith" and section["n"] == 6 and section["rewards"] == ["arith"]
@@ -101,6 +101,7 @@ def test_the_rl_preset_runs_end_to_end_on_a_tiny_model(tmp_path, chat_model):
     assert section["comparisons"]["rl_vs_sft"]["arith"]["n"] == 6
     assert "kl_rl_to_sft" in section["cost"] and section["verdict"].startswith("RL ")
     assert (root / "checkpoints" / "rl" / "picoalign.json").exists()
+    assert (root / "report" / "index.html").exists()
     cfg = read_json(root / "checkpoints" / "rl" / "picoalign.json")
     assert cfg["complete"]
 
