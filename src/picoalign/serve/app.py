@@ -279,12 +279,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         from picoalign.models.load import load_for_inference
 
-        model, tokenizer = await run_in_threadpool(load_for_inference, cfg.model, cfg.device, cfg.dtype,
-                                                   cfg.merge_adapter)
+        def load():
+            return load_for_inference(cfg.model, cfg.device, cfg.dtype, cfg.merge_adapter)
+
+        # the model loads in the thread that then decodes (Batcher.launch says why)
+        batcher = await run_in_threadpool(Batcher.launch, load, max_batch=cfg.max_batch, queue_size=cfg.queue_size)
         name = cfg.name or public_name(cfg.model)
-        batcher = Batcher(model, tokenizer, max_batch=cfg.max_batch, queue_size=cfg.queue_size)
-        app.state.handlers = Handlers(cfg, Engine(model, tokenizer, name, batcher))
-        batcher.start()
+        app.state.handlers = Handlers(cfg, Engine(batcher.model, batcher.tokenizer, name, batcher))
         try:
             with credentials_out_of_access_log(cfg.api_key):
                 yield
