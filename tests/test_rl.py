@@ -91,7 +91,7 @@ def test_the_rl_preset_runs_end_to_end_on_a_tiny_model(tmp_path, chat_model):
                           "n_dpo_test": 2},
                  "sft": {**small, "max_length": 256},
                  "rl": {**small, "n_prompts": 8, "num_generations": 2, "batch_size": 2, "max_completion_length": 6},
-                 "eval": {"rl_prompts": 6, "n_samples": 2, "max_new_tokens": 8}}
+                 "eval": {"rl_prompts": 6, "max_new_tokens": 8}}  # the preset's n_samples 0: no story judges
     root = run_pipeline(str(preset), overrides, environ={})
     section = read_json(root / "metrics.json")["rl"]
     assert section["task"] == "arith" and section["n"] == 6 and section["rewards"] == ["arith"]
@@ -101,6 +101,7 @@ def test_the_rl_preset_runs_end_to_end_on_a_tiny_model(tmp_path, chat_model):
     assert section["comparisons"]["rl_vs_sft"]["arith"]["n"] == 6
     assert "kl_rl_to_sft" in section["cost"] and section["verdict"].startswith("RL ")
     assert (root / "checkpoints" / "rl" / "picoalign.json").exists()
+    assert (root / "report" / "index.html").exists()
     cfg = read_json(root / "checkpoints" / "rl" / "picoalign.json")
     assert cfg["complete"]
 
@@ -115,3 +116,64 @@ def test_run_method_sft_rl_puts_rl_in_dpos_place_and_rl_after_dpo_starts_from_it
                               environ={})
     assert configs["rl"].model == str(tmp_path / "m" / "checkpoints" / "dpo")  # rl follows dpo: from its model
     assert configs["rl"].out == str(tmp_path / "m" / "checkpoints" / "rl")
+
+
+@pytest.mark.parametrize("method,kw", [("grpo", {}), ("grpo", {"loss_type": "grpo", "num_iterations": 2}),
+                                       ("grpo", {"loss_type": "dr_grpo"}), ("rloo", {}),
+                                       ("online-dpo", {"beta": 0.1})])
+def test_skipping_completions_the_loss_cannot_feel_changes_neither_loss_nor_gradient(tmp_path, chat_model,
+                                                                                  chat_tokenizer, method, kw):
+    """A group whose rewards are all equal (advantage 0) and, for online DPO, the completions
+    that are neither a group's best nor its worst skip the update's forward: the loss, its
+    gradient and the clip counts are those of the full forward."""
+    import torch
+    from test_trl_agreement import load, perturbed
+
+    from picoalign.generation.batched import Sampling, generate_full
+    from picoalign.models.chat import render_prompt
+    from picoalign.rewards import RewardSet
+    from picoalign.train.rl import RLTask, Rollout
+
+    prompts, g = ["What is two plus three?", "Tell me about the sea.", "Name a colour."], 4
+    rewards = [1.0, 0.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 3.0, 1.0, 1.0]  # group 1: nothing to learn
+    model = load(chat_model)
+    gens = generate_full(model.eval(), chat_tokenizer, prompts, Sampling(max_new_tokens=8, greedy=False, seed=1), n=g)
+    ids = [x.token_ids or [chat_tokenizer.eos_token_id] for x in gens]
+    cfg = cfg_for(tmp_path, chat_model, method=method, num_generations=g, batch_size=len(prompts),
+                  max_completion_length=8, lora=LoraConfig(enabled=False), **kw)
+    fixed = lambda prompts, completions, **c: rewards  # noqa: E731
+    task = RLTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32,
+                  ([{"prompt": p} for p in prompts], []), RewardSet(["fixed"], [1.0], [fixed]), tmp_path)
+    per_func = torch.tensor(rewards).unsqueeze(1)
+    mask = torch.zeros(len(ids), max(map(len, ids)))
+    for i, x in enumerate(ids):
+        mask[i, : len(x)] = 1
+    r = Rollout([render_prompt(chat_tokenizer, p) for p in prompts], ids, [""] * len(ids), ["stop"] * len(ids),
+                per_func, task.rewards.total(per_func), mask)
+    if cfg.num_iterations > 1:
+        r.old_logps = task._logps(r, model)
+    if task.needs_ref:
+        r.ref_logps = task._reference_logps(r)
+    task._advantages(r)
+    perturbed(model, 0.05)
+    model.train()
+    rows = task._trained_rows(r)
+    assert rows is not None and len(rows) == (6 if method == "online-dpo" else 8)
+
+    def loss_and_grad(rows):
+        model.zero_grad()
+        logps, _ = task._logps(r, model, entropy=True, rows=rows)
+        loss, stats = getattr(task, "_" + method.replace("-", "_"))(r, logps)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None], stats
+
+    full_loss, full_grad, full_stats = loss_and_grad(None)
+    part_loss, part_grad, part_stats = loss_and_grad(rows)
+    assert part_loss == pytest.approx(full_loss, abs=1e-6)
+    assert max(float(x.abs().max()) for x in full_grad) > 1e-4  # there is a gradient to compare
+    assert len(part_grad) == len(full_grad)
+    for a, b in zip(part_grad, full_grad):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for key in full_stats:
+        if key.startswith(("clip_ratio", "rewards/", "logps/")):
+            assert float(part_stats[key]) == pytest.approx(float(full_stats[key]), abs=1e-6), key

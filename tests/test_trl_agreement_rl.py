@@ -16,6 +16,8 @@ both trainers' generation writes them.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -149,3 +151,83 @@ def test_rloo_matches_trl(tmp_path, chat_model, chat_tokenizer, sampled, beta, n
     for key in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                 *(("kl",) if beta else ())):
         assert stats[key] == pytest.approx(trl_metrics[key], abs=1e-5), key
+
+
+# ---------------------------------------------------------------- online DPO
+# TRL's OnlineDPOTrainer samples 2 completions per prompt and lays them out as [every prompt's
+# first, every prompt's second]; picoalign's G = 2 group is [prompt 0's two, prompt 1's two].
+# With no tied rewards both pick the same (chosen, rejected) pair per prompt: the best and the
+# worst. (A tie: TRL trains on it, first as chosen; picoalign leaves the group out.)
+DPO_REWARDS = [1.0, 0.0, 0.2, 0.9]  # picoalign's layout: prompt 0 prefers its first, prompt 1 its second
+
+
+def trl_online_dpo(tmp_path, chat_model, chat_tokenizer, prompt_ids, completion_ids, beta):
+    """TRL's training_step on our fixed tokens (its `_generate` replaced): (loss, its stats)."""
+    from datasets import Dataset
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    order = [i * 2 + j for j in range(2) for i in range(len(PROMPTS))]  # TRL's layout, in our indices
+    rewards = [DPO_REWARDS[i] for i in order]
+    args = OnlineDPOConfig(output_dir=str(tmp_path), report_to=[], per_device_train_batch_size=len(PROMPTS),
+                           max_new_tokens=MAX_NEW, use_cpu=True, bf16=False, beta=beta)
+    trainer = OnlineDPOTrainer(model=load(chat_model), reward_funcs=lambda prompts, completions, **kw: rewards,
+                               args=args, train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
+                               processing_class=chat_tokenizer)
+    pad = chat_tokenizer.pad_token_id
+
+    def padded(rows, left):
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) * left + r + [pad] * (width - len(r)) * (not left) for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) * left + [1] * len(r) + [0] * (width - len(r)) * (not left)
+                             for r in rows])
+        return ids, mask
+
+    p_ids, p_mask = padded([prompt_ids[i // 2] for i in order], left=True)
+    c_ids, c_mask = padded([completion_ids[i] for i in order], left=False)
+    trainer._generate = lambda model, prompts, images=None: (p_ids, p_mask, c_ids, c_mask, None)
+    perturbed(trainer.model, 0.05)  # the policy moves; TRL's reference is its copy of the start
+    loss = trainer.training_step(trainer.model, {"prompt": list(PROMPTS)})
+    return loss.item(), {k: v[-1] for k, v in trainer.stats.items() if v}
+
+
+@pytest.mark.parametrize("equal_lengths", [False, True])
+def test_online_dpo_matches_trl(tmp_path, chat_model, chat_tokenizer, equal_lengths):
+    prompt_ids = [render_prompt(chat_tokenizer, p) for p in PROMPTS]
+    model = load(chat_model).eval()
+    gens = generate_full(model, chat_tokenizer, PROMPTS, Sampling(max_new_tokens=MAX_NEW, greedy=False, seed=5), n=2)
+    completion_ids = [g.token_ids for g in gens]
+    if equal_lengths:  # TRL's objective/kl also sums the padding after an answer's end: none here
+        shortest = min(map(len, completion_ids))
+        completion_ids = [c[:shortest] for c in completion_ids]
+    else:  # answers that ended at different lengths: the padding must count nowhere
+        completion_ids = [c[:n] for c, n in zip(completion_ids, (MAX_NEW, 6, 8, 4))]
+    assert (len(set(map(len, completion_ids))) == 1) == equal_lengths
+    beta = 0.1
+    trl_loss, trl_stats = trl_online_dpo(tmp_path / "trl", chat_model, chat_tokenizer, prompt_ids,
+                                         completion_ids, beta)
+
+    cfg = RLConfig(model=str(chat_model), out=str(tmp_path / "out"), device="cpu", dtype="fp32", max_steps=1,
+                   num_generations=2, batch_size=len(PROMPTS), max_completion_length=MAX_NEW, method="online-dpo",
+                   beta=beta, lora=LoraConfig(enabled=False), rewards="random")
+    policy = load(chat_model)
+    task = RLTask(policy, chat_tokenizer, cfg, torch.device("cpu"), torch.float32,
+                  ([{"prompt": p} for p in PROMPTS], []), RewardSet(["fixed"], [1.0], [fixed_reward]), tmp_path)
+    per_func = torch.tensor(DPO_REWARDS).unsqueeze(1)
+    width = max(map(len, completion_ids))
+    mask = torch.zeros(len(completion_ids), width)
+    for i, ids in enumerate(completion_ids):
+        mask[i, : len(ids)] = 1
+    r = Rollout(prompt_ids, completion_ids, [""] * 4, ["stop"] * 4, per_func, task.rewards.total(per_func), mask)
+    r.ref_logps = task._reference_logps(r)  # the frozen copy RLTask took of the start
+    perturbed(policy, 0.05)
+    policy.train()
+    logps, _ = task._logps(r, policy, entropy=True)
+    loss, stats = task._online_dpo(r, logps)
+
+    assert stats["pairs/usable"].item() == 1.0  # no ties: both sides train on the same two pairs
+    assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", *(("objective/kl",) if equal_lengths else ())):
+        ours_key = "kl" if key == "objective/kl" else key
+        assert stats[ours_key].item() == pytest.approx(trl_stats[key], abs=1e-4, rel=1e-5), key
+    assert abs(trl_loss - math.log(2)) > 1e-3  # the policy moved away from the reference: a real margin

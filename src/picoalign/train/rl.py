@@ -223,8 +223,8 @@ class RLTask:
         batch.n_tokens = r.n_tokens = sum(map(len, completion_ids)) + sum(map(len, r.prompt_ids))
         if cfg.num_iterations > 1 or (cfg.method == "rloo" and cfg.beta > 0):
             r.old_logps = self._logps(r, self.bare)
-        if self.needs_ref:
-            r.ref_logps = self._reference_logps(r)
+        if self.needs_ref:  # online DPO reads only each group's best and worst
+            r.ref_logps = self._reference_logps(r, self._pair_rows(r) if cfg.method == "online-dpo" else None)
         self._advantages(r)
         r.stats = self._rollout_stats(r, time.time() - t0)
         self.rollouts += 1
@@ -232,23 +232,55 @@ class RLTask:
             self._write_samples(batch, r)
         return r
 
-    def _packed(self, r: Rollout):
+    def _packed(self, r: Rollout, rows: torch.Tensor | None = None):
+        """The completions (all, or `rows`, in order) packed under their prompts."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        groups = [Encoded(p, r.completion_ids[i * self.g:(i + 1) * self.g]) for i, p in enumerate(r.prompt_ids)]
+        wanted = set(range(len(r.completion_ids)) if rows is None else rows.tolist())
+        groups = [Encoded(p, [r.completion_ids[j] for j in range(i * self.g, (i + 1) * self.g) if j in wanted])
+                  for i, p in enumerate(r.prompt_ids)]
+        groups = [e for e in groups if e.answers]
         # One row per prompt: the prompt once, its G answers branching from it (G <= 2: the span
         # kernels; more: a dense mask). Measured on the built-in model, 4 prompts x 8 answers of 24
         # tokens: 6.5-7.0 s forward + backward against 17.7-19.0 s with a row (and a prompt copy) each.
         return pack_pairs(groups, share_prefix=True, pad_id=pad).to(self.device)
 
-    def _logps(self, r: Rollout, model, entropy: bool = False):
-        logps, ent = forward_logps_entropy(model, self._packed(r), r.mask.shape[1], entropy)
+    def _logps(self, r: Rollout, model, entropy: bool = False, rows: torch.Tensor | None = None):
+        """(B, T) log-probs of the completions (with their graph when `entropy`); with `rows`,
+        only those run through the model and the others are filled from the rollout's old
+        log-probs (zeros without them): the loss must not depend on them. The entropy is of the
+        rows run."""
+        logps, ent = forward_logps_entropy(model, self._packed(r, rows), r.mask.shape[1], entropy)
+        if rows is not None:
+            fill = r.old_logps if r.old_logps is not None else torch.zeros_like(r.mask, dtype=logps.dtype)
+            logps = fill.index_put((rows,), logps)
         return (logps, ent) if entropy else logps.detach()
 
-    def _reference_logps(self, r: Rollout) -> torch.Tensor:
+    def _reference_logps(self, r: Rollout, rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.frozen is not None:
-            return self._logps(r, self.frozen)
+            return self._logps(r, self.frozen, rows=rows)
         with self.bare.disable_adapter():  # the LoRA base: the starting model
-            return self._logps(r, self.bare)
+            return self._logps(r, self.bare, rows=rows)
+
+    def _pair_rows(self, r: Rollout) -> torch.Tensor:
+        chosen, rejected, _ = L.best_worst_pairs(r.rewards.to(self.device), self.g)
+        return torch.unique(torch.cat([chosen, rejected]))  # sorted, as the packed order
+
+    def _trained_rows(self, r: Rollout) -> torch.Tensor | None:
+        """The completions whose log-probs can move the loss (None: all). A GRPO or RLOO
+        completion with advantage exactly 0 (its group's rewards all equal) adds 0 to the loss
+        and to the clip counts, so it skips the forward and backward, unless GRPO's β·KL reaches
+        it; online DPO uses each group's best and worst only. The losses still normalise by every
+        completion (r.mask), as TRL's do, so the loss and the gradient are unchanged."""
+        if self.cfg.method == "online-dpo":
+            rows = self._pair_rows(r)
+        elif self.cfg.method == "grpo" and self.cfg.beta != 0:
+            return None
+        else:
+            rows = torch.nonzero(r.advantages != 0).squeeze(1)
+        if rows.numel() == 0:  # nothing to learn: one short row still gives the graph (and DDP its hooks)
+            rows = torch.tensor([min(range(len(r.completion_ids)), key=lambda i: len(r.completion_ids[i]))],
+                                device=r.mask.device)
+        return None if rows.numel() == len(r.completion_ids) else rows
 
     def _advantages(self, r: Rollout) -> None:
         cfg = self.cfg
@@ -289,10 +321,12 @@ class RLTask:
 
     def loss(self, batch: PromptBatch):
         r = self._rollout_for(batch)
-        logps, entropy = self._logps(r, self.model, entropy=True)
+        rows = self._trained_rows(r)
+        logps, entropy = self._logps(r, self.model, entropy=True, rows=rows)
         loss, stats = getattr(self, "_" + self.cfg.method.replace("-", "_"))(r, logps)
-        if entropy is not None:
-            stats["entropy"] = (entropy * r.mask).sum() / r.mask.sum().clamp(min=1.0)
+        if entropy is not None:  # of the completions trained on
+            mask = r.mask if rows is None else r.mask[rows]
+            stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
         if hasattr(r, "stats_kl"):
             stats["kl"] = r.stats_kl
         return loss, {**r.stats, **stats}
@@ -318,7 +352,8 @@ class RLTask:
         loss, _ = L.online_dpo_loss(pc, pr, rc, rr, self.cfg.beta, usable)
         keep = usable if usable.any() else torch.ones_like(usable)
         stats = {k: v.detach() for k, v in dpo_stats(pc[keep], pr[keep], rc[keep], rr[keep], self.cfg.beta).items()}
-        stats["kl"] = ((logps.detach() - r.ref_logps) * r.mask).sum(-1).mean()  # TRL's objective/kl: per sequence
+        pairs = self._pair_rows(r)  # TRL's objective/kl: per sequence, over the completions paired
+        stats["kl"] = ((logps.detach()[pairs] - r.ref_logps[pairs]) * r.mask[pairs]).sum(-1).mean()
         stats["pairs/usable"] = usable.float().mean()
         return loss, stats
 
