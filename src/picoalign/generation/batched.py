@@ -22,7 +22,7 @@ from picoalign.generation.answers import (  # noqa: F401  (re-exported: the API 
     finish,
     held_back,
 )
-from picoalign.generation.engine import Engine, check_request, context_length
+from picoalign.generation.engine import Engine, check_request, context_length, sampling_mode
 
 
 def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_size: int = 8,
@@ -43,6 +43,12 @@ def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_siz
     context = context_length(model)
     for ids in encoded:
         check_request(len(ids), sampling, context)
+    with sampling_mode(model):  # once for the call, not at every step (see sampling_mode)
+        return _generate(model, tokenizer, encoded, sampling, batch_size, cancel, n)
+
+
+def _generate(model, tokenizer, encoded: list[list[int]], sampling: Sampling, batch_size: int,
+              cancel: threading.Event | None, n: int) -> list[Generation]:
     engine = Engine(model, tokenizer, max_rows=max(1, batch_size))
     with torch.inference_mode():
         engine.kv.reserve(max(map(len, encoded), default=0) + sampling.max_new_tokens)
