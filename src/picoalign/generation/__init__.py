@@ -6,6 +6,6 @@
   settings and generators, vectorised);
 * `batched`: `generate_full` (n answers per prompt, checked before decoding), sampling
   settings, stop strings, why an answer ended;
-* `stream`: one answer streamed as it is generated (the engine in a thread);
+* `stream`: one answer streamed as it is generated (the engine stepped by the reading thread);
 * `continuous`: continuous batching for the server: requests join and leave the engine's rows.
 """

@@ -22,7 +22,8 @@ from picoalign.generation.answers import (  # noqa: F401  (re-exported: the API 
     finish,
     held_back,
 )
-from picoalign.generation.engine import Engine, check_request, context_length, sampling_mode
+from picoalign.generation.engine import Engine, check_request, context_length
+from picoalign.generation.kv import sampling_mode
 
 
 def generate_full(model, tokenizer, prompts: list, sampling: Sampling, batch_size: int = 8,

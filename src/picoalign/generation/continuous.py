@@ -1,8 +1,8 @@
 """Continuous batching: many requests decode as one batch; each joins at the next decode step
 and leaves the moment it is done, with its own sampling settings, stop strings and stream.
 
-    batcher = Batcher(model, tokenizer, max_batch=16, queue_size=64)
-    batcher.start()                                     # the decode loop, in its own thread
+    batcher = Batcher.launch(lambda: load_for_inference(spec), max_batch=16, queue_size=64)
+    # the model loads, and the decode loop runs, in one thread of its own (`launch` says why)
     job = batcher.submit(prompt_ids, Sampling(max_new_tokens=64), emit=print)   # any thread
     # emit("text", piece) as the answer grows, then emit("done", Generation) or emit("error", exc)
     job.cancel()                                        # a client that went away: gone next step
@@ -127,10 +127,6 @@ class Batcher:
         # A request answered in this step keeps its row until the step's end drops it; it is not
         # generating any more (its client may already hold the answer), so it is not counted.
         return sum(not job.done for job in [*self.running, *self.joining])
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run_forever, name="picoalign-batcher", daemon=True)
-        self._thread.start()
 
     @classmethod
     def launch(cls, load: Callable[[], tuple], **options) -> Batcher:

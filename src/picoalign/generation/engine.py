@@ -21,13 +21,12 @@ a peft model's adapters stay live (nothing is merged).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from picoalign.generation.answers import Sampling, cut_at_stop, end_ids
-from picoalign.generation.kv import LlamaKV, backend_for, causal_lm
+from picoalign.generation.kv import LlamaKV, backend_for, causal_lm, sampling_mode
 from picoalign.generation.prepack import packable, packed_linears
 from picoalign.generation.sampling import RowSettings
 
@@ -57,22 +56,6 @@ def check_request(prompt_len: int, s: Sampling, context: int, allow_zero: bool =
         raise ValueError(f"repetition_penalty must be positive, got {s.repetition_penalty}")
     if len(s.stop) > MAX_STOP_STRINGS:
         raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}")
-
-
-@contextmanager
-def sampling_mode(model):
-    """The model in eval mode (no dropout) for the while, its mode given back after. A caller
-    that runs many steps (`generate_full`) switches once: a transformers model's `train()` and
-    `eval()` walk every module and re-apply its kernels, ~27 ms a call for the built-in model
-    under LoRA, which done at every step was 1.7 s of a 7 s RL rollout of 32 steps."""
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
 
 
 @dataclass(eq=False)

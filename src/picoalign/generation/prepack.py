@@ -78,8 +78,3 @@ def packed_linears(modules: list[torch.nn.Linear]):
         for m in modules:
             m.__dict__.pop("forward", None)
 
-
-def drop_packed(model) -> None:
-    """Free the packed copies (the engine's model is being let go or changed in kind)."""
-    for m in model.modules():
-        m.__dict__.pop("_picoalign_packed", None)

@@ -15,18 +15,14 @@ leaving the loop) ends generation at the next token.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-
 from picoalign.generation.answers import Generation, Sampling, finish, held_back
 
 
 class Stream:
     """Iterate (once) for the text pieces; `result` is set once the iteration is over."""
 
-    def __init__(self, model, tokenizer, prompt_ids: list[int], sampling: Sampling,
-                 hold: AbstractContextManager | None = None) -> None:
+    def __init__(self, model, tokenizer, prompt_ids: list[int], sampling: Sampling) -> None:
         self.model, self.tokenizer, self.prompt_ids, self.sampling = model, tokenizer, prompt_ids, sampling
-        self.hold = hold or nullcontext()  # held while generating: a turn at a shared model
         self.result: Generation | None = None
         self._cancelled = False
 
@@ -36,21 +32,20 @@ class Stream:
     def __iter__(self):
         from picoalign.generation.engine import Engine
 
-        with self.hold:
-            engine = Engine(self.model, self.tokenizer, max_rows=1)
-            row = engine.add(self.prompt_ids, self.sampling, track_text=True)
-            shown = 0
-            try:
-                while engine.rows and not self._cancelled:
-                    engine.step()
-                    if row.error is not None:
-                        raise row.error
-                    safe = len(row.text) if row.done else len(row.text) - held_back(row.text, self.sampling.stop)
-                    if safe > shown:
-                        yield row.text[shown:safe]
-                        shown = safe
-            finally:  # also when the reader stops early: the answer so far, ended by "length"
-                done = finish(self.tokenizer, row.new_ids, sorted(engine.ends), self.sampling.stop,
-                              len(self.prompt_ids))
-                self.result = done if row.done else Generation(row.text, done.prompt_tokens, len(row.new_ids),
-                                                               "length", list(row.new_ids))
+        engine = Engine(self.model, self.tokenizer, max_rows=1)
+        row = engine.add(self.prompt_ids, self.sampling, track_text=True)
+        shown = 0
+        try:
+            while engine.rows and not self._cancelled:
+                engine.step()
+                if row.error is not None:
+                    raise row.error
+                safe = len(row.text) if row.done else len(row.text) - held_back(row.text, self.sampling.stop)
+                if safe > shown:
+                    yield row.text[shown:safe]
+                    shown = safe
+        finally:  # also when the reader stops early: the answer so far, ended by "length"
+            done = finish(self.tokenizer, row.new_ids, sorted(engine.ends), self.sampling.stop,
+                          len(self.prompt_ids))
+            self.result = done if row.done else Generation(row.text, done.prompt_tokens, len(row.new_ids),
+                                                           "length", list(row.new_ids))
