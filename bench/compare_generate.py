@@ -121,25 +121,15 @@ def export_gguf(folder: Path) -> Path:
 
 
 def llamacpp(path: Path, prompt_ids: list[list[int]], new: int, ends: list[int], threads: int) -> dict:
-    import numpy as np
     from llama_cpp import Llama
+
+    from picoalign.use.llamacpp_check import greedy
 
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, seed=0,
                 verbose=False, logits_all=False)
-    t, tokens, outputs = time.perf_counter(), 0, []
-    for ids in prompt_ids:
-        llm.reset()
-        llm.eval(ids)
-        row = []
-        for _ in range(new):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            row.append(token)
-            if token in ends:
-                break
-            llm.eval([token])
-        tokens += len(row)
-        outputs.append(row)
-    return {"s": time.perf_counter() - t, "tokens": tokens, "outputs": outputs}
+    t = time.perf_counter()
+    outputs = [greedy(llm, ids, new, set(ends)) for ids in prompt_ids]  # the GGUF check's own argmax loop
+    return {"s": time.perf_counter() - t, "tokens": sum(map(len, outputs)), "outputs": outputs}
 
 
 def bound(model, dtype, batch: int, bandwidth: float, peak_gflops: float) -> dict:
