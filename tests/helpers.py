@@ -38,3 +38,24 @@ def save_random_adapter(chat_model, folder, target_modules: list[str]):
     AutoTokenizer.from_pretrained(str(chat_model)).save_pretrained(folder)
     (folder / "picoalign.json").write_text(json.dumps({"base_model": str(chat_model), "complete": True}))
     return folder
+
+
+def fixed_rollout(task, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], rewards,
+                  old_logps: bool = True):
+    """A rollout of given tokens and one reward function's values, scored as `RLTask.rollout`
+    scores its own: old log-probs (when asked), the reference's where the task needs them, the
+    advantages."""
+    from picoalign.train.rl import Rollout
+
+    per_func = torch.tensor(rewards).unsqueeze(1)
+    mask = torch.zeros(len(completion_ids), max(map(len, completion_ids)))
+    for i, ids in enumerate(completion_ids):
+        mask[i, : len(ids)] = 1
+    n = len(completion_ids)
+    r = Rollout(prompt_ids, completion_ids, [""] * n, ["stop"] * n, per_func, task.rewards.total(per_func), mask)
+    if old_logps:
+        r.old_logps = task._logps(r, model)
+    if task.needs_ref:
+        r.ref_logps = task._reference_logps(r)
+    task._advantages(r)
+    return r

@@ -127,12 +127,13 @@ def test_skipping_completions_the_loss_cannot_feel_changes_neither_loss_nor_grad
     that are neither a group's best nor its worst skip the update's forward: the loss, its
     gradient and the clip counts are those of the full forward."""
     import torch
+    from helpers import fixed_rollout
     from test_trl_agreement import load, perturbed
 
     from picoalign.generation.batched import Sampling, generate_full
     from picoalign.models.chat import render_prompt
     from picoalign.rewards import RewardSet
-    from picoalign.train.rl import RLTask, Rollout
+    from picoalign.train.rl import RLTask
 
     prompts, g = ["What is two plus three?", "Tell me about the sea.", "Name a colour."], 4
     rewards = [1.0, 0.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 3.0, 1.0, 1.0]  # group 1: nothing to learn
@@ -144,17 +145,8 @@ def test_skipping_completions_the_loss_cannot_feel_changes_neither_loss_nor_grad
     fixed = lambda prompts, completions, **c: rewards  # noqa: E731
     task = RLTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32,
                   ([{"prompt": p} for p in prompts], []), RewardSet(["fixed"], [1.0], [fixed]), tmp_path)
-    per_func = torch.tensor(rewards).unsqueeze(1)
-    mask = torch.zeros(len(ids), max(map(len, ids)))
-    for i, x in enumerate(ids):
-        mask[i, : len(x)] = 1
-    r = Rollout([render_prompt(chat_tokenizer, p) for p in prompts], ids, [""] * len(ids), ["stop"] * len(ids),
-                per_func, task.rewards.total(per_func), mask)
-    if cfg.num_iterations > 1:
-        r.old_logps = task._logps(r, model)
-    if task.needs_ref:
-        r.ref_logps = task._reference_logps(r)
-    task._advantages(r)
+    r = fixed_rollout(task, model, [render_prompt(chat_tokenizer, p) for p in prompts], ids, rewards,
+                      old_logps=cfg.num_iterations > 1)
     perturbed(model, 0.05)
     model.train()
     rows = task._trained_rows(r)

@@ -23,13 +23,14 @@ import torch
 
 pytest.importorskip("trl")
 
+from helpers import fixed_rollout  # noqa: E402
 from test_trl_agreement import load, perturbed  # noqa: E402
 
 from picoalign.config import LoraConfig, RLConfig  # noqa: E402
 from picoalign.generation.batched import Sampling, generate_full  # noqa: E402
 from picoalign.rewards import RewardSet  # noqa: E402
 from picoalign.train.batching import render_prompt  # noqa: E402
-from picoalign.train.rl import RLTask, Rollout  # noqa: E402
+from picoalign.train.rl import RLTask  # noqa: E402
 
 PROMPTS = ["Tell me a story about the lighthouse.", "What is two plus three?"]
 G = 3
@@ -87,17 +88,7 @@ def ours(tmp_path, chat_model, chat_tokenizer, sampled, **kw):
     rows = [{"prompt": p} for p in PROMPTS]
     task = RLTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32, (rows, []),
                   RewardSet(["fixed"], [1.0], [fixed_reward]), tmp_path)
-    per_func = torch.tensor(REWARDS).unsqueeze(1)
-    width = max(map(len, completion_ids))
-    mask = torch.zeros(len(completion_ids), width)
-    for i, ids in enumerate(completion_ids):
-        mask[i, : len(ids)] = 1
-    r = Rollout(prompt_ids, completion_ids, [""] * len(completion_ids), ["stop"] * len(completion_ids),
-                per_func, task.rewards.total(per_func), mask)
-    r.old_logps = task._logps(r, model)
-    if task.needs_ref:
-        r.ref_logps = task._reference_logps(r)
-    task._advantages(r)
+    r = fixed_rollout(task, model, prompt_ids, completion_ids, REWARDS)
     perturbed(model, 0.05)
     model.train()
     logps, entropy = task._logps(r, model, entropy=True)
@@ -212,13 +203,8 @@ def test_online_dpo_matches_trl(tmp_path, chat_model, chat_tokenizer, equal_leng
     policy = load(chat_model)
     task = RLTask(policy, chat_tokenizer, cfg, torch.device("cpu"), torch.float32,
                   ([{"prompt": p} for p in PROMPTS], []), RewardSet(["fixed"], [1.0], [fixed_reward]), tmp_path)
-    per_func = torch.tensor(DPO_REWARDS).unsqueeze(1)
-    width = max(map(len, completion_ids))
-    mask = torch.zeros(len(completion_ids), width)
-    for i, ids in enumerate(completion_ids):
-        mask[i, : len(ids)] = 1
-    r = Rollout(prompt_ids, completion_ids, [""] * 4, ["stop"] * 4, per_func, task.rewards.total(per_func), mask)
-    r.ref_logps = task._reference_logps(r)  # the frozen copy RLTask took of the start
+    assert task.needs_ref  # the reference's log-probs: the frozen copy RLTask took of the start
+    r = fixed_rollout(task, policy, prompt_ids, completion_ids, DPO_REWARDS, old_logps=False)
     perturbed(policy, 0.05)
     policy.train()
     logps, _ = task._logps(r, policy, entropy=True)
