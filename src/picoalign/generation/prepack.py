@@ -50,20 +50,22 @@ def packable(model) -> list[torch.nn.Linear]:
 
 
 def _packed_forward(module: torch.nn.Linear):
-    weight, bias = module.weight, module.bias
+    """The module's forward on its packed weight: made once, and again only when the weight
+    changed (the context installs it at every engine step)."""
+    weight = module.weight
     key = (weight.data_ptr(), weight._version)
     cached = module.__dict__.get("_picoalign_packed")
-    if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
-        module.__dict__["_picoalign_packed"] = cached
-    packed = cached[1]
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
     plain = type(module).forward.__get__(module)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.requires_grad:
             return plain(x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
+    module.__dict__["_picoalign_packed"] = (key, forward)
     return forward
 
 
