@@ -7,8 +7,9 @@ from picoalign.eval.evaluate import evaluate
 
 
 def cfg_for(chat_model, data, out, **kw) -> EvalConfig:
-    return EvalConfig(models=f"sft={chat_model},dpo={chat_model}", data=str(data), out=str(out), device="cpu",
-                      dtype="fp32", max_length=512, batch_size=4, max_new_tokens=4, decodings="greedy", **kw)
+    settings = dict(models=f"sft={chat_model},dpo={chat_model}", data=str(data), out=str(out), device="cpu",
+                    dtype="fp32", max_length=512, batch_size=4, max_new_tokens=4, decodings="greedy")
+    return EvalConfig(**(settings | kw))
 
 
 def test_pair_metrics_only_with_n_samples_0(tmp_path, chat_model, data_dir, capsys):
@@ -57,3 +58,32 @@ def test_one_empty_split_is_named_and_skipped(tmp_path, chat_model, data_dir, ca
     assert "eval: dpo_test_hard.jsonl has no rows: skipped" in capsys.readouterr().out
     assert "dpo_hard_pref_acc" not in metrics["models"]["sft"]
     assert metrics["models"]["sft"]["n_samples"] == 1
+
+
+def test_pairs_within_a_budget_by_hand():
+    """Pairs per split that n models score in the budget: cost(n) = per_pair * models * sum(min(n, len))."""
+    from picoalign.eval.evaluate import pairs_within
+
+    assert pairs_within(100, 1.0, [64, 64], 3, 4) == 16  # 3 * 2 * 16 = 96 <= 100; 17 would be 102
+    assert pairs_within(100, 1.0, [64, 10], 3, 4) == 23  # 3 * (23 + 10) = 99; 24: 3 * 34 = 102
+    assert pairs_within(1000, 1.0, [64, 64], 3, 4) == 64  # all fit
+    assert pairs_within(1, 1.0, [64, 64], 3, 4) == 4  # never below the batch that was timed
+
+
+def test_pair_seconds_cuts_every_split_alike_for_every_model(tmp_path, chat_model, data_dir, monkeypatch, capsys):
+    """The first batch (2 pairs) is timed at 1 s on a fake clock: 0.5 s a pair, so all 8 pairs for
+    2 models would take 8 s; a 5 s budget leaves 2 pairs per split (2 models * 2 splits * 2 * 0.5 s),
+    and those score exactly what an unbudgeted eval gives the same 2 pairs."""
+    ticks = iter([0.0, 1.0])
+    monkeypatch.setattr("picoalign.eval.evaluate.perf_counter", lambda: next(ticks))
+    cut = evaluate(cfg_for(chat_model, data_dir, tmp_path / "cut", n_samples=0, batch_size=2, pair_seconds=5))
+    assert "eval: scoring the first 2 pairs of each split (4, 4 there)" in capsys.readouterr().out
+    assert cut["run"]["eval_sizes"]["dpo_test"] == 2 and cut["run"]["eval_sizes"]["dpo_test_hard"] == 2
+    assert cut["run"]["pair_budget"] == {"seconds": 5.0, "per_pair_seconds": 0.5, "all_pairs_seconds": 8.0,
+                                         "pairs_per_split": 2, "cut": True}
+    full = evaluate(cfg_for(chat_model, data_dir, tmp_path / "full", n_samples=0, batch_size=2, max_pairs=2))
+    assert "pair_budget" not in full["run"]
+    for name in ("sft", "dpo"):
+        for key in ("dpo_test_margin", "dpo_hard_margin", "dpo_test_pref_acc"):
+            assert cut["models"][name]["intervals"][key]["n"] == 2
+            assert cut["models"][name][key] == full["models"][name][key], (name, key)

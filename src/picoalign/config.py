@@ -156,7 +156,7 @@ def check_columns(text: str) -> None:
 # before any data or model is read, with the setting's name in the message. Floats must be finite.
 # (DPOConfig checks its method weights itself: label_smoothing, sft_weight, simpo_gamma, ...)
 POSITIVE = ("lr", "beta", "alpha", "llm_timeout", "tolerance", "repetition_penalty")
-NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_seconds", "epochs", "max_steps", "warmup_steps",
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_seconds", "pair_seconds", "epochs", "max_steps", "warmup_steps",
                 "eval_every", "eval_batches", "early_stop", "save_every", "llm_temperature", "llm_retry_base_seconds", "llm_max_output_tokens",
                 "llm_max_calls", "llm_max_total_tokens", "llm_max_consec_fails", "temperature", "dropout",
                 "context_tokens", "min_confidence")
@@ -571,6 +571,9 @@ class EvalConfig(Runtime):
     batch_size: int = opt(8, "examples per forward pass when scoring")
     max_sft_examples: int = opt(0, "SFT test examples scored (0 = all)")
     max_pairs: int = opt(0, "preference test pairs scored per split (0 = all)")
+    pair_seconds: float = opt(0.0, "time budget for scoring the test pairs, every model together (0 = no limit): "
+                              "when all would take longer, each split scores its first N pairs for every model, "
+                              "N timed on the first batch; the log and metrics.json say how many", env="EVAL_PAIR_SECONDS")
     n_samples: int = opt(32, "test prompts generated from, per model (the judges' n)")
     generate_batch_size: int = opt(32, "prompts generated at once")
     max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "

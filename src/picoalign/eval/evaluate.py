@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from time import perf_counter
 
 import torch
 
@@ -134,6 +135,9 @@ class Evaluator:
         self.fluency: dict = {}
         self.cap = cfg.max_new_tokens
         self.cap_source = "max_new_tokens setting"
+        self.n_models = 1  # the models evaluated, for the pair budget (evaluate sets it)
+        self.pair_limit: int | None = None  # pairs per split under pair_seconds, once timed
+        self.pair_budget: dict = {}  # what the timing found (metrics.json's run.pair_budget)
 
     @property
     def names(self) -> list[str]:
@@ -210,8 +214,7 @@ class Evaluator:
         log pi(rejected) in nats (and per answer token); for DPO also its implicit reward margin
         beta * (that - the reference's), which is a different quantity and gets its own keys."""
         share = not shared_prefix_why_not(model, self.cfg.max_length)  # Gemma 3's window, say
-        batches = pair_batches(tokenizer, pairs, self.cfg, share, sort=False)
-        chosen, rejected = pair_logps(model, batches, self.device)
+        batches, (chosen, rejected) = self._pair_logps(model, tokenizer, pairs, share)
         counts = torch.cat([b.token_counts() for b in batches]).float()
         diff = (chosen - rejected).tolist()
         per_token = (chosen / counts[0::2] - rejected / counts[1::2]).tolist()
@@ -228,6 +231,33 @@ class Evaluator:
             if name.startswith(key + "_"):
                 m[name] = ci["mean"]
         return chosen, rejected
+
+    def _pair_logps(self, model, tokenizer, pairs: list[dict], share: bool):
+        """(batches, (chosen, rejected) summed log-probs) of `pairs`. Under a `pair_seconds` budget
+        the first call times its first batch and fixes how many pairs each split scores, for every
+        model alike (the comparisons stay paired); the splits are cut to that from then on."""
+        if self.pair_limit is not None or not self.cfg.pair_seconds:
+            batches = pair_batches(tokenizer, pairs[: self.pair_limit], self.cfg, share, sort=False)
+            return batches, pair_logps(model, batches, self.device)
+        size = self.cfg.batch_size
+        first = pair_batches(tokenizer, pairs[:size], self.cfg, share, sort=False)
+        start = perf_counter()
+        logps = [pair_logps(model, first, self.device)]
+        per_pair = (perf_counter() - start) / max(len(logps[0][0]), 1)
+        lengths = [len(p) for p in self.splits.values() if p]
+        self.pair_limit = pairs_within(self.cfg.pair_seconds, per_pair, lengths, self.n_models, size)
+        self.pair_budget = {"seconds": self.cfg.pair_seconds, "per_pair_seconds": round(per_pair, 3),
+                            "all_pairs_seconds": round(per_pair * sum(lengths) * self.n_models, 1),
+                            "pairs_per_split": self.pair_limit, "cut": self.pair_limit < max(lengths)}
+        if self.pair_limit < max(lengths):
+            print(f"eval: scoring the first {self.pair_limit} pairs of each split ({', '.join(map(str, lengths))} "
+                  f"there): at {per_pair:.2f} s a pair, all of them for {self.n_models} models would take "
+                  f"{per_pair * sum(lengths) * self.n_models:.0f} s, over pair_seconds={self.cfg.pair_seconds:g}")
+        self.splits = {k: v[: self.pair_limit] for k, v in self.splits.items()}
+        rest = pair_batches(tokenizer, pairs[size: self.pair_limit], self.cfg, share, sort=False)
+        if rest:
+            logps.append(pair_logps(model, rest, self.device))
+        return first + rest, (torch.cat([c for c, _ in logps]), torch.cat([r for _, r in logps]))
 
     def empty(self) -> bool:
         """Nothing to score and no prompt to generate from: loading a model would be for nothing."""
@@ -287,6 +317,17 @@ class Evaluator:
             accuracy = axis_accuracy(judge, axis_pairs())
         self.fluency = {"model": label, "about": judge.about, "heldout_pairs": accuracy}
         del model, judge
+
+
+def pairs_within(budget: float, per_pair: float, lengths: list[int], n_models: int, floor: int) -> int:
+    """The most pairs per split (a split holds `lengths[i]`) that `n_models` models score within
+    `budget` seconds at `per_pair` seconds a pair; never fewer than `floor`, the batch that timed it."""
+    def cost(n: int) -> float:
+        return per_pair * n_models * sum(min(n, length) for length in lengths)
+    n = max(lengths)
+    while n > floor and cost(n) > budget:
+        n -= 1
+    return n
 
 
 def _values(rows: list[dict], judge: str) -> list[float]:
@@ -357,6 +398,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not models:
         raise ValueError("nothing to evaluate: no checkpoints in the run and no --models given")
     ev = Evaluator(cfg, data)
+    ev.n_models = len(models)
     if ev.empty() and not cfg.lm_eval:
         print(f"eval: nothing to evaluate: the test splits in {data} ({', '.join(TEST_FILES)}) are empty or "
               "missing; no model loaded, nothing written")
@@ -429,6 +471,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     metrics.setdefault("run", {}).update(_run_facts(ev, models))
     if ev.fluency:
         metrics["run"]["fluency_model"] = ev.fluency["model"]
+    metrics["run"].pop("pair_budget", None)  # a rerun's own, not an earlier one's
+    if ev.pair_budget:
+        metrics["run"]["pair_budget"] = ev.pair_budget
     metrics["run"].setdefault("stage_seconds", {})["eval"] = round(time.time() - t0, 1)
     save_config(cfg, out / "eval_config.yaml")
     write_json(out / "metrics.json", metrics)

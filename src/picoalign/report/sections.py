@@ -244,6 +244,9 @@ def metrics(run: Run, t: dict, images: set[str]) -> str:
         of_sft=_n(held["sft_test"]), of_dpo=_n(held["dpo_test"]),
         n_hard=_n(scored["dpo_test_hard"] if scored["dpo_test_hard"] is not None else held["dpo_test_hard"]),
         of_hard=_n(held["dpo_test_hard"]))]
+    budget = dig(run.metrics, "run", "pair_budget")
+    if isinstance(budget, dict) and budget.get("cut"):
+        out += ["", t["pair_budget"].format(**budget)]
     line = decoding_line(run, t)
     if line:
         out += ["", line]

@@ -144,6 +144,7 @@ EN: dict[str, str] = {
     "style": "↑ more horror",
     "near": "small = near reference",
     "metrics_note": "Test sets: SFT loss on {n_sft} of the {of_sft} rows of `sft_test`, preference accuracy and margin on {n_dpo} of the {of_dpo} pairs of `dpo_test` and on {n_hard} of the {of_hard} held-out pairs of `dpo_test_hard` (a second generator); style scores are means over each model's generations. Brackets: 95% bootstrap intervals. \"—\" means not measured.",
+    "pair_budget": "The pairs were cut to the first {pairs_per_split} of each split by eval's time budget: at {per_pair_seconds} s a pair on this machine, all of them would have taken {all_pairs_seconds:.0f} s, over `pair_seconds` = {seconds:g} (`--set eval.pair_seconds=0` scores them all).",
     "metrics_alt": "Metrics by model",
     # curves
     "h_curves": "Training curves",
@@ -322,6 +323,7 @@ ZH: dict[str, str] = {
     "style": "↑ 越像恐怖故事",
     "near": "越小越接近参考模型",
     "metrics_note": "测试集：SFT 损失基于 `sft_test` 全部 {of_sft} 条中的 {n_sft} 条，偏好准确率与边际基于 `dpo_test` 全部 {of_dpo} 对中的 {n_dpo} 对，以及 `dpo_test_hard`（第二个生成器）全部 {of_hard} 对中的 {n_hard} 对；风格得分是各模型生成结果的平均值。方括号：95% bootstrap 置信区间。“—”表示未测量。",
+    "pair_budget": "受评估时间预算所限，每个划分只评了前 {pairs_per_split} 对：本机每对约 {per_pair_seconds} 秒，全部评完需 {all_pairs_seconds:.0f} 秒，超过 `pair_seconds` = {seconds:g}（`--set eval.pair_seconds=0` 可全部评分）。",
     "metrics_alt": "各模型指标",
     # curves
     "h_curves": "训练曲线",
