@@ -314,3 +314,30 @@ def test_side_by_side_samples_are_picked_at_random_with_the_seed(tmp_path):
     (run / "config.yaml").write_text("eval:\n  report_seed: 3\n")
     again = re.findall(r"### Prompt \d · `(p\d)`", (build_report(run) / "REPORT.md").read_text())
     assert again == random.Random(3).sample([f"p{i}" for i in range(10)], 3) and again != shown
+
+
+def test_a_pair_that_moved_on_every_axis_has_no_empty_clause():
+    """It read "...; worse on `fluency` ...; no difference shown on none." (trim3's SFT vs base)."""
+    from picoalign.report.sections import Run, _axes_sentence
+    from picoalign.report.strings import STRINGS
+
+    run = Run(Path("."), metrics={"comparisons": {"sft_vs_base": {
+        "spec": {"mean_diff": 0.2, "ci_low": 0.1, "ci_high": 0.3, "n": 16},
+        "fluency": {"mean_diff": -0.7, "ci_low": -1.0, "ci_high": -0.4, "n": 16}}}})
+    en = _axes_sentence(run, STRINGS["en"], "sft_vs_base")
+    assert en.endswith("better beyond the noise on `spec` +0.200 [+0.100, +0.300]; worse on `fluency` -0.700 "
+                       "[-1.000, -0.400].")
+    assert _axes_sentence(run, STRINGS["zh"], "sft_vs_base").endswith("变差的有 `fluency` -0.700 [-1.000, -0.400]。")
+
+
+def test_key_settings_name_only_the_stages_that_ran():
+    """config.yaml resolves every stage; the report listed pretraining and RL settings for an SFT+DPO run."""
+    from picoalign.report.sections import Run, _settings
+    from picoalign.report.strings import STRINGS
+
+    config = {"run": {"stages": "data,sft,dpo,eval,report"}, "pretrain": {"lr": 0.002}, "sft": {"lr": 0.0003},
+              "dpo": {"lr": 0.0005}, "rl": {"lr": 5e-05}}
+    text = _settings(Run(Path("."), config=config), STRINGS["en"])
+    assert "- SFT: `lr=0.0003`" in text and "- DPO: `lr=0.0005`" in text
+    assert "0.002" not in text and "5e-05" not in text
+    assert "5e-05" in _settings(Run(Path("."), config=config | {"run": {}}), STRINGS["en"])  # no list: all

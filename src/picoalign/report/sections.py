@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from picoalign.config import split_names
 from picoalign.methods import METHODS
 from picoalign.report.load import (
     MODELS,
@@ -166,9 +167,10 @@ def _settings(run: Run, t: dict) -> str:
     if run.config is None:
         return t["no_config"]
     lines = []
+    ran = str(dig(run.config, "run", "stages") or "")  # config.yaml resolves every stage; show those that ran
     for stage in logged():
         cfg = run.config.get(stage)
-        if not isinstance(cfg, dict):
+        if not isinstance(cfg, dict) or ran and stage not in split_names(ran):
             continue
         items = [f"{k}={cfg[k]}" for k in SETTINGS if cfg.get(k) not in (None, "", 0, 0.0)]
         lora = cfg.get("lora")
@@ -405,7 +407,8 @@ def _axes_sentence(run: Run, t: dict, pair: str) -> str:
     a, b = _pair_names(pair, t)
     none = t["v_none"]
     return t["v_axes"].format(a=a, b=b, n=_n(n), better=t["list_sep"].join(better) or none,
-                              worse=t["list_sep"].join(worse) or none, same=t["list_sep"].join(same) or none)
+                              worse=t["list_sep"].join(worse) or none,
+                              same=t["v_same"].format(same=t["list_sep"].join(same)) if same else "")
 
 
 def frontier(run: Run, t: dict, images: set[str]) -> str:
