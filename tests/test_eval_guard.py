@@ -87,3 +87,10 @@ def test_pair_seconds_cuts_every_split_alike_for_every_model(tmp_path, chat_mode
         for key in ("dpo_test_margin", "dpo_hard_margin", "dpo_test_pref_acc"):
             assert cut["models"][name]["intervals"][key]["n"] == 2
             assert cut["models"][name][key] == full["models"][name][key], (name, key)
+
+
+def test_kl_samples_caps_the_samples_the_kl_is_measured_on(tmp_path, chat_model, data_dir):
+    metrics = evaluate(cfg_for(chat_model, data_dir, tmp_path, n_samples=2, kl_samples=1, max_pairs=1))
+    dpo = metrics["models"]["dpo"]
+    assert dpo["kl_samples"] == 1 and dpo["kl_to_ref"] == 0.0  # the same weights as its reference
+    assert "kl_samples" not in metrics["models"]["sft"]

@@ -576,6 +576,8 @@ class EvalConfig(Runtime):
                               "N timed on the first batch; the log and metrics.json say how many", env="EVAL_PAIR_SECONDS")
     n_samples: int = opt(32, "test prompts generated from, per model (the judges' n)")
     generate_batch_size: int = opt(32, "prompts generated at once")
+    kl_samples: int = opt(0, "DPO's samples its KL to the reference is measured on (0 = all; each costs a forward "
+                          "of both models)")
     max_new_tokens: int = opt(0, "length cap of a sample in tokens; 0 = the longest SFT training answer "
                               "plus a tenth, so a story runs to its end")
     decodings: Names = opt(Names("greedy,top_p"), "comma list of greedy and/or top_p")
@@ -639,7 +641,7 @@ class EvalConfig(Runtime):
         unknown = [j for j in self.judges.items if j not in EVAL_JUDGES]
         if unknown:
             raise ConfigError(f"judges: unknown judge {unknown[0]!r} (known: {', '.join(EVAL_JUDGES)})")
-        for name in ("n_samples", "max_pairs", "max_sft_examples", "max_new_tokens"):
+        for name in ("n_samples", "max_pairs", "max_sft_examples", "max_new_tokens", "kl_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -421,9 +421,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         m, rows, logps = ev.score_model(name, model, tokenizer, ref_logps if is_dpo else None, beta)
         if is_dpo and ref_model is not None and ev.prompts:  # on no samples the KL would read 0
             first = [r for r in rows if r["decoding"] == ev.decodings[0] and r["sample"] == 0]
+            first = first[: cfg.kl_samples] if cfg.kl_samples else first
             with autocast_for(ev.device, ev.dtype):
                 m["kl_to_ref"] = round(mean_token_kl(model, ref_model, tokenizer, [r["prompt"] for r in first],
                                                      [r["text"] for r in first], ev.device), 5)
+                m["kl_samples"] = len(first)
         if name == "sft" or path == reference:
             ref_model, ref_logps = model, logps
         else:
