@@ -108,8 +108,9 @@ COMPARISONS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"), ("rl", "sft"))
 
 
 class Evaluator:
-    def __init__(self, cfg: EvalConfig, data: Path) -> None:
+    def __init__(self, cfg: EvalConfig, data: Path, n_models: int = 1) -> None:
         self.cfg = cfg
+        self.n_models = n_models  # the models evaluated: the pair budget is shared by them all
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         sft_rows, self.splits = test_rows(data, cfg)
@@ -135,7 +136,6 @@ class Evaluator:
         self.fluency: dict = {}
         self.cap = cfg.max_new_tokens
         self.cap_source = "max_new_tokens setting"
-        self.n_models = 1  # the models evaluated, for the pair budget (evaluate sets it)
         self.pair_limit: int | None = None  # pairs per split under pair_seconds, once timed
         self.pair_budget: dict = {}  # what the timing found (metrics.json's run.pair_budget)
 
@@ -249,10 +249,10 @@ class Evaluator:
         self.pair_budget = {"seconds": self.cfg.pair_seconds, "per_pair_seconds": round(per_pair, 3),
                             "all_pairs_seconds": round(per_pair * sum(lengths) * self.n_models, 1),
                             "pairs_per_split": self.pair_limit, "cut": self.pair_limit < max(lengths)}
-        if self.pair_limit < max(lengths):
+        if self.pair_budget["cut"]:
             print(f"eval: scoring the first {self.pair_limit} pairs of each split ({', '.join(map(str, lengths))} "
                   f"there): at {per_pair:.2f} s a pair, all of them for {self.n_models} models would take "
-                  f"{per_pair * sum(lengths) * self.n_models:.0f} s, over pair_seconds={self.cfg.pair_seconds:g}")
+                  f"{self.pair_budget['all_pairs_seconds']:.0f} s, over pair_seconds={self.cfg.pair_seconds:g}")
         self.splits = {k: v[: self.pair_limit] for k, v in self.splits.items()}
         rest = pair_batches(tokenizer, pairs[size: self.pair_limit], self.cfg, share, sort=False)
         if rest:
@@ -397,8 +397,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     models = dict(m.split("=", 1) for m in cfg.models.split(",")) if cfg.models else run_models(run or Path("."))
     if not models:
         raise ValueError("nothing to evaluate: no checkpoints in the run and no --models given")
-    ev = Evaluator(cfg, data)
-    ev.n_models = len(models)
+    ev = Evaluator(cfg, data, len(models))
     if ev.empty() and not cfg.lm_eval:
         print(f"eval: nothing to evaluate: the test splits in {data} ({', '.join(TEST_FILES)}) are empty or "
               "missing; no model loaded, nothing written")
