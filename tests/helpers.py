@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -42,12 +44,14 @@ def save_random_adapter(chat_model, folder, target_modules: list[str]):
 
 def fixed_rollout(task, model, prompt_ids: list[list[int]], completion_ids: list[list[int]], rewards,
                   old_logps: bool = True):
-    """A rollout of given tokens and one reward function's values, scored as `RLTask.rollout`
+    """A rollout of given tokens and its rewards (one value per completion, or a list per
+    completion with one value or None per reward function), scored as `RLTask.rollout`
     scores its own: old log-probs (when asked), the reference's where the task needs them, the
     advantages."""
     from picoalign.train.rl import Rollout
 
-    per_func = torch.tensor(rewards).unsqueeze(1)
+    per_func = torch.tensor([[math.nan if v is None else v for v in (row if isinstance(row, (list, tuple)) else [row])]
+                             for row in rewards], dtype=torch.float32)
     mask = torch.zeros(len(completion_ids), max(map(len, completion_ids)))
     for i, ids in enumerate(completion_ids):
         mask[i, : len(ids)] = 1

@@ -107,6 +107,10 @@ def test_bad_reward_settings_name_the_setting(tmp_path, monkeypatch):
         RLConfig(num_generations=1, max_steps=1)
     with pytest.raises(ConfigError, match="method must be one of"):
         RLConfig(method="ppo", max_steps=1)
+    with pytest.raises(ConfigError, match="multi_objective_aggregation must be one of"):
+        RLConfig(multi_objective_aggregation="gdpo", max_steps=1)
+    with pytest.raises(ConfigError, match="multi_objective_aggregation=normalize_then_sum is GRPO's; method=rloo"):
+        RLConfig(method="rloo", multi_objective_aggregation="normalize_then_sum", max_steps=1)
     with pytest.raises(RewardError, match="module 'no_such_module_xyz' does not import"):
         load_reward("no_such_module_xyz:score")
     (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""

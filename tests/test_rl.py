@@ -32,6 +32,7 @@ def log_rows(cfg) -> list[dict]:
 
 
 @pytest.mark.parametrize("method,extra", [("grpo", {"num_iterations": 2, "beta": 0.04}),
+                                          ("grpo", {"multi_objective_aggregation": "normalize_then_sum"}),
                                           ("rloo", {}), ("online-dpo", {"beta": 0.1})])
 def test_rl_trains_and_logs_trls_names(tmp_path, chat_model, method, extra):
     cfg = cfg_for(tmp_path, chat_model, method=method, **extra)
@@ -42,7 +43,7 @@ def test_rl_trains_and_logs_trls_names(tmp_path, chat_model, method, extra):
     for name in TRL_NAMES + ("rewards/arith/mean", "rewards/random/std"):
         assert name in rows[0], name
     if method == "grpo":
-        assert "kl" in rows[0] and "clip_ratio/region_mean" in rows[0]
+        assert "clip_ratio/region_mean" in rows[0] and ("kl" in rows[0]) == ("beta" in extra)
     if method == "online-dpo":
         assert "rewards/margins" in rows[0] and "kl" in rows[0]
     assert rows[0]["completions/max_length"] <= 6

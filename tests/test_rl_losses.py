@@ -37,6 +37,25 @@ def test_all_equal_groups_and_nan_rewards():
     assert adv.tolist() == [0.5, 0.0, -0.5]
 
 
+def test_gdpo_advantages_by_hand():
+    """normalize_then_sum, G = 2, weights [1, 2]. Reward 0 in group 0: mean 0.5, std 0.707107 ->
+    ±0.5 / 0.707207 = ±0.707007; reward 1 there: mean 0.2, std 0.141421 -> ∓0.1 / 0.141521 =
+    ∓0.706609; group 1 is flat on both (0). Sums: ∓(1.413218 − 0.707007) = ∓0.706211; over the
+    batch mean 0, std sqrt(2 · 0.706211² / 3) = 0.576619 -> A = ∓0.706211 / 0.576719."""
+    per_func = torch.tensor([[1, 0.1], [0, 0.3], [1, 0.5], [1, 0.5]])
+    adv, zero = L.gdpo_advantages(per_func, t(1, 2), 2)
+    assert adv.tolist() == pytest.approx([-1.224532, 1.224532, 0.0, 0.0], abs=1e-5)
+    assert not zero.any()
+    # Summing first, the small-spread reward 1 (std 0.14 against 0.71) would lose: 1·1 + 2·0.1 = 1.2
+    # against 0 + 0.6 = 0.6, so completion 0 wins; normalised first, reward 1's weight 2 decides.
+    sum_first, _ = L.grpo_advantages(per_func @ t(1, 2), 2, "group")
+    assert sum_first[0] > 0 > adv[0]
+    # A NaN (one function declined) is left out of that function's group; a row where every
+    # function declined gets advantage 0.
+    adv, _ = L.gdpo_advantages(torch.tensor([[1, math.nan], [0, 0.3], [math.nan, math.nan], [1, 0.5]]), t(1, 2), 2)
+    assert adv[2].item() == 0.0 and adv[0] > 0 > adv[1]
+
+
 def test_rloo_advantages_by_hand():
     """G = 3, rewards [3, 0, 0]: baselines 0, 1.5, 1.5 -> A = [3, -1.5, -1.5]; G = 2 reduces to r - other."""
     adv, zero = L.rloo_advantages(t(3, 0, 0), 3)

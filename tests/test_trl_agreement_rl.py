@@ -51,7 +51,7 @@ def sampled(chat_model, chat_tokenizer):
     return [render_prompt(chat_tokenizer, p) for p in PROMPTS], ids
 
 
-def trl_scored(trainer_cls, config_cls, tmp_path, chat_model, chat_tokenizer, sampled, **kw):
+def trl_scored(trainer_cls, config_cls, tmp_path, chat_model, chat_tokenizer, sampled, reward_funcs=fixed_reward, **kw):
     """TRL's trainer, its scored generation batch (at the starting weights), then its loss
     and metrics after the policy moved."""
     from datasets import Dataset
@@ -59,7 +59,7 @@ def trl_scored(trainer_cls, config_cls, tmp_path, chat_model, chat_tokenizer, sa
     prompt_ids, completion_ids = sampled
     args = config_cls(output_dir=str(tmp_path), report_to=[], per_device_train_batch_size=len(completion_ids),
                       num_generations=G, max_completion_length=MAX_NEW, use_cpu=True, bf16=False, **kw)
-    trainer = trainer_cls(model=load(chat_model), reward_funcs=fixed_reward, args=args,
+    trainer = trainer_cls(model=load(chat_model), reward_funcs=reward_funcs, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
                           processing_class=chat_tokenizer)
     texts = [chat_tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
@@ -78,7 +78,7 @@ def trl_scored(trainer_cls, config_cls, tmp_path, chat_model, chat_tokenizer, sa
     return out, loss.item(), metrics
 
 
-def ours(tmp_path, chat_model, chat_tokenizer, sampled, **kw):
+def ours(tmp_path, chat_model, chat_tokenizer, sampled, rewards=None, **kw):
     """picoalign's RLTask on the same rollout: (rollout, loss, stats, per-token log-probs after the move)."""
     prompt_ids, completion_ids = sampled
     cfg = RLConfig(model=str(chat_model), out=str(tmp_path / "out"), device="cpu", dtype="fp32", max_steps=1,
@@ -86,9 +86,9 @@ def ours(tmp_path, chat_model, chat_tokenizer, sampled, **kw):
                    lora=LoraConfig(enabled=False), rewards="random", **kw)
     model = load(chat_model)
     rows = [{"prompt": p} for p in PROMPTS]
-    task = RLTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32, (rows, []),
-                  RewardSet(["fixed"], [1.0], [fixed_reward]), tmp_path)
-    r = fixed_rollout(task, model, prompt_ids, completion_ids, REWARDS)
+    reward_set, values = rewards or (RewardSet(["fixed"], [1.0], [fixed_reward]), REWARDS)
+    task = RLTask(model, chat_tokenizer, cfg, torch.device("cpu"), torch.float32, (rows, []), reward_set, tmp_path)
+    r = fixed_rollout(task, model, prompt_ids, completion_ids, values)
     perturbed(model, 0.05)
     model.train()
     logps, entropy = task._logps(r, model, entropy=True)
@@ -127,6 +127,31 @@ def test_grpo_matches_trl(tmp_path, chat_model, chat_tokenizer, sampled, loss_ty
     for key in ("entropy", *CLIP, *(("kl",) if beta else ())):
         assert stats[key] == pytest.approx(trl_metrics[key], abs=1e-5), key
     assert any(stats[k] > 0 for k in CLIP[:3])  # the move was large enough for clipping to act
+
+
+SECOND = [0.2, None, 0.7, 0.1, 0.3, 0.3]  # a None: that function declined one completion
+
+
+def second_reward(prompts, completions, **kwargs):
+    return list(SECOND)
+
+
+def test_gdpo_normalize_then_sum_matches_trl(tmp_path, chat_model, chat_tokenizer, sampled):
+    """Two rewards, weights 1 and 3, each normalised within its group before the weighted sum
+    (TRL's multi_objective_aggregation="normalize_then_sum", GDPO): advantages and loss agree."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    kw = {"multi_objective_aggregation": "normalize_then_sum", "loss_type": "dapo", "num_iterations": 2}
+    out, trl_loss, trl_metrics = trl_scored(GRPOTrainer, GRPOConfig, tmp_path / "trl", chat_model, chat_tokenizer,
+                                            sampled, reward_funcs=[fixed_reward, second_reward],
+                                            reward_weights=[1.0, 3.0], **kw)
+    rewards = (RewardSet(["fixed", "second"], [1.0, 3.0], [fixed_reward, second_reward]),
+               [list(pair) for pair in zip(REWARDS, SECOND)])
+    r, loss, stats, _ = ours(tmp_path, chat_model, chat_tokenizer, sampled, rewards=rewards, **kw)
+    torch.testing.assert_close(r.advantages, out["advantages"], atol=1e-5, rtol=1e-5)
+    assert r.advantages[1].item() != 0.0 and r.advantages[3:].abs().sum().item() > 0.1  # group 1 is flat on reward 1 only
+    assert loss == pytest.approx(trl_loss, abs=1e-5)
+    assert stats["entropy"] == pytest.approx(trl_metrics["entropy"], abs=1e-5)
 
 
 @pytest.mark.parametrize("beta,normalize", [(0.0, False), (0.05, True)])

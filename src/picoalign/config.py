@@ -468,6 +468,7 @@ class DPOConfig(TrainConfig):
 RL_METHODS = ("grpo", "rloo", "online-dpo")
 RL_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 RL_SCALE_REWARDS = ("group", "batch", "none")
+RL_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 @dataclass
@@ -501,6 +502,10 @@ class RLConfig(TrainConfig):
     num_iterations: int = opt(1, "optimiser steps per rollout (> 1: the clipped ratio to the old log-probs acts)")
     loss_type: str = opt("dapo", "GRPO's normalisation: " + " | ".join(RL_LOSS_TYPES) + " (TRL's default dapo)")
     scale_rewards: str = opt("group", "GRPO: divide advantages by the std of the " + " | ".join(RL_SCALE_REWARDS))
+    multi_objective_aggregation: str = opt(
+        "sum_then_normalize", "GRPO with several rewards (TRL's names): sum_then_normalize (the weighted sum, then "
+        "scale_rewards) | normalize_then_sum (GDPO: each reward normalised within its group, then the weighted sum "
+        "over the batch, so a reward with a small spread counts by its weight)")
     normalize_advantages: bool = opt(False, "RLOO: normalise the advantages over the batch")
     epsilon: float = opt(0.2, "clipping: ratio kept within [1 - epsilon, 1 + epsilon_high]")
     epsilon_high: float = opt(0.0, "upper clipping bound (0 = epsilon; DAPO uses 0.28)")
@@ -533,6 +538,10 @@ class RLConfig(TrainConfig):
         one_of("method", self.method, RL_METHODS)
         one_of("loss_type", self.loss_type, RL_LOSS_TYPES)
         one_of("scale_rewards", self.scale_rewards, RL_SCALE_REWARDS)
+        one_of("multi_objective_aggregation", self.multi_objective_aggregation, RL_AGGREGATIONS)
+        if self.multi_objective_aggregation != "sum_then_normalize" and self.method != "grpo":
+            raise ConfigError(f"multi_objective_aggregation={self.multi_objective_aggregation} is GRPO's; "
+                              f"method={self.method} ranks the weighted sum of the rewards")
         try:
             parse_names(self.rewards, self.reward_weights)
         except RewardError as e:

@@ -284,7 +284,10 @@ class RLTask:
 
     def _advantages(self, r: Rollout) -> None:
         cfg = self.cfg
-        if cfg.method == "grpo":
+        if cfg.method == "grpo" and cfg.multi_objective_aggregation == "normalize_then_sum":
+            weights = torch.tensor(self.rewards.weights, dtype=r.per_func.dtype)
+            r.advantages, _ = L.gdpo_advantages(r.per_func.to(self.device), weights, self.g)
+        elif cfg.method == "grpo":
             r.advantages, _ = L.grpo_advantages(r.rewards.to(self.device), self.g, cfg.scale_rewards)
         elif cfg.method == "rloo":
             rewards = r.rewards.to(self.device)

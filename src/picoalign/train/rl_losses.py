@@ -11,6 +11,10 @@ adjacent: rows g*G .. g*G+G-1 are group g. These follow TRL 1.16 term for term
       + β·KL_t with KL_t = exp(ref−logp) − (ref−logp) − 1 (Schulman's k3, ≥ 0);
       loss_type grpo: mean over sequences of each one's token mean; dapo: sum over all tokens /
       all tokens; dr_grpo (Liu et al. 2025): sum over all tokens / (B · max_completion_length).
+  GDPO (multi_objective_aggregation=normalize_then_sum, several rewards): each reward function's
+      values are normalised within their group first, (r_ik − mean_g r_k) / (std_g r_k + 1e-4),
+      then summed with the weights, and that sum normalised over the batch; a reward with a small
+      spread (VADER darkness) then counts by its weight, not by its scale.
   RLOO (Ahmadian et al. 2024): A_i = r_i − mean of the other G−1 rewards of its group; the ratio
       is per sequence (summed log-probs), clipped the same way, mean over sequences.
   Online DPO: the best and the worst completion of each group by reward become a pair, trained
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
@@ -62,6 +67,31 @@ def grpo_advantages(rewards: torch.Tensor, num_generations: int,
     if scale_rewards != "none":
         advantages = advantages / (std + 1e-4)
     zero_std = torch.isclose(std, torch.zeros_like(std))
+    return torch.nan_to_num(advantages, nan=0.0), zero_std
+
+
+def gdpo_advantages(per_func: torch.Tensor, weights: torch.Tensor,
+                    num_generations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDPO (Liu et al. 2026; TRL's multi_objective_aggregation="normalize_then_sum"):
+    (advantages (B,), zero-std flag per completion (B,) bool, from the batch std as TRL's).
+    `per_func` (B, K) is each reward function's value, NaN where one declined.
+
+    Worked example, G = 2, two rewards, weights [1, 2]: per_func [[1, 0.1], [0, 0.3], [1, 0.5], [1, 0.5]].
+    Reward 0, group 0: mean 0.5, std 0.7071 → [+0.70700, −0.70700]; group 1: std 0 → [0, 0].
+    Reward 1, group 0: mean 0.2, std 0.1414 → [−0.70661, +0.70661]; group 1 → [0, 0].
+    Weighted sums: [0.70700 − 1.41322, −0.70700 + 1.41322, 0, 0] = [−0.70622, +0.70622, 0, 0];
+    batch mean 0, std sqrt(2 · 0.70622² / 3) = 0.57663 → A = [−1.22453, +1.22453, 0, 0]
+    (the equal group's 0 up to float rounding of the batch mean)."""
+    k = per_func.shape[1]
+    grouped = per_func.view(-1, num_generations, k)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    std = nanstd(grouped, dim=1, keepdim=True)
+    normalised = ((grouped - mean) / (std + 1e-4)).view(-1, k)
+    rewards = (normalised * weights.to(normalised)).nansum(dim=1)
+    rewards[torch.isnan(per_func).all(dim=1)] = math.nan
+    std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
+    zero_std = torch.isclose(std_rewards, torch.zeros_like(std_rewards))
     return torch.nan_to_num(advantages, nan=0.0), zero_std
 
 
