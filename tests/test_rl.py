@@ -170,3 +170,26 @@ def test_skipping_completions_the_loss_cannot_feel_changes_neither_loss_nor_grad
     for key in full_stats:
         if key.startswith(("clip_ratio", "rewards/", "logps/")):
             assert float(part_stats[key]) == pytest.approx(float(full_stats[key]), abs=1e-6), key
+
+
+def test_the_rl_verdict_names_every_reward_and_the_lengths():
+    """The story preset's three rewards: one sentence saying, per reward, whether RL beat SFT
+    beyond the noise (paired bootstrap over the same prompts, seed 0), and the lengths rounded."""
+    from types import SimpleNamespace
+
+    from picoalign.eval.rl_eval import _summary
+
+    n = 8
+    rows = [{"prompt": f"p{i}"} for i in range(n)]
+    sft = {"spec": [0.3] * n, "darkness": [0.05] * n, "fluency": [-2.0] * n}
+    rl = {"spec": [0.5 + 0.01 * i for i in range(n)],  # +0.2 or more on every prompt: beyond the noise
+          "darkness": [0.05 + (0.02 if i % 2 else -0.02) for i in range(n)],  # ±: no difference shown
+          "fluency": [-2.3] * n}  # -0.3 on every prompt: worse beyond the noise
+    answers = {"sft": [SimpleNamespace(completion_tokens=252, finish_reason="length", text="s")] * n,
+               "rl": [SimpleNamespace(completion_tokens=231.4, finish_reason="stop", text="r")] * n}
+    out = _summary(rows, ["spec", "darkness", "fluency"], {"sft": sft, "rl": rl}, answers, seed=0)
+    assert out["verdict"] == (
+        "RL beat SFT on held-out spec reward beyond the noise: +0.235 [+0.219, +0.250] (paired, n=8); "
+        "did not beat it on darkness reward: +0.000 [-0.015, +0.015] (paired, n=8); "
+        "was worse on fluency reward beyond the noise: -0.300 [-0.300, -0.300] (paired, n=8); "
+        "answer length 231 vs 252 tokens")

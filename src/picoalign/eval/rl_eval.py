@@ -113,18 +113,27 @@ def _summary(rows, names, scores, answers, seed) -> dict:
     main = names[0]
     verdict = "no SFT model to compare with"
     if "rl_vs_sft" in comparisons:
-        c = comparisons["rl_vs_sft"][main]
-        beat = excludes_zero(c) and c["ci_low"] > 0
-        worse = excludes_zero(c) and c["ci_high"] < 0
-        what = "accuracy" if main == "arith" else f"{main} reward"
-        verdict = (f"RL {'beat' if beat else 'was worse than' if worse else 'did not beat'} SFT on held-out "
-                   f"{what}{' beyond the noise' if beat or worse else ''}: {c['mean_diff']:+.3f} "
-                   f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] (paired, n={c['n']}); "
-                   f"answer length {models['rl']['completion_tokens']['mean']} vs "
-                   f"{models['sft']['completion_tokens']['mean']} tokens")
+        verdict = "; ".join(_verdict_part(k, comparisons["rl_vs_sft"][k], first=i == 0) for i, k in enumerate(names))
+        verdict += (f"; answer length {models['rl']['completion_tokens']['mean']:.0f} vs "
+                    f"{models['sft']['completion_tokens']['mean']:.0f} tokens")
     return {"task": "arith" if main == "arith" and "answer" in rows[0] else "prompts", "n": len(rows),
             "rewards": names, "models": models, "comparisons": comparisons, "cost": {}, "verdict": verdict,
             "examples": [{"prompt": rows[i]["prompt"], **{m: answers[m][i].text for m in answers}} for i in range(3)]}
+
+
+def _verdict_part(name: str, c: dict, first: bool) -> str:
+    """"RL beat SFT on held-out spec reward beyond the noise: +0.199 [+0.105, +0.290] (paired,
+    n=64)" for the first reward, "did not beat it on darkness reward: ..." or "was worse on
+    fluency reward beyond the noise: ..." for the others."""
+    beat = excludes_zero(c) and c["ci_low"] > 0
+    worse = excludes_zero(c) and c["ci_high"] < 0
+    what = "accuracy" if name == "arith" else f"{name} reward"
+    if first:
+        who = f"RL {'beat' if beat else 'was worse than' if worse else 'did not beat'} SFT on held-out"
+    else:
+        who = "beat it on" if beat else "was worse on" if worse else "did not beat it on"
+    return (f"{who} {what}{' beyond the noise' if beat or worse else ''}: {c['mean_diff']:+.3f} "
+            f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] (paired, n={c['n']})")
 
 
 def _both(a: list, b: list) -> tuple[list, list]:
