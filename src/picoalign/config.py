@@ -521,7 +521,8 @@ class RLConfig(TrainConfig):
                             "<logs>/rl_samples.jsonl (0 = never)")
     sample_prompts: int = opt(2, "prompts (each with its G completions) written per sample")
     fluency_model: str = opt("", "fluency reward: the frozen model that scores (empty: the base model)")
-    fluency_repetition_weight: float = opt(1.0, "fluency reward: penalty per unit share of repeated word 4-grams (rep-4)")
+    fluency_repetition_weight: float = opt(4.0, "fluency reward: penalty per unit share of repeated word 4-grams (rep-4); "
+                                           "above ~2.2, what a loop gains in mean log-prob, so looping cannot pay")
     llm_provider: str = opt("auto", "llm-judge reward: provider or MODEL@PROVIDER (as `picoalign data`)")
     llm_model: str = opt("", "llm-judge reward: model (empty: the provider's default)")
     llm_base_url: str = opt("", "llm-judge reward: base URL (empty: from the environment)")
