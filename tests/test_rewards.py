@@ -140,3 +140,24 @@ def test_arith_sft_rows_teach_the_answer_format_and_stay_out_of_the_test_split()
         right = by_prompt[r["prompt"]]["answer"]
         assert arith([r["prompt"]], [r["response"]], answer=[right]) == [1.0]  # the worked answer scores 1
         assert r["response"].endswith(f"The answer is {right}.")
+
+
+@pytest.mark.slow
+def test_fluency_on_the_builtin_model_ranks_a_title_loop_below_a_story():
+    """The hack two GRPO story runs learned at repetition weight 1: the title repeated to the
+    cap. Under SmolLM2 its mean log-prob is near 0 (about -0.3: repeated text is easy to predict),
+    so weight 1 scored it above a real story; the default (4) puts it below."""
+    import random
+
+    from picoalign.data.stories import random_spec, write_story
+
+    spec = random_spec(random.Random(0))
+    story = write_story(spec, random.Random(1))
+    loop = "\n\n".join([spec.title] * 60)
+    ctx = {"fluency_model": "builtin:smollm2-135m-instruct", "device": "cpu", "max_completion_length": 256}
+    fn = load_reward("fluency", ctx)
+    old = load_reward("fluency", ctx | {"fluency_repetition_weight": 1.0})
+    real, looped = fn(["p", "p"], [story, loop])
+    assert looped < real  # about -4.2 against -3.8 (the template story, rep-4 0.09)
+    real_old, looped_old = old(["p", "p"], [story, loop])
+    assert looped_old > real_old  # what GRPO found
