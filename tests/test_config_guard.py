@@ -63,9 +63,21 @@ def test_known_and_foreign_environment_variables_pass():
 
 
 def test_the_shipped_presets_still_load():
-    for preset in ("default", "gpu", "pico"):
+    for preset in ("default", "gpu", "pico", "rl", "rl-story"):
         path = default_preset().replace("default.yaml", f"{preset}.yaml")
         assert resolve_configs(path, environ={})["sft"].lr > 0
+
+
+def test_the_story_rl_preset_scores_its_whole_test_split():
+    """eval's RL section answers every held-out story prompt the data stage writes (64: at 32 the
+    paired intervals were too wide to tell RL from SFT), steps, not wall-clock seconds on a shared
+    machine, bound SFT and RL, and the rollout cap lets a story end (the template stories run
+    223-277 tokens; at 160 none ended, so spec's `finished` part could not move)."""
+    c = resolve_configs(default_preset().replace("default.yaml", "rl-story.yaml"), environ={})
+    assert c["eval"].rl_prompts == c["data"].n_sft_test == 64
+    for stage in ("sft", "rl"):
+        assert c[stage].max_seconds >= 3600, stage
+    assert c["rl"].max_completion_length >= 256 and c["run"].stage_names() == ["data", "sft", "rl", "eval", "report"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [

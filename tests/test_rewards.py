@@ -48,14 +48,19 @@ def test_random_control_ignores_the_answer():
 def test_spec_reward_on_a_written_story(data_dir):
     import json
 
+    from picoalign.eval.axes import spec_coverage
+
     row = json.loads((data_dir / "sft_train.jsonl").read_text().splitlines()[0])
     spec = load_reward("spec", {"max_completion_length": 64})
     good, bad = row["response"], "It was a nice day.\n\nNothing happened."
     scores = spec([row["prompt"]] * 3, [good, bad, good], finish_reason=["stop", "stop", "length"])
-    # the dataset's own story: every field, 3 paragraphs, ended -> (1 + 1 + 1) / 3; the other story
-    # uses no field but has 2 paragraphs and ended -> (0 + 1 + 1) / 3
-    assert scores[0] == 1.0 and scores[1] == pytest.approx(2 / 3)
-    assert scores[2] == pytest.approx(scores[0] - 1 / 3, abs=1e-6)  # cut at the cap: the third part is 0
+    # the dataset's own story: every field (coverage 1) x (1 + 3 paragraphs ok + ended) / 3 = 1; the
+    # other uses no field: 2 paragraphs and an ending earn nothing, 0 x (1 + 1 + 1) / 3
+    assert scores[0] == 1.0 and scores[1] == 0.0
+    assert scores[2] == pytest.approx(2 / 3, abs=1e-6)  # cut at the cap: 1 x (1 + 1 + 0) / 3
+    part = row["response"].split(". ")[0]  # the first sentence: some of the fields, one paragraph
+    cov = spec_coverage(row["prompt"], part)  # 0.6 here: setting, protagonist, object
+    assert 0 < cov < 1 and spec([row["prompt"]], [part], finish_reason=["stop"]) == [pytest.approx(cov * 2 / 3)]
     assert spec(["What is 2 + 2?"], ["4"], finish_reason=["stop"]) == [None]  # not a story prompt
 
 

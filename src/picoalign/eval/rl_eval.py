@@ -106,14 +106,28 @@ def _summary(rows, names, scores, answers, seed) -> dict:
     for m, gens in answers.items():
         models[m]["completion_tokens"] = mean_ci([g.completion_tokens for g in gens], seed)
         models[m]["finished"] = mean_ci([float(g.finish_reason == "stop") for g in gens], seed)
+    parts = {}
+    if "spec" in names:  # the spec reward's main part on its own: a reward that moved by ending alone shows here
+        from picoalign.eval.axes import spec_coverage
+
+        coverage = {m: [_nan(spec_coverage(r["prompt"], g.text)) for r, g in zip(rows, gens)]
+                    for m, gens in answers.items()}
+        if any(x == x for values in coverage.values() for x in values):
+            parts["spec_coverage"] = coverage
+            for m in answers:
+                models[m]["spec_coverage"] = mean_ci([x for x in coverage[m] if x == x], seed)
     comparisons = {}
     for a, b in COMPARE:
         if a in scores and b in scores:
             comparisons[f"{a}_vs_{b}"] = {k: paired(*_both(scores[a][k], scores[b][k]), seed=seed) for k in names}
+            for k, by_model in parts.items():
+                comparisons[f"{a}_vs_{b}"][k] = paired(*_both(by_model[a], by_model[b]), seed=seed)
     main = names[0]
     verdict = "no SFT model to compare with"
     if "rl_vs_sft" in comparisons:
         verdict = "; ".join(_verdict_part(k, comparisons["rl_vs_sft"][k], first=i == 0) for i, k in enumerate(names))
+        if "spec_coverage" in comparisons["rl_vs_sft"]:
+            verdict += "; " + _verdict_part("spec_coverage", comparisons["rl_vs_sft"]["spec_coverage"], first=False)
         verdict += (f"; answer length {models['rl']['completion_tokens']['mean']:.0f} vs "
                     f"{models['sft']['completion_tokens']['mean']:.0f} tokens")
     return {"task": "arith" if main == "arith" and "answer" in rows[0] else "prompts", "n": len(rows),
@@ -127,13 +141,17 @@ def _verdict_part(name: str, c: dict, first: bool) -> str:
     fluency reward beyond the noise: ..." for the others."""
     beat = excludes_zero(c) and c["ci_low"] > 0
     worse = excludes_zero(c) and c["ci_high"] < 0
-    what = "accuracy" if name == "arith" else f"{name} reward"
+    what = {"arith": "accuracy", "spec_coverage": "spec coverage (the spec reward's main part)"}.get(name, f"{name} reward")
     if first:
         who = f"RL {'beat' if beat else 'was worse than' if worse else 'did not beat'} SFT on held-out"
     else:
         who = "beat it on" if beat else "was worse on" if worse else "did not beat it on"
     return (f"{who} {what}{' beyond the noise' if beat or worse else ''}: {c['mean_diff']:+.3f} "
             f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] (paired, n={c['n']})")
+
+
+def _nan(x):
+    return float("nan") if x is None else x
 
 
 def _both(a: list, b: list) -> tuple[list, list]:
