@@ -341,3 +341,22 @@ def test_key_settings_name_only_the_stages_that_ran():
     assert "- SFT: `lr=0.0003`" in text and "- DPO: `lr=0.0005`" in text
     assert "0.002" not in text and "5e-05" not in text
     assert "5e-05" in _settings(Run(Path("."), config=config | {"run": {}}), STRINGS["en"])  # no list: all
+
+
+def test_the_rl_section_shows_spec_coverage_and_each_rewards_curve(tmp_path):
+    from picoalign.report.load import Run
+    from picoalign.report.rl import rl_section
+    from picoalign.report.strings import STRINGS
+
+    ci = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 4}
+    diff = {"mean_diff": -0.3, "ci_low": -0.4, "ci_high": -0.2, "n": 4}
+    section = {"task": "prompts", "n": 4, "rewards": ["spec", "darkness"], "verdict": "RL did not beat SFT",
+               "models": {m: {"spec": ci, "darkness": ci, "spec_coverage": ci, "completion_tokens": ci,
+                              "finished": ci} for m in ("sft", "rl")},
+               "comparisons": {"rl_vs_sft": {"spec": diff, "darkness": diff, "spec_coverage": diff}}, "cost": {}}
+    logs = {"rl": [{"kind": "train", "step": 1, "reward": 0.1, "rewards/spec/mean": 0.4,
+                    "rewards/darkness/mean": 0.05, "entropy": 1.2}]}
+    text = rl_section(Run(tmp_path, metrics={"rl": section}, logs=logs), STRINGS["en"], set())
+    assert "| A vs B | spec | darkness | spec_coverage |" in text
+    assert "| rl_vs_sft | -0.300 [-0.400, -0.200] | -0.300 [-0.400, -0.200] | -0.300 [-0.400, -0.200] |" in text
+    assert "`rewards/darkness/mean` | `rewards/spec/mean`" in text and "| 1 | 0.100 | 0.050 | 0.400 | 1.200 |" in text

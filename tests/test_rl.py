@@ -193,3 +193,26 @@ def test_the_rl_verdict_names_every_reward_and_the_lengths():
         "did not beat it on darkness reward: +0.000 [-0.015, +0.015] (paired, n=8); "
         "was worse on fluency reward beyond the noise: -0.300 [-0.300, -0.300] (paired, n=8); "
         "answer length 231 vs 252 tokens")
+
+
+def test_the_rl_section_shows_spec_coverage_apart_from_the_spec_reward():
+    """A story that ends but drops the spec: the section reports the coverage of the spec on its
+    own (per model and paired), so an RL model that won the spec reward by ending alone shows it."""
+    from types import SimpleNamespace
+
+    from picoalign.eval.rl_eval import _summary
+
+    prompt = ("Write a short horror story that follows this story specification.\n\nTitle: The Lantern Hallway\n"
+              "Setting: a lighthouse on an island\nProtagonist: Maya, a lighthouse keeper\n"
+              "Supporting character: a cousin who smiles too long\nImportant object: a key that fits no door\n"
+              "Taboo rule: Never look into the mirror after dark\n\nStory:")
+    rows = [{"prompt": prompt}] * 4
+    full = "Maya, a lighthouse keeper, kept a key that fits no door. A cousin who smiles too long said: never look into the mirror after dark, not on a lighthouse on an island."
+    answers = {"sft": [SimpleNamespace(completion_tokens=256, finish_reason="length", text=full)] * 4,
+               "rl": [SimpleNamespace(completion_tokens=90, finish_reason="stop", text="Rain fell all night.")] * 4}
+    scores = {m: {"spec": [0.5] * 4} for m in answers}
+    out = _summary(rows, ["spec"], scores, answers, seed=0)
+    assert out["models"]["sft"]["spec_coverage"]["mean"] == 1.0 and out["models"]["rl"]["spec_coverage"]["mean"] == 0.0
+    assert out["comparisons"]["rl_vs_sft"]["spec_coverage"]["mean_diff"] == -1.0
+    assert out["verdict"].endswith("was worse on spec coverage (the spec reward's main part) beyond the noise: "
+                                   "-1.000 [-1.000, -1.000] (paired, n=4); answer length 90 vs 256 tokens")

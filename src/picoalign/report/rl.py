@@ -35,6 +35,7 @@ def rl_section(run: Run, t: dict, images: set[str]) -> str:
     if not section:
         return p["none"]
     names = section["rewards"]
+    names = names + [k for k in ("spec_coverage",) if any(k in m for m in section["models"].values())]
     out = [f"**{plain(section['verdict'])}**", "", p["intro"].format(task=section["task"], n=section["n"]), ""]
     rows = [[m, *(fmt_ci(k, scores.get(k)) for k in names), fmt_ci("", scores.get("completion_tokens")),
              fmt_ci("", scores.get("finished"))] for m, scores in section["models"].items()]
@@ -58,8 +59,9 @@ def _curve(run: Run, p: dict) -> list[str]:
     if not rows:
         return []
     k = max(1, len(rows) // 10)
-    keys = [key for key in ("reward", "frac_reward_zero_std", "completions/mean_length", "entropy", "kl")
-            if key in rows[0]]
+    per_reward = sorted(k for k in rows[0] if k.startswith("rewards/") and k.endswith("/mean"))
+    keys = [key for key in ("reward", *(per_reward if len(per_reward) > 1 else ()), "frac_reward_zero_std",
+                            "completions/mean_length", "entropy", "kl") if key in rows[0]]
     picked = rows[::k] + ([rows[-1]] if (len(rows) - 1) % k else [])
     body = [[str(r["step"]), *(f"{r.get(key, 0):.3f}" for key in keys)] for r in picked]
     return [p["curve"].format(k=k), "", table([p["step"], *map(code, keys)], body), ""]
