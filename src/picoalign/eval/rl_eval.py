@@ -125,9 +125,8 @@ def _summary(rows, names, scores, answers, seed) -> dict:
     main = names[0]
     verdict = "no SFT model to compare with"
     if "rl_vs_sft" in comparisons:
-        verdict = "; ".join(_verdict_part(k, comparisons["rl_vs_sft"][k], first=i == 0) for i, k in enumerate(names))
-        if "spec_coverage" in comparisons["rl_vs_sft"]:
-            verdict += "; " + _verdict_part("spec_coverage", comparisons["rl_vs_sft"]["spec_coverage"], first=False)
+        verdict = "; ".join(_verdict_part(k, comparisons["rl_vs_sft"][k], first=i == 0)
+                            for i, k in enumerate([*names, *parts]))
         verdict += (f"; answer length {models['rl']['completion_tokens']['mean']:.0f} vs "
                     f"{models['sft']['completion_tokens']['mean']:.0f} tokens")
     return {"task": "arith" if main == "arith" and "answer" in rows[0] else "prompts", "n": len(rows),

@@ -34,8 +34,7 @@ def rl_section(run: Run, t: dict, images: set[str]) -> str:
     section = dig(run.metrics, "rl")
     if not section:
         return p["none"]
-    names = section["rewards"]
-    names = names + [k for k in ("spec_coverage",) if any(k in m for m in section["models"].values())]
+    names = section["rewards"] + [k for k in ("spec_coverage",) if any(k in m for m in section["models"].values())]
     out = [f"**{plain(section['verdict'])}**", "", p["intro"].format(task=section["task"], n=section["n"]), ""]
     rows = [[m, *(fmt_ci(k, scores.get(k)) for k in names), fmt_ci("", scores.get("completion_tokens")),
              fmt_ci("", scores.get("finished"))] for m, scores in section["models"].items()]
