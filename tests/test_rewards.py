@@ -92,6 +92,27 @@ def test_weights_combine_and_none_is_nan():
     assert total[0].item() == 2.0 and math.isnan(total[1].item())  # every function declined: NaN, advantage 0
 
 
+def test_overlong_is_dapos_soft_punishment_and_agrees_with_trl():
+    from trl.rewards import get_soft_overlong_punishment
+
+    from picoalign.rewards.builtin import soft_overlong_punishment
+    from picoalign.train.rl import score
+
+    # cap 100, cache 20: free up to 80 tokens, then (80 - n) / 20, -1 at the cap and past it
+    assert soft_overlong_punishment([10, 80, 81, 90, 100, 101], 100, 20) == [0.0, 0.0, -0.05, -0.5, -1.0, -1.0]
+    ids = [[7] * n for n in range(0, 130, 3)]
+    assert soft_overlong_punishment(map(len, ids), 100, 20) == pytest.approx(get_soft_overlong_punishment(100, 20)(ids))
+    # the built-in reads the stage's cap and cache (0: a quarter of the cap) from the token ids
+    # score() passes as TRL does; TRL's own function runs beside it unchanged
+    rows = [{"prompt": "p"}]
+    rs = RewardSet(["overlong", "trl"], [1.0, 1.0], [load_reward("overlong", {"max_completion_length": 8}),
+                                                    get_soft_overlong_punishment(8, 4)])
+    per_func = score(rs, rows, ["a", "b", "c"], ["stop", "stop", "length"], 3, [[1] * 6, [1] * 7, [1] * 8])
+    assert per_func.tolist() == [[0.0, -0.5], [-0.5, -0.75], [-1.0, -1.0]]
+    with pytest.raises(RewardError, match="reward 'overlong' raised ValueError: overlong needs completion_ids"):
+        RewardSet.build(["overlong"], [1.0], {"max_completion_length": 8})(["p"], ["a"])
+
+
 def test_llm_judge_scores_through_the_endpoint(monkeypatch):
     def responder(request, n):
         text = request["messages"][-1]["content"]
@@ -116,6 +137,10 @@ def test_bad_reward_settings_name_the_setting(tmp_path, monkeypatch):
         RLConfig(multi_objective_aggregation="gdpo", max_steps=1)
     with pytest.raises(ConfigError, match="multi_objective_aggregation=normalize_then_sum is GRPO's; method=rloo"):
         RLConfig(method="rloo", multi_objective_aggregation="normalize_then_sum", max_steps=1)
+    with pytest.raises(ConfigError, match=r"soft_punish_cache must be in \[0, max_completion_length=64\], got 65"):
+        RLConfig(rewards="arith,overlong", soft_punish_cache=65, max_completion_length=64, max_steps=1)
+    with pytest.raises(ConfigError, match="soft_punish_cache must be in"):
+        RLConfig(soft_punish_cache=-1, max_steps=1)
     with pytest.raises(RewardError, match="module 'no_such_module_xyz' does not import"):
         load_reward("no_such_module_xyz:score")
     (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""

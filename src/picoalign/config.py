@@ -489,7 +489,7 @@ class RLConfig(TrainConfig):
                            "its first N rows, kept out of training)")
     test_file: str = opt("", "held-out prompts eval scores the models on (relative to --data; empty: arith's test "
                          "split, or a prompt file's val rows)")
-    rewards: Names = opt(Names("arith"), "comma list: arith | spec | darkness | fluency | llm-judge | random | "
+    rewards: Names = opt(Names("arith"), "comma list: arith | spec | darkness | fluency | overlong | llm-judge | random | "
                        "module:function (TRL's signature f(prompts, completions, **columns))")
     reward_weights: Numbers = opt(Numbers(""), "comma list, one weight per reward (empty: 1 each)")
     num_generations: int = opt(4, "G: completions sampled per prompt (a group)")
@@ -499,6 +499,8 @@ class RLConfig(TrainConfig):
     top_k: int = opt(0, "top-k sampling of the rollouts (0 = off)")
     max_completion_length: int = opt(64, "tokens sampled at most per completion")
     mask_truncated_completions: bool = opt(False, "leave completions cut at max_completion_length out of the loss")
+    soft_punish_cache: int = opt(0, "overlong reward (DAPO's soft overlong punishment, TRL's name): tokens before "
+                                 "max_completion_length where the penalty ramps from 0 to -1 (0: a quarter of it)")
     num_iterations: int = opt(1, "optimiser steps per rollout (> 1: the clipped ratio to the old log-probs acts)")
     loss_type: str = opt("dapo", "GRPO's normalisation: " + " | ".join(RL_LOSS_TYPES) + " (TRL's default dapo)")
     scale_rewards: str = opt("group", "GRPO: divide advantages by the std of the " + " | ".join(RL_SCALE_REWARDS))
@@ -558,6 +560,9 @@ class RLConfig(TrainConfig):
             raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
         if self.method == "online-dpo" and self.beta <= 0:
             raise ConfigError("method=online-dpo needs beta > 0 (the DPO loss's β; 0.1 is usual)")
+        if not 0 <= self.soft_punish_cache <= self.max_completion_length:
+            raise ConfigError(f"soft_punish_cache must be in [0, max_completion_length={self.max_completion_length}]"
+                              f", got {self.soft_punish_cache}")
         for name in ("n_prompts", "val_prompts", "sample_every", "sample_prompts", "generate_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

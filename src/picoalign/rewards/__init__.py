@@ -6,7 +6,9 @@
 
 A reward function is `f(prompts, completions, **columns) -> list[float | None]`, as TRL's
 `reward_funcs`: `prompts` and `completions` are lists of strings of one length, `columns` the
-prompt rows' other fields repeated per completion (e.g. `answer` for arith), and None means
+prompt rows' other fields repeated per completion (e.g. `answer` for arith) plus, as TRL passes
+them, `completion_ids` (each answer's token ids, its end-of-turn token included) and
+`finish_reason` ("stop" or "length"), and None means
 "cannot score this one" (TRL: such a completion gets advantage 0). `**columns` must be
 accepted, since every column is passed.
 
@@ -28,6 +30,7 @@ BUILTIN = {
     "spec": "picoalign.rewards.builtin:make_spec",
     "darkness": "picoalign.rewards.builtin:make_darkness",
     "fluency": "picoalign.rewards.fluency:make_fluency",
+    "overlong": "picoalign.rewards.builtin:make_overlong",
     "llm-judge": "picoalign.rewards.llm_judge:make_llm_judge",
     "random": "picoalign.rewards.builtin:make_random",
 }

@@ -1,4 +1,4 @@
-"""The built-in rewards that need no model: arith, spec, darkness, random.
+"""The built-in rewards that need no model: arith, spec, darkness, overlong, random.
 
 Each `make_<name>(ctx)` returns a function with TRL's reward signature
 `f(prompts, completions, **columns) -> list[float | None]`; `ctx` carries the stage's settings
@@ -76,3 +76,37 @@ def make_spec(ctx: dict):
         return spec_reward(prompts, completions, finish_reason, cap)
 
     return spec
+
+
+def soft_overlong_punishment(lengths, max_completion_len: int, soft_punish_cache: int) -> list[float]:
+    """DAPO's length penalty (Yu et al. 2025, arXiv 2503.14476, eq. 13; TRL's
+    `get_soft_overlong_punishment`): 0 up to `max_completion_len - soft_punish_cache` tokens, then
+    falling linearly to -1 at `max_completion_len`, -1 beyond. It takes nothing from an answer
+    that ends in time and pays nothing for being short."""
+    start = max_completion_len - soft_punish_cache
+    out = []
+    for n in lengths:
+        if n <= start:
+            out.append(0.0)
+        elif n <= max_completion_len:
+            out.append((start - n) / soft_punish_cache)
+        else:
+            out.append(-1.0)
+    return out
+
+
+def make_overlong(ctx: dict):
+    """`overlong`: the soft overlong punishment on each completion's token count, with the
+    stage's `max_completion_length` and `soft_punish_cache` (0: a quarter of the cap). Why a
+    reward and not only `mask_truncated_completions`: a reward that pays for length (a mean
+    log-prob, a count of the spec's words) drives the rollouts to the cap, and masking the cut
+    ones still pushes down every answer that ended below its group's mean, its end token too."""
+    cap = int(ctx.get("max_completion_length") or 64)
+    cache = int(ctx.get("soft_punish_cache") or 0) or max(1, cap // 4)
+
+    def overlong(prompts, completions, completion_ids=None, **columns) -> list[float]:
+        if completion_ids is None:
+            raise ValueError("overlong needs completion_ids (the answers' token ids)")
+        return soft_overlong_punishment([len(ids) for ids in completion_ids], cap, cache)
+
+    return overlong
