@@ -78,6 +78,10 @@ def test_the_story_rl_preset_scores_its_whole_test_split():
     for stage in ("sft", "rl"):
         assert c[stage].max_seconds >= 3600, stage
     assert c["rl"].max_completion_length >= 256 and c["run"].stage_names() == ["data", "sft", "rl", "eval", "report"]
+    # the weights of the run README reports; overlong keeps the rollouts off the cap (without it
+    # they drifted there), darkness no heavier than spec (at 4 against 2 the answers collapsed)
+    assert (c["rl"].rewards, c["rl"].reward_weights) == ("spec,darkness,fluency,overlong", "2,2,1,1")
+    assert c["rl"].multi_objective_aggregation == "normalize_then_sum" and not c["rl"].mask_truncated_completions
 
 
 @pytest.mark.parametrize(("argv", "message"), [
