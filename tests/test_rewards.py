@@ -95,6 +95,7 @@ def test_weights_combine_and_none_is_nan():
 def test_overlong_is_dapos_soft_punishment_and_agrees_with_trl():
     from trl.rewards import get_soft_overlong_punishment
 
+    from picoalign.generation.answers import Generation
     from picoalign.rewards.builtin import soft_overlong_punishment
     from picoalign.train.rl import score
 
@@ -107,7 +108,8 @@ def test_overlong_is_dapos_soft_punishment_and_agrees_with_trl():
     rows = [{"prompt": "p"}]
     rs = RewardSet(["overlong", "trl"], [1.0, 1.0], [load_reward("overlong", {"max_completion_length": 8}),
                                                     get_soft_overlong_punishment(8, 4)])
-    per_func = score(rs, rows, ["a", "b", "c"], ["stop", "stop", "length"], 3, [[1] * 6, [1] * 7, [1] * 8])
+    gens = [Generation(t, 1, n, why, [1] * n) for t, n, why in (("a", 6, "stop"), ("b", 7, "stop"), ("c", 8, "length"))]
+    per_func = score(rs, rows, gens, 3)
     assert per_func.tolist() == [[0.0, -0.5], [-0.5, -0.75], [-1.0, -1.0]]
     with pytest.raises(RewardError, match="reward 'overlong' raised ValueError: overlong needs completion_ids"):
         RewardSet.build(["overlong"], [1.0], {"max_completion_length": 8})(["p"], ["a"])

@@ -83,8 +83,7 @@ def rl_task_section(run: Path, models: dict[str, str], device, dtype, seed: int 
         model.to(dtype).eval()
         with autocast_for(device, dtype):
             gens = generate_full(model, tokenizer, [r["prompt"] for r in rows], sampling, batch_size=32)
-        per_func = score(rewards, rows, [g.text for g in gens], [g.finish_reason for g in gens], 1,
-                         [g.token_ids for g in gens])
+        per_func = score(rewards, rows, gens, 1)
         scores[name] = {k: per_func[:, i].tolist() for i, k in enumerate(names)}
         answers[name] = gens
         if name in ("sft", "rl"):

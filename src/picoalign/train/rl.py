@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from picoalign.config import RLConfig
+from picoalign.generation.answers import Generation
 from picoalign.generation.batched import Sampling, generate_full
 from picoalign.models.chat import render_prompt
 from picoalign.rewards import RewardError, RewardSet, parse_names
@@ -107,12 +108,12 @@ def columns_of(rows: list[dict], g: int) -> dict[str, list]:
     return {k: [r.get(k) for r in rows for _ in range(g)] for k in keys}
 
 
-def score(rewards: RewardSet, rows: list[dict], texts: list[str], finish: list[str], g: int,
-          completion_ids: list[list[int]]) -> torch.Tensor:
-    """(N, K) rewards of `rows`' G completions each; the functions get what TRL's get besides the
+def score(rewards: RewardSet, rows: list[dict], gens: list[Generation], g: int) -> torch.Tensor:
+    """(N, K) rewards of `rows`' G answers each; the functions get what TRL's get besides the
     rows' columns: `completion_ids` (end token included) and, ours, `finish_reason`."""
     prompts = [r["prompt"] for r in rows for _ in range(g)]
-    return rewards(prompts, texts, **columns_of(rows, g), completion_ids=completion_ids, finish_reason=finish)
+    return rewards(prompts, [a.text for a in gens], **columns_of(rows, g),
+                   completion_ids=[a.token_ids for a in gens], finish_reason=[a.finish_reason for a in gens])
 
 
 def padded(flat: torch.Tensor, seq_index: torch.Tensor, n_seqs: int, width: int) -> torch.Tensor:
@@ -214,7 +215,7 @@ class RLTask:
                              batch_size=cfg.generate_batch_size or len(prompts) * self.g, n=self.g)
         self.bare.train(was_training)
         texts, finish = [g.text for g in gens], [g.finish_reason for g in gens]
-        per_func = score(self.rewards, batch.rows, texts, finish, self.g, [g.token_ids for g in gens])
+        per_func = score(self.rewards, batch.rows, gens, self.g)
         completion_ids = [g.token_ids or [self.tokenizer.eos_token_id] for g in gens]  # an empty answer: score its end
         width = max(map(len, completion_ids))
         mask = torch.zeros(len(gens), width)
@@ -373,8 +374,7 @@ class RLTask:
         sampling = Sampling(max_new_tokens=self.cfg.max_completion_length, greedy=True, seed=self.cfg.seed)
         gens = generate_full(self.bare, self.tokenizer, [r["prompt"] for r in self.val], sampling,
                              batch_size=self.cfg.generate_batch_size or 32)
-        per_func = score(self.rewards, self.val, [g.text for g in gens], [g.finish_reason for g in gens], 1,
-                         [g.token_ids for g in gens])
+        per_func = score(self.rewards, self.val, gens, 1)
         out = {"val/reward": _mean(self.rewards.total(per_func))}
         out |= {f"val/rewards/{n}": _mean(per_func[:, k]) for k, n in enumerate(self.rewards.names)}
         return out
@@ -400,7 +400,7 @@ def check_rewards(rewards: RewardSet, rows: list[dict]) -> None:
                       [w for n, w in zip(rewards.names, rewards.weights) if n != "llm-judge"],
                       [f for n, f in zip(rewards.names, rewards.functions) if n != "llm-judge"])
     if probe.names:
-        score(probe, rows[:1], ["", "0"], ["stop", "length"], 2, [[], [15]])
+        score(probe, rows[:1], [Generation("", 0, 0, "stop", []), Generation("0", 0, 1, "length", [15])], 2)
 
 
 def rl(cfg: RLConfig) -> dict:
