@@ -74,7 +74,7 @@ def test_the_story_rl_preset_scores_its_whole_test_split():
     machine, bound SFT and RL, and the rollout cap lets a story end (the template stories run
     223-277 tokens; at 160 none ended, so spec's `finished` part could not move)."""
     c = resolve_configs(default_preset().replace("default.yaml", "rl-story.yaml"), environ={})
-    assert c["eval"].rl_prompts == c["data"].n_sft_test == 64
+    assert c["eval"].rl_prompts == c["data"].n_sft_test == 64 and c["eval"].rl_samples == 2
     for stage in ("sft", "rl"):
         assert c[stage].max_seconds >= 3600, stage
     assert c["rl"].max_completion_length >= 256 and c["run"].stage_names() == ["data", "sft", "rl", "eval", "report"]
@@ -94,6 +94,7 @@ def test_the_story_rl_preset_scores_its_whole_test_split():
     (["dpo", "--beta=-0.1"], "beta must be > 0, got -0.1"),
     (["dpo", "--weight-decay=-1"], "weight_decay must be >= 0, got -1.0"),
     (["eval", "--max-length", "0"], "max_length must be in 1..1048576, got 0"),
+    (["eval", "--set", "rl_samples=-2"], "rl_samples must be >= 0, got -2"),
     (["data", "--llm-timeout", "0"], "llm_timeout must be > 0, got 0.0"),
     (["generate", "--prompt", "hi", "--temperature", "inf"], "temperature must be a finite number, got inf"),
 ])

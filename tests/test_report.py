@@ -360,3 +360,12 @@ def test_the_rl_section_shows_spec_coverage_and_each_rewards_curve(tmp_path):
     assert "| A vs B | spec | darkness | spec_coverage |" in text
     assert "| rl_vs_sft | -0.300 [-0.400, -0.200] | -0.300 [-0.400, -0.200] | -0.300 [-0.400, -0.200] |" in text
     assert "`rewards/darkness/mean` | `rewards/spec/mean`" in text and "| 1 | 0.100 | 0.050 | 0.400 | 1.200 |" in text
+    assert "Sampled as" not in text  # greedy only: no second table
+    up = {"mean_diff": 0.1, "ci_low": 0.05, "ci_high": 0.15, "n": 4}
+    sampled = {**section, "verdict": "RL beat SFT on held-out spec reward beyond the noise",
+               "comparisons": {"rl_vs_sft": {"spec": up, "darkness": up, "spec_coverage": up}},
+               "decoding": {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "n": 4}}
+    text = rl_section(Run(tmp_path, metrics={"rl": {**section, "sampled": sampled}}, logs=logs), STRINGS["en"], set())
+    assert "Sampled as the RL stage sampled its rollouts (temperature 0.7, top_p 1.0, top_k 0), 4 answers per prompt" in text
+    assert "**RL beat SFT on held-out spec reward beyond the noise**" in text
+    assert text.index("| rl_vs_sft | -0.300") < text.index("| rl_vs_sft | +0.100 [+0.050, +0.150] |")

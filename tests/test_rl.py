@@ -195,6 +195,34 @@ def test_the_rl_verdict_names_every_reward_and_the_lengths():
         "answer length 231 vs 252 tokens")
 
 
+def test_sampled_answers_are_averaged_per_prompt_before_the_pairs():
+    """`rl_samples` = 2: each prompt's two answers become one value per reward (a None reward is
+    left out of its prompt's mean), so n is the prompts, not the answers; lengths and endings
+    are averaged the same way, and the examples show each prompt's first answer."""
+    from types import SimpleNamespace
+
+    from picoalign.eval.rl_eval import _per_prompt, _summary
+
+    assert _per_prompt([1.0, 3.0, float("nan"), 0.5, float("nan"), float("nan")], 2)[:2] == [2.0, 0.5]
+    assert _per_prompt([float("nan"), float("nan")], 2)[0] != _per_prompt([float("nan"), float("nan")], 2)[0]
+    rows = [{"prompt": f"Write a story.\n\nProtagonist: Maya {i}\n\nStory:"} for i in range(4)]
+    sft = {"darkness": [0.0, 0.2] * 4, "spec": [0.5] * 8}  # 0.1 on every prompt
+    rl = {"darkness": [0.3, 0.1, 0.2, 0.2, 0.4, 0.0, 0.1, float("nan")], "spec": [0.5] * 8}  # 0.2, 0.2, 0.2, 0.1
+    answer = lambda text, tokens, end: SimpleNamespace(text=text, completion_tokens=tokens, finish_reason=end)  # noqa: E731
+    answers = {"sft": [answer(f"s{i}", 256, "length" if i % 2 else "stop") for i in range(8)],
+               "rl": [answer(f"r{i} Maya" if i % 2 else f"r{i}", 100 + 10 * i, "stop") for i in range(8)]}
+    out = _summary(rows, ["darkness", "spec"], {"sft": sft, "rl": rl}, answers, seed=0, per_prompt=2)
+    assert out["models"]["rl"]["spec_coverage"]["mean"] == 0.5 and out["models"]["rl"]["spec_coverage"]["n"] == 4
+    assert out["n"] == 4
+    assert out["models"]["sft"]["darkness"]["mean"] == pytest.approx(0.1)
+    assert out["models"]["rl"]["darkness"]["mean"] == pytest.approx(0.175)
+    assert out["models"]["sft"]["finished"]["mean"] == 0.5 and out["models"]["sft"]["finished"]["n"] == 4
+    assert out["models"]["rl"]["completion_tokens"]["mean"] == pytest.approx(135.0)
+    c = out["comparisons"]["rl_vs_sft"]["darkness"]
+    assert c["n"] == 4 and c["mean_diff"] == pytest.approx(0.075)
+    assert [e["rl"] for e in out["examples"]] == ["r0", "r2", "r4"]
+
+
 def test_the_rl_section_shows_spec_coverage_apart_from_the_spec_reward():
     """A story that ends but drops the spec: the section reports the coverage of the spec on its
     own (per model and paired), so an RL model that won the spec reward by ending alone shows it."""

@@ -159,7 +159,7 @@ POSITIVE = ("lr", "beta", "alpha", "llm_timeout", "tolerance", "repetition_penal
 NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_seconds", "pair_seconds", "epochs", "max_steps", "warmup_steps",
                 "eval_every", "eval_batches", "early_stop", "save_every", "llm_temperature", "llm_retry_base_seconds", "llm_max_output_tokens",
                 "llm_max_calls", "llm_max_total_tokens", "llm_max_consec_fails", "temperature", "dropout",
-                "context_tokens", "min_confidence")
+                "context_tokens", "min_confidence", "rl_prompts", "rl_samples")
 LENGTHS = ("max_length", "max_new_tokens", "max_tokens", "context_tokens", "r", "log_every")
 # No model this tool trains has a context of a million tokens: a larger length is a typo (1e9).
 MAX_TOKENS = 1 << 20
@@ -631,6 +631,8 @@ class EvalConfig(Runtime):
     lm_eval_limit: int = opt(0, "documents per lm-eval task (0 = all)")
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
     rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
+    rl_samples: int = opt(0, "answers per held-out RL prompt also sampled as the RL stage sampled (its temperature, "
+                          "top_p, top_k) and averaged per prompt, besides the greedy one (0 = greedy only)")
 
     def __post_init__(self) -> None:
         read_lists(self)

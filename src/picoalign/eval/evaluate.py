@@ -453,7 +453,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if run is not None:  # the RL stage's own task (arith accuracy, ...): eval/rl_eval.py
         from picoalign.eval.rl_eval import rl_task_section
 
-        if section := rl_task_section(run, models, ev.device, ev.dtype, cfg.seed, cfg.rl_prompts):
+        if section := rl_task_section(run, models, ev.device, ev.dtype, cfg.seed, cfg.rl_prompts,
+                                       cfg.rl_samples):
             metrics["rl"] = section
     if cfg.judge_provider:
         metrics["llm_judge"] = judge_with_llm(cfg, samples, ev.decodings[0])

@@ -6,7 +6,12 @@
 Read from the run's RL checkpoint (`checkpoints/rl/config.yaml`): which prompts it trained on
 and with which rewards. The held-out prompts are the arith test split (never a training prompt;
 data/arith.py) or, for a prompt file, the val rows the stage kept out of training. Every model of
-the run (base, SFT, DPO, RL) answers them greedily; each reward is scored per answer (for
+the run (base, SFT, DPO, RL) answers them greedily and, with `rl_samples` = k > 0, also k times
+sampled as the RL stage sampled its rollouts (its temperature, top_p, top_k; TRL's GRPO evaluates
+with its training sampling too), each reward then averaged over a prompt's k answers. Why both:
+greedy decoding of a small story model loops to the cap, and a loop that repeats a dark phrase
+scores as very dark, so on stories greedy hides what a user sampling the model gets. Each
+reward is scored per answer (for
 arith always `arith` itself, so a run trained on the `random` control is judged on the task it
 did not see); `random` and `llm-judge` are left out (no signal; cost). Reported: each reward's
 mean with its 95% bootstrap interval (for arith, the accuracy), paired per-prompt comparisons
@@ -61,8 +66,10 @@ def task_rewards(setup: dict) -> list[str]:
     return names
 
 
-def rl_task_section(run: Path, models: dict[str, str], device, dtype, seed: int = 0, n: int = 0) -> dict | None:
-    """Score every model on the RL task's held-out prompts; None when the run has no RL model."""
+def rl_task_section(run: Path, models: dict[str, str], device, dtype, seed: int = 0, n: int = 0,
+                    samples: int = 0) -> dict | None:
+    """Score every model on the RL task's held-out prompts, greedily and (`samples` > 0) sampled
+    that many times per prompt; None when the run has no RL model."""
     from picoalign.generation.batched import Sampling, generate_full
     from picoalign.models.load import load_model
     from picoalign.rewards import RewardSet
@@ -75,42 +82,65 @@ def rl_task_section(run: Path, models: dict[str, str], device, dtype, seed: int 
     n = n or int(setup.get("eval_prompts", 0)) or 100
     rows = heldout_rows(setup, n)
     names = task_rewards(setup)
-    rewards = RewardSet.build(names, [1.0] * len(names), reward_context(rl_config(setup), device))
-    sampling = Sampling(max_new_tokens=int(setup.get("max_completion_length", 64)), greedy=True, seed=seed)
-    scores, answers, kept = {}, {}, {}
+    cfg = rl_config(setup)
+    rewards = RewardSet.build(names, [1.0] * len(names), reward_context(cfg, device))
+    cap = int(setup.get("max_completion_length", 64))
+    decodings = {"greedy": (Sampling(max_new_tokens=cap, greedy=True, seed=seed), 1)}
+    if samples:
+        decodings["sampled"] = (Sampling(max_new_tokens=cap, greedy=False, temperature=cfg.temperature,
+                                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed), samples)
+    scores = {d: {} for d in decodings}
+    answers = {d: {} for d in decodings}
+    kept = {}
     for name, path in models.items():
         model, tokenizer = load_model(path, device)
         model.to(dtype).eval()
-        with autocast_for(device, dtype):
-            gens = generate_full(model, tokenizer, [r["prompt"] for r in rows], sampling, batch_size=32)
-        per_func = score(rewards, rows, gens, 1)
-        scores[name] = {k: per_func[:, i].tolist() for i, k in enumerate(names)}
-        answers[name] = gens
+        for decoding, (sampling, k) in decodings.items():
+            with autocast_for(device, dtype):
+                gens = generate_full(model, tokenizer, [r["prompt"] for r in rows], sampling, batch_size=32, n=k)
+            per_func = score(rewards, rows, gens, k)
+            scores[decoding][name] = {f: per_func[:, i].tolist() for i, f in enumerate(names)}
+            answers[decoding][name] = gens
+            print(f"eval: rl task, {name}, {decoding}: "
+                  + ", ".join(f"{f} {_mean(v):.3f}" for f, v in scores[decoding][name].items()))
         if name in ("sft", "rl"):
             kept[name] = (model, tokenizer)
-        print(f"eval: rl task, {name}: " + ", ".join(f"{k} {_mean(v):.3f}" for k, v in scores[name].items()))
-    section = _summary(rows, names, scores, answers, seed)
+    section = _summary(rows, names, scores["greedy"], answers["greedy"], seed)
+    section["decoding"] = {"greedy": True, "n": 1}
+    if samples:
+        section["sampled"] = _summary(rows, names, scores["sampled"], answers["sampled"], seed, per_prompt=samples)
+        section["sampled"]["decoding"] = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                                          "n": samples}
     if "sft" in kept:  # what RL cost: how far its answers moved from SFT's distribution
         from picoalign.eval.kl import mean_token_kl
 
         (policy, tokenizer), (sft, _) = kept["rl"], kept["sft"]
         with autocast_for(device, dtype), torch.no_grad():
             section["cost"]["kl_rl_to_sft"] = round(mean_token_kl(
-                policy, sft, tokenizer, [r["prompt"] for r in rows], [g.text for g in answers["rl"]], device), 5)
-    print(f"eval: rl: {section['verdict']}")
+                policy, sft, tokenizer, [r["prompt"] for r in rows], [g.text for g in answers["greedy"]["rl"]],
+                device), 5)
+    print(f"eval: rl, greedy: {section['verdict']}")
+    if samples:
+        print(f"eval: rl, sampled ({samples} per prompt): {section['sampled']['verdict']}")
     return section
 
 
-def _summary(rows, names, scores, answers, seed) -> dict:
-    models = {m: {k: mean_ci([x for x in v if x == x], seed) for k, v in s.items()} for m, s in scores.items()}
+def _summary(rows, names, scores, answers, seed, per_prompt: int = 1) -> dict:
+    """Means, paired comparisons and the verdict; with `per_prompt` = k answers per prompt (prompt
+    0's k, then prompt 1's), every value is first averaged over a prompt's k answers, so the
+    intervals and pairs stay per prompt (n = the prompts, not the answers)."""
+    per = per_prompt
+    scores = {m: {f: _per_prompt(v, per) for f, v in s.items()} for m, s in scores.items()}
+    models = {m: {f: mean_ci([x for x in v if x == x], seed) for f, v in s.items()} for m, s in scores.items()}
     for m, gens in answers.items():
-        models[m]["completion_tokens"] = mean_ci([g.completion_tokens for g in gens], seed)
-        models[m]["finished"] = mean_ci([float(g.finish_reason == "stop") for g in gens], seed)
+        models[m]["completion_tokens"] = mean_ci(_per_prompt([g.completion_tokens for g in gens], per), seed)
+        models[m]["finished"] = mean_ci(_per_prompt([float(g.finish_reason == "stop") for g in gens], per), seed)
     parts = {}
     if "spec" in names:  # the spec reward's main part on its own: a reward that moved by ending alone shows here
         from picoalign.eval.axes import spec_coverage
 
-        coverage = {m: [_nan(spec_coverage(r["prompt"], g.text)) for r, g in zip(rows, gens)]
+        coverage = {m: _per_prompt([_nan(spec_coverage(rows[i // per]["prompt"], g.text)) for i, g in enumerate(gens)],
+                                   per)
                     for m, gens in answers.items()}
         if any(x == x for values in coverage.values() for x in values):
             parts["spec_coverage"] = coverage
@@ -131,7 +161,8 @@ def _summary(rows, names, scores, answers, seed) -> dict:
                     f"{models['sft']['completion_tokens']['mean']:.0f} tokens")
     return {"task": "arith" if main == "arith" and "answer" in rows[0] else "prompts", "n": len(rows),
             "rewards": names, "models": models, "comparisons": comparisons, "cost": {}, "verdict": verdict,
-            "examples": [{"prompt": rows[i]["prompt"], **{m: answers[m][i].text for m in answers}} for i in range(3)]}
+            "examples": [{"prompt": rows[i]["prompt"], **{m: answers[m][i * per].text for m in answers}}
+                         for i in range(min(3, len(rows)))]}
 
 
 def _verdict_part(name: str, c: dict, first: bool) -> str:
@@ -147,6 +178,17 @@ def _verdict_part(name: str, c: dict, first: bool) -> str:
         who = "beat it on" if beat else "was worse on" if worse else "did not beat it on"
     return (f"{who} {what}{' beyond the noise' if beat or worse else ''}: {c['mean_diff']:+.3f} "
             f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] (paired, n={c['n']})")
+
+
+def _per_prompt(values: list, k: int) -> list[float]:
+    """The mean of each prompt's k consecutive values, NaN (a None reward) left out; NaN when all are."""
+    if k == 1:
+        return list(values)
+    out = []
+    for i in range(0, len(values), k):
+        kept = [x for x in values[i:i + k] if x == x]
+        out.append(sum(kept) / len(kept) if kept else float("nan"))
+    return out
 
 
 def _nan(x):

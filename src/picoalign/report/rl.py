@@ -17,13 +17,20 @@ PHRASES = {
            "paired": "Paired per-prompt differences (A − B, 95% interval):", "model": "Model",
            "tokens": "answer tokens", "finished": "ended by itself", "cost": "Cost: KL(π_RL ‖ π_SFT) per "
            "token on RL's answers = {kl}.", "curve": "Reward during training (every {k} steps):",
-           "step": "Step", "samples": "Rollouts written during training (first and last):"},
+           "step": "Step", "samples": "Rollouts written during training (first and last):",
+           "sampled": "Sampled as the RL stage sampled its rollouts (temperature {temperature}, top_p {top_p}, "
+                      "top_k {top_k}), {n} answers per prompt, each reward averaged over a prompt's answers (n = "
+                      "the prompts). Greedy decoding of a small story model loops, and a looped dark phrase "
+                      "scores as dark: this is what a user sampling the model gets."},
     "zh": {"none": "本次运行没有 RL 阶段（在 `run.stages` 中加入 `rl`，或 `run.method=sft+rl`；预设 "
                    "`configs/rl.yaml`）。",
            "intro": "RL 任务的留出提示（{task}，n = {n}），各模型贪心作答；每个奖励的均值及 95% 自助法区间。",
            "paired": "逐提示配对差（A − B，95% 区间）：", "model": "模型", "tokens": "回答 token 数",
            "finished": "自行结束", "cost": "代价：RL 回答上每 token 的 KL(π_RL ‖ π_SFT) = {kl}。",
-           "curve": "训练中的奖励（每 {k} 步）：", "step": "步", "samples": "训练中记录的采样（首条与末条）："},
+           "curve": "训练中的奖励（每 {k} 步）：", "step": "步", "samples": "训练中记录的采样（首条与末条）：",
+           "sampled": "按 RL 阶段生成训练样本的方式采样（temperature {temperature}，top_p {top_p}，top_k {top_k}），"
+                      "每个提示 {n} 个回答，每个奖励先在同一提示的回答上取平均（n = 提示数）。小模型贪心生成故事时会"
+                      "循环重复，而重复的黑暗短语会被评为黑暗：这才是用户采样时得到的结果。"},
 }
 
 
@@ -36,15 +43,23 @@ def rl_section(run: Run, t: dict, images: set[str]) -> str:
         return p["none"]
     names = section["rewards"] + [k for k in ("spec_coverage",) if any(k in m for m in section["models"].values())]
     out = [f"**{plain(section['verdict'])}**", "", p["intro"].format(task=section["task"], n=section["n"]), ""]
-    rows = [[m, *(fmt_ci(k, scores.get(k)) for k in names), fmt_ci("", scores.get("completion_tokens")),
-             fmt_ci("", scores.get("finished"))] for m, scores in section["models"].items()]
-    out += [table([p["model"], *names, p["tokens"], p["finished"]], rows), "", p["paired"], ""]
-    rows = [[pair, *(_diff(c.get(k)) for k in names)] for pair, c in section["comparisons"].items()]
-    out += [table(["A vs B", *names], rows), ""]
+    out += _tables(section, names, p)
+    if sampled := section.get("sampled"):
+        out += [p["sampled"].format(**sampled["decoding"]), "", f"**{plain(sampled['verdict'])}**", ""]
+        out += _tables(sampled, names, p)
     if "kl_rl_to_sft" in section.get("cost", {}):
         out += [p["cost"].format(kl=section["cost"]["kl_rl_to_sft"]), ""]
     out += _curve(run, p) + _samples(run, p, t)
     return "\n".join(out)
+
+
+def _tables(section: dict, names: list[str], p: dict) -> list[str]:
+    """Each model's means with intervals, then the paired differences."""
+    rows = [[m, *(fmt_ci(k, scores.get(k)) for k in names), fmt_ci("", scores.get("completion_tokens")),
+             fmt_ci("", scores.get("finished"))] for m, scores in section["models"].items()]
+    out = [table([p["model"], *names, p["tokens"], p["finished"]], rows), "", p["paired"], ""]
+    rows = [[pair, *(_diff(c.get(k)) for k in names)] for pair, c in section["comparisons"].items()]
+    return out + [table(["A vs B", *names], rows), ""]
 
 
 def _diff(c: Any) -> str:
