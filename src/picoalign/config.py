@@ -632,7 +632,8 @@ class EvalConfig(Runtime):
     lm_eval_batch_size: int = opt(8, "lm-eval batch size")
     rl_prompts: int = opt(100, "held-out prompts of the RL stage's task (arith: its test split) each model answers")
     rl_samples: int = opt(0, "answers per held-out RL prompt also sampled as the RL stage sampled (its temperature, "
-                          "top_p, top_k) and averaged per prompt, besides the greedy one (0 = greedy only)")
+                          "top_p, top_k; TRL's num_generations_eval) and averaged per prompt, besides the greedy one "
+                          "(0 = greedy only)")
 
     def __post_init__(self) -> None:
         read_lists(self)

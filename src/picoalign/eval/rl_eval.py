@@ -7,13 +7,13 @@ Read from the run's RL checkpoint (`checkpoints/rl/config.yaml`): which prompts 
 and with which rewards. The held-out prompts are the arith test split (never a training prompt;
 data/arith.py) or, for a prompt file, the val rows the stage kept out of training. Every model of
 the run (base, SFT, DPO, RL) answers them greedily and, with `rl_samples` = k > 0, also k times
-sampled as the RL stage sampled its rollouts (its temperature, top_p, top_k; TRL's GRPO evaluates
-with its training sampling too), each reward then averaged over a prompt's k answers. Why both:
-greedy decoding of a small story model loops to the cap, and a loop that repeats a dark phrase
-scores as very dark, so on stories greedy hides what a user sampling the model gets. Each
-reward is scored per answer (for
-arith always `arith` itself, so a run trained on the `random` control is judged on the task it
-did not see); `random` and `llm-judge` are left out (no signal; cost). Reported: each reward's
+sampled as the RL stage sampled its rollouts (its temperature, top_p, top_k; TRL's GRPO samples
+its `num_generations_eval` answers the same way), each reward then averaged over a prompt's k
+answers. Why both: greedy decoding of a small story model loops to the cap, and a loop that
+repeats a dark phrase scores as very dark, so on stories greedy hides what a user sampling the
+model gets. Each reward is scored per answer (for arith always `arith` itself, so a run trained
+on the `random` control is judged on the task it did not see); `random` and `llm-judge` are left
+out (no signal; cost). Reported: each reward's
 mean with its 95% bootstrap interval (for arith, the accuracy), paired per-prompt comparisons
 (RL vs SFT, RL vs base, SFT vs base), the cost of RL (KL to SFT on RL's own answers, answer
 length, fluency where scored), and one plain sentence: did RL beat SFT beyond the noise?
