@@ -20,8 +20,8 @@ PHRASES = {
            "step": "Step", "samples": "Rollouts written during training (first and last):",
            "sampled": "Sampled as the RL stage sampled its rollouts (temperature {temperature}, top_p {top_p}, "
                       "top_k {top_k}), {n} answers per prompt, each reward averaged over a prompt's answers (n = "
-                      "the prompts). Greedy decoding of a small story model loops, and a looped dark phrase "
-                      "scores as dark: this is what a user sampling the model gets."},
+                      "the prompts): what a user sampling the model gets. Greedy decoding of a small model "
+                      "often loops, and a looped phrase is scored as many times as it repeats."},
     "zh": {"none": "本次运行没有 RL 阶段（在 `run.stages` 中加入 `rl`，或 `run.method=sft+rl`；预设 "
                    "`configs/rl.yaml`）。",
            "intro": "RL 任务的留出提示（{task}，n = {n}），各模型贪心作答；每个奖励的均值及 95% 自助法区间。",
@@ -29,8 +29,8 @@ PHRASES = {
            "finished": "自行结束", "cost": "代价：RL 回答上每 token 的 KL(π_RL ‖ π_SFT) = {kl}。",
            "curve": "训练中的奖励（每 {k} 步）：", "step": "步", "samples": "训练中记录的采样（首条与末条）：",
            "sampled": "按 RL 阶段生成训练样本的方式采样（temperature {temperature}，top_p {top_p}，top_k {top_k}），"
-                      "每个提示 {n} 个回答，每个奖励先在同一提示的回答上取平均（n = 提示数）。小模型贪心生成故事时会"
-                      "循环重复，而重复的黑暗短语会被评为黑暗：这才是用户采样时得到的结果。"},
+                      "每个提示 {n} 个回答，每个奖励先在同一提示的回答上取平均（n = 提示数）。这是用户采样时得到的结果。"
+                      "小模型贪心生成时常会循环重复，而重复的短语重复几次就被计分几次。"},
 }
 
 
