@@ -84,7 +84,7 @@ def rl_task_section(run: Path, models: dict[str, str], device, dtype, seed: int 
     names = task_rewards(setup)
     cfg = rl_config(setup)
     rewards = RewardSet.build(names, [1.0] * len(names), reward_context(cfg, device))
-    cap = int(setup.get("max_completion_length", 64))
+    cap = cfg.max_completion_length
     decodings = {"greedy": (Sampling(max_new_tokens=cap, greedy=True, seed=seed), 1)}
     if samples:
         decodings["sampled"] = (Sampling(max_new_tokens=cap, greedy=False, temperature=cfg.temperature,
